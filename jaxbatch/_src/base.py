@@ -1,0 +1,322 @@
+"""The batcher protocol: `Batcher`, its `init / step / flush / feed` functions, `Emit`, `Stats`.
+
+A batcher is a `NamedTuple` of pure functions threading an explicit state, the way
+`optax.GradientTransformation` is. Everything a batcher knows lives in its state (an
+`eqx.Module`), so the state is also the checkpoint. Every state carries a `stats: Stats`
+field, the counters behind `operation_stats`.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, PyTree, UInt32
+
+from .batch import Batch
+
+State = Any  # an eqx.Module with a `stats: Stats` field
+Carry = Any  # whatever the consumer threads through
+
+
+class Emit(NamedTuple):
+    """What `step` and `flush` return beside the new state: the same shapes on every call.
+
+    Attributes:
+        batch: a `Batch` of the batcher's static shape. When `ready` is False its
+            `valid_mask` is all False and its data is unspecified (clearing it would cost
+            O(batch) per step).
+        ready: scalar bool, True when `batch` is a real batch to consume.
+    """
+
+    batch: Batch
+    ready: Bool[Array, ""]
+
+
+class InitFn(Protocol):
+    """`init(element_spec, key=None) -> state`.
+
+    `element_spec` is an example element or the same tree of `jax.ShapeDtypeStruct`s; it
+    fixes every shape in the state. A stochastic batcher needs `key` and raises
+    `ValueError` without it; a deterministic one ignores it.
+    """
+
+    def __call__(self, element_spec: Any, key: Any = None) -> State: ...
+
+
+class StepFn(Protocol):
+    """`step(state, element) -> (state, Emit)`: take one element, emit at most one batch."""
+
+    def __call__(self, state: State, element: Any) -> tuple[State, Emit]: ...
+
+
+class FlushFn(Protocol):
+    """`flush(state) -> (state, Emit)`: at end of stream, emit at most one buffered batch.
+
+    Call it until `ready` is False to drain every buffer (the drivers do this).
+    """
+
+    def __call__(self, state: State) -> tuple[State, Emit]: ...
+
+
+class FeedFn(Protocol):
+    """`feed(state, elements, fn, carry) -> (state, carry)`: the bulk path.
+
+    `elements` is a stack of elements (leading axis). For every batch that becomes ready, in
+    order, `carry = fn(carry, batch)`. The batches passed to `fn`, their order, the final
+    count of buffered elements and the `Stats` are exactly those of calling `step` on each
+    element in turn (buffer rows that are unspecified may differ). A batcher provides its
+    own `feed` to move payload in bulk: decide on small scalars, then slice or copy whole
+    runs of rows instead of one row per step.
+    """
+
+    def __call__(
+        self, state: State, elements: Any, fn: Callable[[Carry, Batch], Carry], carry: Carry
+    ) -> tuple[State, Carry]: ...
+
+
+class Batcher(NamedTuple):
+    """A batcher: pure functions over an explicit state. Build one with a factory.
+
+    Attributes:
+        init: `InitFn`, builds the state from an element spec (and a key if stochastic).
+        step: `StepFn`, one element in, at most one batch out.
+        flush: `FlushFn`, end of stream: at most one batch out per call.
+        feed: optional `FeedFn`, many elements in, `fn` called on each ready batch. When
+            None, `feed_of` derives it from `step` (one `lax.scan` step per element).
+
+    The state comes first, so `jax.lax.scan(batcher.step, state, elements)` needs no lambda.
+
+    Examples:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.fixed_size(2)
+        >>> state = batcher.init({"x": jnp.zeros(3)})
+        >>> state, emits = jax.lax.scan(batcher.step, state, {"x": jnp.ones((4, 3))})
+        >>> emits.ready
+        Array([False,  True, False,  True], dtype=bool)
+    """
+
+    init: InitFn
+    step: StepFn
+    flush: FlushFn
+    feed: FeedFn | None = None
+
+
+# --------------------------------------------------------------------------- counters
+
+
+class Counter(eqx.Module):
+    """A count that never wraps: 64 bits held as two uint32 words (no `jax_enable_x64`).
+
+    Advance it with `add`; read it with `int()` outside `jit`.
+
+    Examples:
+        >>> import jaxbatch as jb
+        >>> c = jb.Counter.of(2**32 - 1).add(3)
+        >>> int(c)
+        4294967298
+    """
+
+    lo: UInt32[Array, "*shape"]
+    hi: UInt32[Array, "*shape"]
+
+    @classmethod
+    def of(cls, value: int = 0) -> "Counter":
+        """A counter holding the Python int `value` (0 <= value < 2**64)."""
+        if not 0 <= value < 2**64:
+            raise ValueError(f"`value` must be in [0, 2**64), got {value}.")
+        return cls(lo=jnp.uint32(value & 0xFFFFFFFF), hi=jnp.uint32(value >> 32))
+
+    def add(self, n: ArrayLike) -> "Counter":
+        """This count plus `n` (a non-negative integer below 2**32), carrying into `hi`."""
+        lo = self.lo + jnp.asarray(n).astype(jnp.uint32)
+        return Counter(lo=lo, hi=self.hi + (lo < self.lo).astype(jnp.uint32))
+
+    def __add__(self, other: "Counter") -> "Counter":
+        lo = self.lo + other.lo
+        return Counter(lo=lo, hi=self.hi + other.hi + (lo < self.lo).astype(jnp.uint32))
+
+    def __int__(self) -> int:
+        return (int(self.hi) << 32) | int(self.lo)
+
+    def __index__(self) -> int:
+        return int(self)
+
+
+class Stats(eqx.Module):
+    """The counters every batcher state carries (field `stats`).
+
+    Attributes:
+        accepted: elements taken in by `step` / `feed`.
+        skipped: elements refused on arrival (never buffered, never emitted).
+        dropped: elements accepted and then discarded (e.g. `drop_remainder`).
+        emitted: elements emitted in valid rows of ready batches.
+        batches: ready batches emitted.
+        padded: padding rows in ready batches.
+
+    Conservation: `accepted == emitted + dropped + (elements still buffered)`.
+    """
+
+    accepted: Counter
+    skipped: Counter
+    dropped: Counter
+    emitted: Counter
+    batches: Counter
+    padded: Counter
+
+    @classmethod
+    def zeros(cls) -> "Stats":
+        """All counters at zero."""
+        zero = Counter.of(0)
+        return cls(zero, zero, zero, zero, zero, zero)
+
+    def add(self, **increments: ArrayLike) -> "Stats":
+        """Advance the named counters, e.g. `stats.add(accepted=1, batches=ready)`.
+
+        Increments are non-negative integers (or bools) below 2**32, traced or not.
+        """
+        counters = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        unknown = set(increments) - set(counters)
+        if unknown:
+            raise ValueError(f"Unknown counters {sorted(unknown)}; see `Stats`.")
+        counters.update({k: counters[k].add(n) for k, n in increments.items()})
+        return Stats(**counters)
+
+
+def operation_stats(state: State) -> dict[str, Counter]:
+    """The state's counters by name; each is a `Counter`, readable with `int()`.
+
+    Keys: `applied_count` (elements accepted), `skipped_count`, `received_count`
+    (accepted + skipped), `dropped_count`, `emitted_count`, `batch_count`,
+    `padded_count`. Works under `jit` (returns arrays); read with `int()` outside.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.fixed_size(2)
+        >>> state = batcher.init({"x": jnp.zeros(())})
+        >>> state, _ = batcher.step(state, {"x": jnp.ones(())})
+        >>> {k: int(v) for k, v in jb.operation_stats(state).items()}["applied_count"]
+        1
+    """
+    s = state.stats
+    return {
+        "applied_count": s.accepted,
+        "skipped_count": s.skipped,
+        "received_count": s.accepted + s.skipped,
+        "dropped_count": s.dropped,
+        "emitted_count": s.emitted,
+        "batch_count": s.batches,
+        "padded_count": s.padded,
+    }
+
+
+def reset_operation_stats(state: State) -> State:
+    """A copy of `state` with every counter of its `stats` at zero (buffers untouched).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.fixed_size(2)
+        >>> state, _ = batcher.step(batcher.init({"x": jnp.zeros(())}), {"x": jnp.ones(())})
+        >>> int(jb.operation_stats(jb.reset_operation_stats(state))["applied_count"])
+        0
+    """
+    return eqx.tree_at(lambda s: s.stats, state, Stats.zeros())
+
+
+# --------------------------------------------------------------------------- consuming
+
+
+def when_ready(emit: Emit, fn: Callable[[Carry, Batch], Carry], carry: Carry) -> Carry:
+    """`fn(carry, emit.batch)` if `emit.ready`, else `carry`, under `lax.cond`.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batch = jb.Batch.from_parts({"x": jnp.ones(2)})
+        >>> add = lambda total, b: total + jnp.sum(b.data["x"])
+        >>> jb.when_ready(jb.Emit(batch, jnp.array(True)), add, jnp.float32(0))
+        Array(2., dtype=float32)
+        >>> jb.when_ready(jb.Emit(batch, jnp.array(False)), add, jnp.float32(0))
+        Array(0., dtype=float32)
+    """
+    return jax.lax.cond(emit.ready, fn, lambda c, _: c, carry, emit.batch)
+
+
+def feed_by_step(step: StepFn) -> FeedFn:
+    """The generic `feed`: one `lax.scan` step per element, `fn` under `when_ready`.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.fixed_size(2)
+        >>> feed = jb.feed_by_step(batcher.step)
+        >>> state = batcher.init({"x": jnp.zeros(())})
+        >>> count = lambda n, batch: n + 1
+        >>> state, n = feed(state, {"x": jnp.arange(5.0)}, count, jnp.int32(0))
+        >>> int(n), int(state.count)
+        (2, 1)
+    """
+
+    def feed_fn(state, elements, fn, carry):
+        def body(c, element):
+            state, carry = c
+            state, emit = step(state, element)
+            return (state, when_ready(emit, fn, carry)), None
+
+        (state, carry), _ = jax.lax.scan(body, (state, carry), elements)
+        return state, carry
+
+    return feed_fn
+
+
+def feed_of(batcher: Batcher) -> FeedFn:
+    """`batcher.feed` if it has one, else `feed_by_step(batcher.step)`."""
+    return batcher.feed if batcher.feed is not None else feed_by_step(batcher.step)
+
+
+def drain(
+    batcher: Batcher, state: State, fn: Callable[[Carry, Batch], Carry], carry: Carry
+) -> tuple[State, Carry]:
+    """Call `flush` until it emits nothing, passing every ready batch to `fn`.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.fixed_size(4)
+        >>> state, _ = batcher.step(batcher.init({"x": jnp.zeros(())}), {"x": jnp.ones(())})
+        >>> state, valid = jb.drain(batcher, state, lambda n, b: n + b.num_valid, jnp.int32(0))
+        >>> int(valid), int(state.count)
+        (1, 0)
+    """
+
+    def body(c):
+        state, carry, _ = c
+        state, emit = batcher.flush(state)
+        return state, when_ready(emit, fn, carry), emit.ready
+
+    state, carry, _ = jax.lax.while_loop(lambda c: c[2], body, (state, carry, jnp.array(True)))
+    return state, carry
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rows_mask(rows: Bool[Array, " n"], leaf: Array) -> Bool[Array, " n ..."]:
+    """`rows` reshaped to broadcast against `leaf` along axis 0 (no rank promotion)."""
+    return rows.reshape(rows.shape + (1,) * (jnp.ndim(leaf) - 1))
+
+
+def stack_spec(spec: PyTree, n: int, fill: Any = 0) -> PyTree:
+    """Arrays of shape `[n, *leaf.shape]` filled with `fill`, one per leaf of `spec`."""
+    return jax.tree.map(lambda s: jnp.full((n, *s.shape), fill, s.dtype), spec)
+
+
+def row_spec(stacked: PyTree) -> PyTree:
+    """The spec of one row of a stacked tree (leading axis removed)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], x.dtype), stacked)
