@@ -1,0 +1,325 @@
+"""Drivers: run a batcher over a stream.
+
+* `scan`      the fused path: batching and the consumer in one jitted program.
+* `batch_all` materialise every batch (tests, small data).
+* `iterate`   host streaming from any Python iterable, resumable exactly.
+
+All three go through the batcher's bulk `feed` (`feed_of`) and drain `flush` at the end.
+The jitted cores take the batcher and consumer as static arguments, so calling a driver
+again with new values of the same shapes never retraces; build batchers and consumers once.
+"""
+
+import collections
+import functools
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int, PyTree
+
+from .base import Batcher, Carry, Counter, State, drain, feed_of, row_spec, stack_spec
+from .batch import Batch
+from .element import Element, as_element
+from .spec import batch_spec, check_against_spec, tree_spec
+
+
+def _num_rows(elements: Element) -> int:
+    leaves = jax.tree.leaves(elements)
+    if not leaves:
+        raise ValueError("`elements` has no array leaves, so its length is unknown.")
+    return jnp.shape(leaves[0])[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6))
+def _scan(batcher, fn, carry, elements, state, key, flush):
+    if state is None:
+        state = batcher.init(row_spec(elements), key=key)
+    state, carry = feed_of(batcher)(state, elements, fn, carry)
+    if flush:
+        state, carry = drain(batcher, state, fn, carry)
+    return carry, state
+
+
+def scan(
+    batcher: Batcher,
+    fn: Callable[[Carry, Batch], Carry],
+    carry: Carry,
+    elements: Any,
+    *,
+    state: State | None = None,
+    key: Any = None,
+    flush: bool = True,
+) -> tuple[Carry, State]:
+    """Batch a stacked stream and consume every batch, all in one jitted program.
+
+    `carry = fn(carry, batch)` runs for each ready batch in order (inside the same XLA
+    loop, never materialising the batches), then `flush` is drained unless `flush=False`
+    (pass the returned state to the next call to continue a stream across calls).
+
+    Args:
+        batcher: the batcher (build it once: it is a static argument).
+        fn: the consumer, e.g. a training step (also static: build it once).
+        carry: the consumer's initial carry (params, optimiser state, ...).
+        elements: elements stacked along a leading axis (an `Element` or a PyTree).
+        state: a batcher state to continue from; default `batcher.init` of one element.
+        key: PRNG key for a stochastic batcher's `init` (ignored when `state` is given).
+        flush: drain the batcher at the end of `elements`.
+
+    Returns:
+        `(carry, state)` after the stream.
+
+    Examples:
+        Fit `y = 3x` with SGD, one step per batch of 8, in one `jit`:
+
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> xs = jnp.linspace(-1.0, 1.0, 64)
+        >>> stream = {"x": xs, "y": 3.0 * xs}
+        >>> def train_step(w, batch):
+        ...     def loss(w):
+        ...         err = jnp.where(batch.valid_mask, w * batch.data["x"] - batch.data["y"], 0.0)
+        ...         return jnp.sum(err**2) / jnp.maximum(batch.num_valid, 1)
+        ...     return w - 0.5 * jax.grad(loss)(w)
+        >>> batcher = jb.fixed_size(8)
+        >>> w = jnp.float32(0.0)
+        >>> for epoch in range(5):
+        ...     w, _ = jb.scan(batcher, train_step, w, stream)
+        >>> round(float(w), 3)
+        3.0
+    """
+    return _scan(batcher, fn, carry, as_element(elements), state, key, flush)
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+def _collect(batcher, state, elements, out, flush):
+    """Feed `elements`, writing each ready batch into slot `count` of `out`."""
+    capacity = out.valid_mask.shape[0]
+
+    def write(c, batch):
+        out, count = c
+        if capacity:  # past `capacity` the caller raises, so the clamped write is never seen
+            slot = jnp.minimum(count, capacity - 1)
+            out = jax.tree.map(
+                lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, slot, 0), out, batch
+            )
+        return out, count + 1
+
+    c = (out, jnp.zeros((), jnp.int32))
+    state, c = feed_of(batcher)(state, elements, write, c)
+    if flush:
+        state, c = drain(batcher, state, write, c)
+    out, count = c
+    return state, out, count
+
+
+def _check_room(count: Array, capacity: int, argument: str) -> Array:
+    """Raise if the stream needed more than `capacity` batch slots (counted, not written)."""
+    message = (
+        f"The stream produced more batches than the {capacity} slots of room; pass a larger "
+        f"`{argument}`."
+    )
+    if isinstance(count, jax.core.Tracer):  # under the caller's jit: a run-time check
+        return eqx.error_if(count, count > capacity, message)
+    if int(count) > capacity:
+        raise ValueError(message.replace("slots of room", f"slots of room ({int(count)} needed)"))
+    return count
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _batch_all(batcher, elements, key, capacity):
+    spec = row_spec(elements)
+    out = stack_spec(batch_spec(batcher, spec, key=key), capacity)
+    _, out, count = _collect(batcher, batcher.init(spec, key=key), elements, out, True)
+    return out, count
+
+
+def batch_all(
+    batcher: Batcher, elements: Any, *, max_batches: int | None = None, key: Any = None
+) -> tuple[Batch, Int[Array, ""]]:
+    """Materialise every batch of a stacked stream (flush drained at the end).
+
+    Args:
+        batcher: the batcher.
+        elements: elements stacked along a leading axis (an `Element` or a PyTree).
+        max_batches: room for batches. Default: `ceil(n / batch_size)` for `n` elements,
+            exact for batchers that emit only full batches before the final flush (like
+            `fixed_size`); batchers that emit partial batches mid-stream need more.
+        key: PRNG key for a stochastic batcher.
+
+    Returns:
+        `(batches, count)`: a `Batch` whose leaves are `[max_batches, batch_size, ...]`
+        (slots past `count` are zero with an all-False mask) and the number of real batches.
+
+    Raises:
+        ValueError: `max_batches` negative or not an int, or the stream produced more than
+            `max_batches` batches (under an outer `jit`, an `eqx.error_if` run-time error).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batches, count = jb.batch_all(jb.fixed_size(4), {"x": jnp.arange(10)})
+        >>> int(count), batches.data["x"].shape
+        (3, (3, 4))
+        >>> batches.valid_mask[2]
+        Array([ True,  True, False, False], dtype=bool)
+    """
+    elements = as_element(elements)
+    if max_batches is None:
+        size = batch_spec(batcher, row_spec(elements), key=key).batch_size
+        max_batches = math.ceil(_num_rows(elements) / size)
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 0:
+        raise ValueError(f"`max_batches` must be a non-negative int, got {max_batches!r}.")
+    batches, count = _batch_all(batcher, elements, key, max_batches)
+    return batches, _check_room(count, max_batches, "max_batches")
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class IterateCheckpoint(eqx.Module):
+    """Where a `BatchIterator` stands, exactly: save it with `save_state`, resume with it.
+
+    Attributes:
+        state: the batcher state before the chunk being yielded from.
+        position: elements of the source consumed before that chunk.
+        skip: batches of that chunk already yielded.
+    """
+
+    state: PyTree
+    position: Counter
+    skip: Int[Array, ""]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _feed_chunk(batcher, state, elements, flush, out):
+    return _collect(batcher, state, elements, out, flush)
+
+
+class BatchIterator(Iterator[Batch]):
+    """The iterator `iterate` returns; `checkpoint()` says where it stands."""
+
+    def __init__(self, batcher, source, chunk_size, max_batches_per_chunk, resume, key):
+        self._batcher = batcher
+        self._source = iter(source)
+        self._chunk_size = chunk_size
+        self._max_batches = max_batches_per_chunk
+        self._key = key
+        self._state = None if resume is None else resume.state
+        self._position = 0 if resume is None else int(resume.position)
+        self._skip = 0 if resume is None else int(resume.skip)
+        self._spec = None
+        self._out = None
+        self._pending: collections.deque = collections.deque()
+        self._next = None  # (state, position) once the current chunk is fully yielded
+        self._done = False
+        for _ in itertools.islice(self._source, self._position):
+            pass
+
+    def checkpoint(self) -> IterateCheckpoint:
+        """The exact resume point: pass it back as `iterate(..., resume=checkpoint)`."""
+        if self._state is None:
+            raise ValueError("Nothing has been consumed yet: there is no state to save.")
+        return IterateCheckpoint(
+            state=self._state, position=Counter.of(self._position), skip=jnp.int32(self._skip)
+        )
+
+    def __next__(self) -> Batch:
+        while not self._pending:
+            if self._next is not None:  # the previous chunk was fully yielded: commit it
+                self._state, self._position = self._next
+                self._next, self._skip = None, 0
+            if self._done:
+                raise StopIteration
+            self._run_chunk()
+        self._skip += 1
+        return self._pending.popleft()
+
+    def _stack(self, rows: list[Element]) -> Element:
+        for i, row in enumerate(rows):
+            check_against_spec(self._spec, row, what=f"source[{self._position + i}]")
+        return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows)
+
+    def _start(self, first: Element) -> None:
+        self._spec = tree_spec(first)
+        if self._state is None:
+            self._state = self._batcher.init(self._spec, key=self._key)
+        batch = batch_spec(self._batcher, self._spec, key=self._key)
+        if self._max_batches is None:
+            self._max_batches = math.ceil(self._chunk_size / batch.batch_size) + 1
+        self._out = stack_spec(batch, self._max_batches)
+
+    def _feed(self, state, rows, flush=False):
+        state, out, count = _feed_chunk(self._batcher, state, rows, flush, self._out)
+        _check_room(count, self._max_batches, "max_batches_per_chunk")
+        return state, [jax.tree.map(lambda x, i=i: x[i], out) for i in range(int(count))]
+
+    def _run_chunk(self) -> None:
+        rows = [as_element(x) for x in itertools.islice(self._source, self._chunk_size)]
+        if rows and self._spec is None:
+            self._start(rows[0])
+        if self._spec is None:  # an empty source: nothing to batch, nothing to flush
+            self._done = True
+            return
+        state = self._state
+        if len(rows) == self._chunk_size:
+            state, batches = self._feed(state, self._stack(rows))
+        else:  # the tail: one row at a time (one more compile, not one per tail length)
+            batches = []
+            for i in range(len(rows)):
+                state, more = self._feed(state, self._stack(rows[i : i + 1]))
+                batches += more
+            empty = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), self._spec)
+            state, more = self._feed(state, empty, flush=True)
+            batches += more
+            self._done = True
+        self._pending.extend(batches[self._skip :])
+        self._next = (state, self._position + len(rows))
+
+
+def iterate(
+    batcher: Batcher,
+    source: Iterable[Any],
+    *,
+    chunk_size: int = 256,
+    max_batches_per_chunk: int | None = None,
+    resume: IterateCheckpoint | None = None,
+    key: Any = None,
+) -> BatchIterator:
+    """Stream batches from any Python iterable of elements (numpy or jax PyTrees).
+
+    Elements are pulled `chunk_size` at a time, stacked on the host and fed to one jitted
+    program; ready batches are yielded as they come, and the batcher is flushed at the end
+    of `source`. `checkpoint()` on the returned iterator gives the exact resume point.
+
+    Args:
+        batcher: the batcher.
+        source: an iterable of elements (`Element`s or PyTrees of arrays).
+        chunk_size: elements per jitted call.
+        max_batches_per_chunk: room for batches per chunk; default
+            `ceil(chunk_size / batch_size) + 1`, enough for batchers that emit at most one
+            batch per `batch_size` elements.
+        resume: a checkpoint from `BatchIterator.checkpoint()`; `source` must then yield the
+            same elements from the start (the first `position` are skipped).
+        key: PRNG key for a stochastic batcher's `init`.
+
+    Returns:
+        A `BatchIterator` of `Batch`es.
+
+    Examples:
+        >>> import numpy as np
+        >>> import jaxbatch as jb
+        >>> source = ({"x": np.float32(i)} for i in range(7))
+        >>> [b.data["x"].tolist() for b in jb.iterate(jb.fixed_size(3), source, chunk_size=4)]
+        [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0], [6.0, 0.0, 0.0]]
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
+    return BatchIterator(batcher, source, chunk_size, max_batches_per_chunk, resume, key)
