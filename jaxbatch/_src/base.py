@@ -8,7 +8,7 @@ field, the counters behind `operation_stats`.
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -35,6 +35,7 @@ class Emit(NamedTuple):
     ready: Bool[Array, ""]
 
 
+@runtime_checkable
 class InitFn(Protocol):
     """`init(element_spec, key=None) -> state`.
 
@@ -46,12 +47,14 @@ class InitFn(Protocol):
     def __call__(self, element_spec: Any, key: Any = None) -> State: ...
 
 
+@runtime_checkable
 class StepFn(Protocol):
     """`step(state, element) -> (state, Emit)`: take one element, emit at most one batch."""
 
     def __call__(self, state: State, element: Any) -> tuple[State, Emit]: ...
 
 
+@runtime_checkable
 class FlushFn(Protocol):
     """`flush(state) -> (state, Emit)`: at end of stream, emit at most one buffered batch.
 
@@ -61,6 +64,7 @@ class FlushFn(Protocol):
     def __call__(self, state: State) -> tuple[State, Emit]: ...
 
 
+@runtime_checkable
 class FeedFn(Protocol):
     """`feed(state, elements, fn, carry) -> (state, carry)`: the bulk path.
 
