@@ -1,10 +1,44 @@
 """jaxbatch: batching inside `jit`, as pure `init / step / flush` functions."""
 
+from ._src.base import (
+    Batcher as Batcher,
+    Counter as Counter,
+    Emit as Emit,
+    FeedFn as FeedFn,
+    FlushFn as FlushFn,
+    InitFn as InitFn,
+    Stats as Stats,
+    StepFn as StepFn,
+    drain as drain,
+    feed_by_step as feed_by_step,
+    feed_of as feed_of,
+    operation_stats as operation_stats,
+    reset_operation_stats as reset_operation_stats,
+    when_ready as when_ready,
+)
 from ._src.batch import Batch as Batch, create_batch_from_arrays as create_batch_from_arrays
+from ._src.batchers.fixed_size import FixedSizeState as FixedSizeState, fixed_size as fixed_size
+from ._src.checkpoint import load_state as load_state, save_state as save_state
+from ._src.drivers import (
+    BatchIterator as BatchIterator,
+    IterateCheckpoint as IterateCheckpoint,
+    batch_all as batch_all,
+    iterate as iterate,
+    scan as scan,
+)
 from ._src.element import (
     Element as Element,
     Metadata as Metadata,
     create_element as create_element,
+)
+from ._src.ops import (
+    concatenate as concatenate,
+    conditional_transform as conditional_transform,
+    iterative_transform as iterative_transform,
+    select_rows as select_rows,
+    select_rows_compact as select_rows_compact,
+    update as update,
+    while_transform as while_transform,
 )
 from ._src.spec import batch_spec as batch_spec, element_spec as element_spec
 

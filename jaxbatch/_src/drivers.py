@@ -126,7 +126,7 @@ def _check_room(count: Array, capacity: int, argument: str) -> Array:
         f"The stream produced more batches than the {capacity} slots of room; pass a larger "
         f"`{argument}`."
     )
-    if isinstance(count, jax.core.Tracer):  # under the caller's jit: a run-time check
+    if isinstance(count, jax.core.Tracer):  # pyright: ignore  # traced: a run-time check
         return eqx.error_if(count, count > capacity, message)
     if int(count) > capacity:
         raise ValueError(message.replace("slots of room", f"slots of room ({int(count)} needed)"))

@@ -18,7 +18,7 @@ from jaxtyping import Array, Int
 from ..base import Batcher, Emit, Stats, feed_by_step, row_spec, rows_mask, stack_spec
 from ..batch import Batch
 from ..element import Element, as_element
-from ..spec import check_against_spec, element_spec
+from ..spec import check_against_spec, element_spec as spec_of
 
 
 class FixedSizeState(eqx.Module):
@@ -84,9 +84,9 @@ def fixed_size(batch_size: int, *, drop_remainder: bool = False, pad_value: Any 
         )
     all_valid = jnp.ones((batch_size,), dtype=bool)
 
-    def init_fn(element_spec_: Any, key: Any = None) -> FixedSizeState:
+    def init_fn(element_spec: Any, key: Any = None) -> FixedSizeState:
         del key  # deterministic
-        buffer = stack_spec(element_spec(element_spec_), batch_size)
+        buffer = stack_spec(spec_of(element_spec), batch_size)
         return FixedSizeState(buffer=buffer, count=jnp.zeros((), jnp.int32), stats=Stats.zeros())
 
     def step_fn(state: FixedSizeState, element: Any) -> tuple[FixedSizeState, Emit]:
