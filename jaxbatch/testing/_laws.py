@@ -1,0 +1,901 @@
+"""`check_batcher`: the batcher laws of DESIGN.md as one check anyone can run.
+
+The check runs the batcher over a small stream along every path a user can take (an
+un-jitted step loop, `jax.jit`, `lax.scan`, `jb.batch_all`, the bulk `feed`, a resumed run,
+`vmap` over two streams) and compares everything against the un-jitted step loop, which is
+itself checked against the laws. Elements are followed by value: each valid row of a ready
+batch is matched to the input row it came from, so a lost, duplicated, invented or reordered
+element is named by its input row. Every failure is an `AssertionError` whose message starts
+with the law that broke ("Law 4 (nothing lost, nothing invented): ...") and says where.
+"""
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, NoReturn
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._src.base import Batcher, Counter, Stats, feed_of, row_spec
+from .._src.batch import Batch
+from .._src.checkpoint import load_state, save_state
+from .._src.drivers import batch_all
+from .._src.element import Element, as_element
+from .._src.spec import batch_spec
+
+_LAWS = {
+    1: "Law 1 (pure)",
+    2: "Law 2 (static shapes)",
+    3: "Law 3 (at most one batch per call; flush drains)",
+    4: "Law 4 (nothing lost, nothing invented)",
+    5: "Law 5 (order)",
+    6: "Law 6 (exact resume)",
+    7: "Law 7 (counters never wrap)",
+    8: "Law 8 (loud on bad input)",
+    0: "Reference",
+}
+_COUNTERS = tuple(f.name for f in dataclasses.fields(Stats))
+# Law 7: a second run starts every counter here, so counts cross the 32-bit boundary.
+_WIDE_START = 2**32 - 2
+
+
+def _fail(law: int, message: str) -> NoReturn:
+    raise AssertionError(f"{_LAWS[law]}: {message}")
+
+
+class CheckReport(NamedTuple):
+    """What `check_batcher` ran and what the stream produced.
+
+    Attributes:
+        num_elements: elements in the stream.
+        num_batches: ready batches (from `step` and `flush` together).
+        num_flushes: `flush` calls until it returned `ready=False` (that call included).
+        stats: the final `Stats` counters as Python ints, by name.
+        resumed_at: the steps a run was saved, loaded and resumed at.
+        checks: names of the checks that ran and passed, e.g. `"jit"`, `"vmap"`.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> from jaxbatch.testing import check_batcher
+        >>> report = check_batcher(jb.fixed_size(2), {"x": jnp.arange(3)},
+        ...                        check_jit=False, check_vmap=False)
+        >>> report.num_batches, report.stats["padded"], "order" in report.checks
+        (2, 1, True)
+    """
+
+    num_elements: int
+    num_batches: int
+    num_flushes: int
+    stats: dict[str, int]
+    resumed_at: tuple[int, ...]
+    checks: tuple[str, ...]
+
+
+class _Record(NamedTuple):
+    """One emission, on the host: where it happened, `ready`, the batch, Stats after it
+    (`{}` where the run did not expose them, as inside `lax.scan`)."""
+
+    where: str
+    ready: bool
+    batch: Batch
+    stats: dict[str, int]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _counts(stats: Stats) -> dict[str, int]:
+    stats = jax.device_get(stats)
+    return {name: int(getattr(stats, name)) for name in _COUNTERS}
+
+
+def _read_stats(state: Any) -> dict[str, int]:
+    return _counts(state.stats)
+
+
+def _show(x: Any) -> str:
+    return np.array2string(np.asarray(x), threshold=12, edgeitems=3, separator=", ")
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _difference(got: Any, want: Any, name: str = "batch") -> str | None:
+    """Where two host trees first differ bit for bit (leaf path and row), or None."""
+    got_leaves, got_def = jax.tree_util.tree_flatten_with_path(got)
+    want_leaves, want_def = jax.tree_util.tree_flatten_with_path(want)
+    if got_def != want_def:
+        return f"the tree structures differ ({got_def} vs {want_def})"
+    for (path, g), (_, w) in zip(got_leaves, want_leaves):
+        g, w = np.asarray(g), np.asarray(w)
+        leaf = name + jax.tree_util.keystr(path)
+        if g.dtype != w.dtype or g.shape != w.shape:
+            return f"{leaf} has shape {g.shape} and dtype {g.dtype} vs {w.shape} and {w.dtype}"
+        if _same_bits(g, w):
+            continue
+        if g.ndim == 0:
+            return f"{leaf} is {_show(g)} vs {_show(w)}"
+        row = next(r for r in range(len(g)) if not _same_bits(g[r], w[r]))
+        return f"{leaf} row {row} is {_show(g[row])} vs {_show(w[row])}"
+    return None
+
+
+def _stats_difference(got: dict[str, int], want: dict[str, int]) -> str:
+    return ", ".join(f"{k}={got[k]} vs {want[k]}" for k in _COUNTERS if got[k] != want[k])
+
+
+def _rows_of(tree: Any) -> tuple[list[Any], int]:
+    """The leaves of a stacked host tree, and the row count (leading axis)."""
+    leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+    return leaves, (len(leaves[0]) if leaves else 0)
+
+
+def _row_keys(leaves: list[np.ndarray], n: int) -> list[bytes]:
+    """One byte string per row, equal exactly when every leaf's row is bit-identical."""
+    return [b"".join(np.ascontiguousarray(leaf[i]).tobytes() for leaf in leaves) for i in range(n)]
+
+
+def _element_parts(element: Element) -> tuple[Any, Any, Any]:
+    return element.data, element.state, element.metadata
+
+
+def _batch_parts(batch: Batch) -> tuple[Any, Any, Any]:
+    return batch.data, batch.states, batch.metadata
+
+
+def _split_at(n: int, batch_size: int) -> int:
+    """A chunk boundary near the middle that leaves a partial batch buffered, if any does."""
+    for a in range(max(1, n // 2), n):
+        if batch_size == 1 or a % batch_size:
+            return a
+    return max(1, n // 2)
+
+
+# --------------------------------------------------------------------------- the checker
+
+
+class _Checker:
+    """The context of one `check_batcher` call: the stream, the specs, the runs."""
+
+    def __init__(self, batcher, elements, key, max_flushes):
+        self.batcher = batcher
+        self.key = key
+        self.max_flushes = max_flushes
+        self.is_element = isinstance(elements, Element)
+        element = as_element(elements)
+        host = jax.tree.map(np.asarray, element)
+        leaves, self.n = _rows_of(host)
+        if not leaves:
+            raise ValueError("`elements` has no array leaves: nothing to batch.")
+        if self.n < 2:
+            raise ValueError(
+                f"`elements` must hold at least 2 elements (leading axis), got {self.n}: the "
+                "one-trace check steps with two different values."
+            )
+        # The stream, as jax arrays, in the form the user gave it (Element or plain tree).
+        self.elements = jax.tree.map(jnp.asarray, element if self.is_element else element.data)
+        host_user = host if self.is_element else host.data
+        self.host_rows = [jax.tree.map(lambda x, i=i: x[i], host_user) for i in range(self.n)]
+        self.rows = [jax.tree.map(jnp.asarray, row) for row in self.host_rows]
+        self.spec = row_spec(self.elements)
+        self.expected = batch_spec(batcher, self.spec, key=key)
+        self.batch_size = self.expected.valid_mask.shape[0]
+        self.like = jax.eval_shape(lambda: batcher.init(self.spec, key=key))
+        self.input_keys = self._input_keys(host)
+        self.jitted = None
+
+    def init(self) -> Any:
+        state = self.batcher.init(self.spec, key=self.key)
+        if not isinstance(getattr(state, "stats", None), Stats):
+            _fail(
+                7,
+                f"the state ({type(state).__name__}) has no `stats` field holding a `jb.Stats`; "
+                "every batcher state counts with `jb.Stats`, whose 64-bit `Counter`s never wrap.",
+            )
+        return state
+
+    def _input_keys(self, host: Element) -> list[bytes]:
+        element_leaves, element_def = jax.tree.flatten(_element_parts(as_element(self.spec)))
+        batch_leaves, batch_def = jax.tree.flatten(_batch_parts(self.expected))
+        element_specs = [(s.shape, s.dtype) for s in element_leaves]
+        row_specs = [(s.shape[1:], s.dtype) for s in batch_leaves]
+        if element_def != batch_def or element_specs != row_specs:
+            raise ValueError(
+                "`check_batcher` follows elements by value, so every batch row must be an "
+                "input element passed through unchanged; this batcher's batch rows "
+                f"(data, states, metadata) are {batch_def} with {row_specs}, its elements "
+                f"{element_def} with {element_specs}."
+            )
+        return _row_keys(*_rows_of(_element_parts(host)))
+
+    # ------------------------------------------------------------------- running
+
+    def _record(self, where: str, path: str, emit: Any, stats: dict[str, int]) -> _Record:
+        """Check one emission's shapes (law 2) and not-ready mask (law 4); keep it."""
+        emit = jax.device_get(emit)
+        ready = np.asarray(emit.ready)
+        if ready.shape != () or ready.dtype != np.bool_:
+            _fail(
+                2,
+                f"at {where}, {path}, `ready` has shape {ready.shape} and dtype {ready.dtype}; "
+                "it must be a scalar bool.",
+            )
+        difference = self._spec_difference(emit.batch)
+        if difference:
+            _fail(
+                2,
+                f"at {where}, {path}, {difference}. Every Emit of a batcher has the one shape "
+                "and dtype tree of `jb.batch_spec`.",
+            )
+        mask = np.asarray(emit.batch.valid_mask)
+        if not ready and mask.any():
+            _fail(
+                4,
+                f"at {where}, {path}, a not-ready emission has valid_mask {_show(mask)}; when "
+                "`ready` is False the mask must be all False, or a masked loss counts its rows.",
+            )
+        return _Record(where, bool(ready), emit.batch, stats)
+
+    def _spec_difference(self, batch: Any) -> str | None:
+        got, got_def = jax.tree_util.tree_flatten_with_path(batch)
+        want, want_def = jax.tree_util.tree_flatten_with_path(self.expected)
+        if got_def != want_def:
+            return f"the batch has tree structure {got_def}, but `jb.batch_spec` says {want_def}"
+        for (path, g), (_, w) in zip(got, want):
+            shape, dtype = np.shape(g), jnp.result_type(g)
+            if (shape, dtype) != (w.shape, w.dtype):
+                return (
+                    f"batch{jax.tree_util.keystr(path)} has shape {shape} and dtype {dtype}, "
+                    f"but `jb.batch_spec` says shape {w.shape} and dtype {w.dtype}"
+                )
+        return None
+
+    def where(self, i: int, reverse: bool = False) -> str:
+        return f"step {i} (input row {self.n - 1 - i if reverse else i})"
+
+    def drive(self, step, flush, state, path, *, start=0, reverse=False, keep_states=False):
+        """Step rows `start..n-1` (of the reversed stream if `reverse`), then flush until not
+        ready; every emission recorded."""
+        rows = self.rows[::-1] if reverse else self.rows
+        records, states = [], []
+        for i in range(start, self.n):
+            if keep_states:
+                states.append(state)
+            state, emit = step(state, rows[i])
+            records.append(self._record(self.where(i, reverse), path, emit, _read_stats(state)))
+        if keep_states:
+            states.append(state)
+        records += self.drain(flush, state, path)
+        return records, states
+
+    def drain(self, flush, state, path) -> list[_Record]:
+        records = []
+        for k in range(self.max_flushes):
+            state, emit = flush(state)
+            records.append(self._record(f"flush call {k + 1}", path, emit, _read_stats(state)))
+            if not records[-1].ready:
+                return records
+        _fail(
+            3,
+            f"`flush` ({path}) was still ready after max_flushes={self.max_flushes} calls. "
+            "Each call emits at most one batch and, called until ready=False, it must stop "
+            "once its buffers are empty (pass a larger `max_flushes` if it needs more calls).",
+        )
+
+    def records_of_scan(self, emits, path, final_stats, reverse=False) -> list[_Record]:
+        """Records of `lax.scan`'s stacked emissions (Stats known only after the last)."""
+        emits = jax.device_get(emits)
+        records = []
+        for i in range(self.n):
+            emit = jax.tree.map(lambda x, i=i: x[i], emits)
+            stats = final_stats if i == self.n - 1 else {}
+            records.append(self._record(self.where(i, reverse), path, emit, stats))
+        return records
+
+    def functions(self) -> tuple[Callable, Callable]:
+        """The `step` and `flush` later runs use: the jitted ones once `check_jit` made them."""
+        return self.jitted or (self.batcher.step, self.batcher.flush)
+
+    def scan_fn(self, state, elements):
+        return jax.lax.scan(self.batcher.step, state, elements)
+
+    # ------------------------------------------------------------------- comparing
+
+    def compare(self, law: int, got: list[_Record], want: list[_Record], what: str, ref: str):
+        """Bit-identical emissions (ready, mask; whole batch when ready) and Stats."""
+        for g, w in zip(got, want):
+            if g.ready != w.ready:
+                _fail(law, f"at {w.where}, {what} emitted ready={g.ready}, {ref} ready={w.ready}.")
+            if not g.ready:
+                difference = _difference(g.batch.valid_mask, w.batch.valid_mask, "valid_mask")
+            else:
+                difference = _difference(g.batch, w.batch)
+            if difference:
+                _fail(law, f"at {w.where}, {what} vs {ref}: {difference}.")
+            if g.stats and w.stats and g.stats != w.stats:
+                _fail(
+                    law,
+                    f"after {w.where}, the Stats of {what} differ from {ref}: "
+                    f"{_stats_difference(g.stats, w.stats)}.",
+                )
+        if len(got) != len(want):
+            _fail(
+                law,
+                f"{what} needed {self.flushes(got)} flush calls to drain, {ref} "
+                f"{self.flushes(want)}.",
+            )
+
+    def flushes(self, records: list[_Record]) -> int:
+        return sum(r.where.startswith("flush") for r in records)
+
+    # ------------------------------------------------------------------- the laws
+
+    def check_conservation(self, records: list[_Record]) -> list[tuple[int, str]]:
+        """Law 4: every valid row is an input row, each at most once; the rest counted.
+
+        Returns the input rows in the order they were emitted, with where they came out.
+        """
+        rows_with_value: dict[bytes, list[int]] = {}
+        for i, k in enumerate(self.input_keys):
+            rows_with_value.setdefault(k, []).append(i)
+        unused = {k: list(rows) for k, rows in rows_with_value.items()}
+        places: dict[int, str] = {}
+        emitted: list[tuple[int, str]] = []
+        ready = [r for r in records if r.ready]
+        for b, record in enumerate(ready):
+            batch_leaves, size = _rows_of(_batch_parts(record.batch))
+            keys = _row_keys(batch_leaves, size)
+            for r in np.flatnonzero(np.asarray(record.batch.valid_mask)):
+                place = f"batch {b} row {r} (emitted at {record.where.split(' (')[0]})"
+                rows = rows_with_value.get(keys[r])
+                if rows is None:
+                    _fail(
+                        4,
+                        f"{place} is a valid row that matches no input element. Valid rows "
+                        "must be input elements, passed through unchanged (padding rows must "
+                        "have valid_mask False).",
+                    )
+                if not unused[keys[r]]:
+                    which = (
+                        f"element {rows[0]} (input row {rows[0]})"
+                        if len(rows) == 1
+                        else f"the value of input rows {rows}"
+                    )
+                    _fail(
+                        4,
+                        f"{which} was emitted {len(rows) + 1} times: at "
+                        + ", ".join(places[i] for i in rows)
+                        + f" and at {place}. Each element comes out at most once: no "
+                        "wrap-around, no re-reads of stale buffer rows.",
+                    )
+                i = unused[keys[r]].pop(0)
+                places[i] = place
+                emitted.append((i, place))
+
+        stats = records[-1].stats
+        missing = sorted(i for rows in unused.values() for i in rows)
+        accounted = stats["dropped"] + stats["skipped"]
+        if len(missing) > accounted:
+            buffered = stats["accepted"] - stats["emitted"] - stats["dropped"]
+            hint = (
+                f" The Stats also say {buffered} accepted element(s) were still buffered when "
+                "`flush` returned ready=False (flush must drain every buffer)."
+                if buffered > 0
+                else ""
+            )
+            shown = ", ".join(map(str, missing[:10]))
+            shown += f", ... ({len(missing)} in all)" if len(missing) > 10 else ""
+            _fail(
+                4,
+                f"input rows [{shown}] never came out in a valid row, but the Stats count "
+                f"{accounted} of them as dropped or skipped (dropped={stats['dropped']}, "
+                f"skipped={stats['skipped']}).{hint}",
+            )
+        if len(missing) < accounted:
+            _fail(
+                4,
+                f"the Stats count {accounted} elements as dropped ({stats['dropped']}) or "
+                f"skipped ({stats['skipped']}), but only {len(missing)} never came out.",
+            )
+        return emitted
+
+    def check_counters(self, records: list[_Record]) -> None:
+        """Law 4: the Stats agree with what was seen, after every call."""
+        seen = dict.fromkeys(_COUNTERS, 0)
+        steps = 0
+        for record in records:
+            steps += record.where.startswith("step")
+            if record.ready:
+                valid = int(np.asarray(record.batch.valid_mask).sum())
+                seen["batches"] += 1
+                seen["emitted"] += valid
+                seen["padded"] += record.batch.valid_mask.shape[0] - valid
+            stats = record.stats
+            expected = {k: seen[k] for k in ("batches", "emitted", "padded")}
+            got = {k: stats[k] for k in expected}
+            if got != expected:
+                _fail(
+                    4,
+                    f"after {record.where}, the Stats say {got} but the ready batches so far "
+                    f"hold {expected} (batches, valid rows, padding rows).",
+                )
+            if stats["accepted"] + stats["skipped"] != steps:
+                _fail(
+                    4,
+                    f"after {record.where}, the Stats count accepted={stats['accepted']} + "
+                    f"skipped={stats['skipped']}, but {steps} elements were stepped in.",
+                )
+        final = records[-1].stats
+        buffered = final["accepted"] - final["emitted"] - final["dropped"]
+        if buffered != 0:
+            _fail(
+                4,
+                f"after `flush` returned ready=False the Stats say accepted={final['accepted']}, "
+                f"emitted={final['emitted']}, dropped={final['dropped']}: {buffered} elements "
+                "unaccounted for. Conservation: accepted == emitted + dropped once drained.",
+            )
+
+    def check_order(self, emitted: list[tuple[int, str]]) -> None:
+        """Law 5: a FIFO batcher emits input rows in increasing order."""
+        for (before, before_place), (row, place) in zip(emitted, emitted[1:]):
+            if row < before:
+                _fail(
+                    5,
+                    f"input row {row} came out after input row {before}: input row {before} "
+                    f"at {before_place}, then input row {row} at {place}. A "
+                    "first-in-first-out batcher keeps the input order; "
+                    "pass `fifo=False` if this batcher reorders by design.",
+                )
+
+    def check_reference(self, records: list[_Record], reference: Callable) -> None:
+        want = list(reference(list(self.host_rows)))
+        got = [r for r in records if r.ready]
+        if len(got) != len(want):
+            _fail(0, f"the batcher emitted {len(got)} ready batches, `reference` {len(want)}.")
+        for k, (g, w) in enumerate(zip(got, want)):
+            data, mask = (w.data, w.valid_mask) if hasattr(w, "valid_mask") else w
+            for name, got_part, want_part in (
+                ("valid_mask", g.batch.valid_mask, mask),
+                ("data", g.batch.data, data),
+            ):
+                want_part = jax.tree.map(np.asarray, want_part)
+                difference = _difference(got_part, want_part, name)
+                if difference:
+                    _fail(
+                        0,
+                        f"ready batch {k} (emitted at {g.where}), the batcher vs `reference`: "
+                        f"{difference}.",
+                    )
+
+    def check_jit(self, want: list[_Record]) -> tuple[list[_Record], list]:
+        """Law 1 under `jax.jit`, and law 2's one trace per shape."""
+        traces = {"step": 0, "flush": 0}
+        structures = []
+
+        def step(state, element):
+            traces["step"] += 1
+            structures.append(jax.tree.structure(state))
+            return self.batcher.step(state, element)
+
+        def flush(state):
+            traces["flush"] += 1
+            return self.batcher.flush(state)
+
+        self.jitted = (jax.jit(step), jax.jit(flush))
+        got, states = self.drive(*self.jitted, self.init(), "under jax.jit", keep_states=True)
+        for name, count in traces.items():
+            if count != 1:
+                changed = next(
+                    (i for i in range(1, len(structures)) if structures[i] != structures[0]),
+                    None,
+                )
+                hint = (
+                    f" The state's tree structure (static fields, Python values) changed "
+                    f"between the first call and call {changed + 1}."
+                    if changed is not None and name == "step"
+                    else ""
+                )
+                _fail(
+                    2,
+                    f"`jax.jit(batcher.{name})` traced {count} times over a stream whose "
+                    "elements all have one shape and dtype; a batcher traces once per shape, "
+                    "never again because values changed. Look for a value kept in a static "
+                    "field or as a Python scalar in the state, a dtype or weak type that "
+                    f"changes between calls, or a closure built per call.{hint}",
+                )
+        what = "the jitted run (`jax.jit(batcher.step)`, `jax.jit(batcher.flush)`)"
+        self.compare(1, got, want, what, "the run without jit")
+        return got, states
+
+    def check_scan(self, want: list[_Record]) -> None:
+        try:
+            state, emits = jax.jit(self.scan_fn)(self.init(), self.elements)
+        except AssertionError:
+            raise
+        except Exception as e:
+            _fail(1, f"`jax.lax.scan(batcher.step, state, elements)` failed: {e}")
+        got = self.records_of_scan(emits, "under lax.scan", _read_stats(state))
+        got += self.drain(self.functions()[1], state, "after lax.scan")
+        self.compare(1, got, want, "`jax.lax.scan(batcher.step)`", "the step loop")
+
+    def check_batch_all(self, want: list[_Record]) -> None:
+        want = [r for r in want if r.ready]
+        room = len(want) + 1
+        try:
+            batches, count = batch_all(self.batcher, self.elements, max_batches=room, key=self.key)
+        except AssertionError:
+            raise
+        except Exception as e:
+            _fail(1, f"`jb.batch_all` failed: {e}")
+        batches, count = jax.device_get((batches, int(count)))
+        if count != len(want):
+            _fail(1, f"`jb.batch_all` produced {count} batches, the step loop {len(want)}.")
+        for k, w in enumerate(want):
+            got = jax.tree.map(lambda x, k=k: x[k], batches)
+            difference = _difference(got, w.batch)
+            if difference:
+                _fail(
+                    1,
+                    f"ready batch {k} ({w.where} in the step loop), `jb.batch_all` vs the "
+                    f"step loop: {difference}.",
+                )
+
+    def check_feed(self, states: list, want: list[_Record]) -> None:
+        """Law 1 for the bulk path: `feed_of(batcher)` from a partly filled state.
+
+        `batch_all` fed the whole stream from `init`; here the first elements are stepped
+        (`states[split]` of the jitted run) and the rest fed in one call, then drained.
+        """
+        feed = feed_of(self.batcher)
+        split = _split_at(self.n, self.batch_size)
+        want_steps = want[split : self.n]
+        want_ready = [r for r in want_steps if r.ready]
+        room = len(want_ready) + 1
+
+        def write(carry, batch):
+            difference = self._spec_difference(batch)
+            if difference:
+                _fail(2, f"`feed` passed `fn` a batch that differs from its spec: {difference}.")
+            out, count = carry
+            slot = jnp.minimum(count, room - 1)
+            out = jax.tree.map(
+                lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, slot, 0), out, batch
+            )
+            return out, count + 1
+
+        carry = (
+            jax.tree.map(lambda s: jnp.zeros((room, *s.shape), s.dtype), self.expected),
+            jnp.zeros((), jnp.int32),
+        )
+        rest = jax.tree.map(lambda x: x[split:], self.elements)
+        what = f"`jb.feed_of(batcher)` on elements[{split}:] after {split} steps"
+        try:
+            state, carry = jax.jit(lambda s, e, c: feed(s, e, write, c))(states[split], rest, carry)
+        except AssertionError:
+            raise
+        except Exception as e:
+            _fail(1, f"{what} failed: {e}")
+        out, count = jax.device_get(carry)
+        if int(count) != len(want_ready):
+            _fail(
+                1,
+                f"{what} passed {int(count)} batches to `fn`, the step loop emitted "
+                f"{len(want_ready)}.",
+            )
+        for k, w in enumerate(want_ready):
+            difference = _difference(jax.tree.map(lambda x, k=k: x[k], out), w.batch)
+            if difference:
+                _fail(1, f"batch {k} ({w.where}), {what} vs the step loop: {difference}.")
+        stats = _read_stats(state)
+        if stats != want[self.n - 1].stats:
+            _fail(
+                1,
+                f"after the stream, the Stats of {what} differ from the step loop: "
+                f"{_stats_difference(stats, want[self.n - 1].stats)}.",
+            )
+        got = self.drain(self.functions()[1], state, "after feed")
+        self.compare(1, got, want[self.n :], f"draining after {what}", "the step loop")
+
+    def check_resume(self, steps: Sequence[int], states: list, want: list[_Record]) -> None:
+        """Law 6: save at step t, load into a fresh template, continue: identical output."""
+        step, flush = self.functions()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "state.ckpt")
+            for t in steps:
+                try:
+                    save_state(path, states[t])
+                    restored = load_state(path, self.like)
+                except Exception as e:
+                    _fail(6, f"the state before step {t} does not save and load: {e}")
+                got, _ = self.drive(step, flush, restored, f"resumed at step {t}", start=t)
+                self.compare(
+                    6,
+                    got,
+                    want[t:],
+                    f"the run saved before step {t} and resumed from the loaded state",
+                    "the uninterrupted run",
+                )
+
+    def check_wide_counters(self, want: list[_Record]) -> None:
+        """Law 7: with every counter started just below 2**32, nothing else changes."""
+        step, flush = self.functions()
+        wide = Stats(**dict.fromkeys(_COUNTERS, Counter.of(_WIDE_START)))
+        try:
+            state = eqx.tree_at(lambda s: s.stats, self.init(), wide)
+        except Exception as e:
+            _fail(7, f"cannot replace the state's `stats` field with `eqx.tree_at`: {e}")
+        got, _ = self.drive(step, flush, state, "with counters started at 2**32 - 2")
+        shifted = [r._replace(stats={k: v + _WIDE_START for k, v in r.stats.items()}) for r in want]
+        self.compare(
+            7,
+            got,
+            shifted,
+            "a run with every Stats counter started at 2**32 - 2",
+            "the run from zero (counters shifted by 2**32 - 2)",
+        )
+
+    def check_vmap(self, want: list[_Record]) -> None:
+        """Law 1 under `vmap`: the stream and its reverse together, as two separate runs."""
+        step, flush = self.functions()
+        want_reverse, _ = self.drive(step, flush, self.init(), "reversed", reverse=True)
+        num_flushes = max(self.flushes(want), self.flushes(want_reverse))
+
+        def run(state, elements):  # the stream, then as many flushes as the longer drain
+            def flush_body(state, _):
+                state, emit = self.batcher.flush(state)
+                return state, (emit, state.stats)
+
+            state, step_emits = self.scan_fn(state, elements)
+            _, flushes = jax.lax.scan(flush_body, state, None, length=num_flushes)
+            return step_emits, state.stats, flushes
+
+        both = jax.tree.map(lambda a, b: jnp.stack([a, b]), self.init(), self.init())
+        streams = jax.tree.map(lambda x: jnp.stack([x, jnp.flip(x, 0)]), self.elements)
+        run = jax.jit(jax.vmap(run)) if self.jitted else jax.vmap(run)
+        try:
+            outputs = jax.device_get(run(both, streams))
+        except AssertionError:
+            raise
+        except Exception as e:
+            _fail(1, f"`jax.vmap` of `lax.scan(batcher.step)` and `batcher.flush` failed: {e}")
+        for s, (name, ref) in enumerate(((" (the stream)", want), (" (reversed)", want_reverse))):
+            step_emits, stats, (flush_emits, flush_stats) = jax.tree.map(
+                lambda x, s=s: x[s], outputs
+            )
+            got = self.records_of_scan(step_emits, "under vmap", _counts(stats), reverse=s == 1)
+            for k in range(num_flushes):
+                emit, stats = jax.tree.map(lambda x, k=k: x[k], (flush_emits, flush_stats))
+                got.append(self._record(f"flush call {k + 1}", "under vmap", emit, _counts(stats)))
+                if not got[-1].ready:
+                    break
+            self.compare(1, got, ref, f"`jax.vmap` stream {s}{name}", "a run on its own")
+
+    def check_bad_input(self) -> None:
+        """Law 8: an element of the wrong dtype or shape raises `TypeError` naming the leaf."""
+        data = self.spec.data if self.is_element else self.spec
+        data_leaves = jax.tree_util.tree_flatten_with_path(data)[0]
+        if not data_leaves:  # only per-element state or metadata: nothing to corrupt
+            return
+        path, leaf = data_leaves[0]
+        name = jax.tree_util.keystr(path)
+        leaf_name = f"`element{'.data' if self.is_element else ''}{name}`"
+        other = jnp.int32 if jnp.issubdtype(leaf.dtype, jnp.floating) else jnp.float32
+        bad_leaves = {
+            f"dtype {np.dtype(other)} instead of {leaf.dtype}": jax.ShapeDtypeStruct(
+                leaf.shape, other
+            ),
+            f"shape {(*leaf.shape, 2)} instead of {leaf.shape}": jax.ShapeDtypeStruct(
+                (*leaf.shape, 2), leaf.dtype
+            ),
+        }
+        for what, bad_leaf in bad_leaves.items():
+            bad = jax.tree_util.tree_map_with_path(
+                lambda p, x, b=bad_leaf: b if p == path else x, data
+            )
+            if self.is_element:
+                bad = self.spec.replace(data=bad)
+            try:
+                jax.eval_shape(self.batcher.step, self.like, bad)
+            except TypeError as e:
+                if name and name not in str(e):
+                    _fail(
+                        8,
+                        f"`step` on an element whose leaf {leaf_name} has {what} raised a "
+                        f"TypeError that does not name the leaf: {e}",
+                    )
+                continue
+            except Exception as e:
+                _fail(
+                    8,
+                    f"`step` on an element whose leaf {leaf_name} has {what} raised "
+                    f"{type(e).__name__}, not TypeError: {e}",
+                )
+            _fail(
+                8,
+                f"`step` accepted an element whose leaf {leaf_name} has {what} "
+                "without an error. Check elements against the spec (`TypeError` naming the "
+                "leaf path) instead of silently casting or broadcasting.",
+            )
+
+
+def _resume_points(resume_steps: None | int | Sequence[int], n: int) -> tuple[int, ...]:
+    if resume_steps is None:
+        return tuple(range(n + 1))
+    if isinstance(resume_steps, bool):
+        raise ValueError(f"`resume_steps` must be None, an int or ints, got {resume_steps!r}.")
+    if isinstance(resume_steps, int):
+        if resume_steps < 0:
+            raise ValueError(f"`resume_steps` must be non-negative, got {resume_steps}.")
+        return tuple(sorted({round(t) for t in np.linspace(0, n, resume_steps)}))
+    steps = tuple(resume_steps)
+    bad = [t for t in steps if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= n]
+    if bad:
+        raise ValueError(
+            f"`resume_steps` must be steps in [0, {n}] (the state before that step; {n} is "
+            f"before the flush), got {bad}."
+        )
+    return steps
+
+
+def check_batcher(
+    batcher: Batcher,
+    elements: Any,
+    *,
+    key: Any = None,
+    reference: Callable[[list[Any]], Sequence[Any]] | None = None,
+    fifo: bool = True,
+    resume_steps: None | int | Sequence[int] = None,
+    check_vmap: bool = True,
+    check_jit: bool = True,
+    check_bad_input: bool = True,
+    max_flushes: int = 100,
+) -> CheckReport:
+    """Check a batcher against the laws of jaxbatch on a small stream; raise if one breaks.
+
+    The stream is run through `step` one element at a time without `jit` (the baseline),
+    then `flush` is called until it returns `ready=False`. On the baseline:
+
+    * Law 2: every `Emit` has the shapes and dtypes of `jb.batch_spec` and a scalar bool
+      `ready`.
+    * Law 3: `flush` stops (returns not ready) within `max_flushes` calls.
+    * Law 4: a not-ready emission has an all-False `valid_mask`; every valid row is an input
+      element (matched bit for bit), none comes out twice, and those that never come out are
+      exactly the ones the `Stats` count as dropped or skipped; after every call the Stats
+      agree with the batches seen (`batches`, `emitted`, `padded`, `accepted + skipped`), and
+      once drained `accepted == emitted + dropped`.
+    * Law 5 (if `fifo`): the valid rows come out in input order.
+    * `reference` (if given): the ready batches equal its batches exactly (padding included).
+
+    Then every other path must give the baseline's emissions bit for bit (whole batches when
+    ready, masks and `Stats` always):
+
+    * Law 1: `jax.jit(step)` and `jax.jit(flush)` (and law 2: each traces once for the whole
+      stream), `jax.lax.scan(step)`, `jb.batch_all`, `jb.feed_of(batcher)` over two chunks,
+      and `jax.vmap` over the stream and its reverse (against two separate runs).
+    * Law 6: at each of `resume_steps`, the state is saved with `jb.save_state`, loaded with
+      `jb.load_state` into a template from `jax.eval_shape(init)`, and the run continued.
+    * Law 7: a run whose `Stats` counters all start at `2**32 - 2` emits the same and ends
+      with every count shifted by exactly that (no 32-bit wrap).
+    * Law 8 (if `check_bad_input`): `step` on an element whose first leaf has another dtype,
+      or another shape, raises `TypeError` naming that leaf (checked with `jax.eval_shape`).
+
+    Elements are followed by value, so the batcher must pass them through unchanged (its
+    batch rows have the element's structure); give elements with distinct values to get
+    the most precise messages. Compile time dominates: keep the stream short and shapes
+    small.
+
+    Args:
+        batcher: the `Batcher` to check.
+        elements: at least 2 elements stacked along a leading axis (an `Element` or a PyTree
+            of arrays).
+        key: PRNG key for a stochastic batcher's `init`.
+        reference: a pure-Python batcher: from the list of elements (each a PyTree of
+            NumPy arrays, or an `Element` of them) to the list of ready batches, each a
+            `(data, valid_mask)` pair or anything with `.data` and `.valid_mask`.
+        fifo: the batcher claims first-in-first-out order (law 5).
+        resume_steps: where to save and resume: None for before every step and before the
+            flush (`0..n`), an int for that many points spread over `0..n`, or a sequence
+            of steps.
+        check_vmap: run the `vmap` check.
+        check_jit: run the jitted paths (`jit`, one trace, `scan`, `batch_all`, `feed`);
+            resume, counter and `vmap` runs then step without `jit`.
+        check_bad_input: run the law 8 check.
+        max_flushes: the most `flush` calls a drain may take.
+
+    Returns:
+        A `CheckReport` of what ran and what the stream produced.
+
+    Raises:
+        AssertionError: a law broke. The message starts with the law ("Law 4 (nothing
+            lost, nothing invented): ...") and names the step or flush call, the input row
+            and the leaf.
+        ValueError: bad arguments, or batch rows that cannot be matched to elements.
+
+    Examples:
+        >>> import dataclasses
+        >>> import jax.numpy as jnp
+        >>> import numpy as np
+        >>> import jaxbatch as jb
+        >>> from jaxbatch.testing import check_batcher
+        >>> def reference(elements):  # batches of 2, the last one padded with zeros
+        ...     xs = [e["x"] for e in elements] + [np.int32(0)] * (len(elements) % 2)
+        ...     return [(
+        ...         {"x": np.array(xs[i:i + 2])},
+        ...         np.array([True, i + 1 < len(elements)]),
+        ...     ) for i in range(0, len(elements), 2)]
+        >>> report = check_batcher(jb.fixed_size(2), {"x": jnp.arange(5)},
+        ...                        reference=reference, check_vmap=False, resume_steps=2)
+        >>> report.num_batches, report.resumed_at
+        (3, (0, 5))
+
+        A batcher that forgets the last partial batch without counting it fails loudly:
+
+        >>> leaky = jb.fixed_size(2, drop_remainder=True)
+        >>> def flush(state):
+        ...     new_state, emit = leaky.flush(state)
+        ...     return dataclasses.replace(new_state, stats=state.stats), emit  # not counted
+        >>> check_batcher(leaky._replace(flush=flush), {"x": jnp.arange(5)}, check_jit=False)
+        Traceback (most recent call last):
+            ...
+        AssertionError: Law 4 (nothing lost, nothing invented): input rows [4] never came ...
+    """
+    if not isinstance(batcher, Batcher):
+        raise ValueError(f"`batcher` must be a `jb.Batcher`, got {type(batcher).__name__}.")
+    for name, flag in (
+        ("fifo", fifo),
+        ("check_vmap", check_vmap),
+        ("check_jit", check_jit),
+        ("check_bad_input", check_bad_input),
+    ):
+        if not isinstance(flag, bool):
+            raise ValueError(f"`{name}` must be a bool, got {flag!r}.")
+    if isinstance(max_flushes, bool) or not isinstance(max_flushes, int) or max_flushes < 1:
+        raise ValueError(f"`max_flushes` must be a positive int, got {max_flushes!r}.")
+
+    checker = _Checker(batcher, elements, key, max_flushes)
+    resume_at = _resume_points(resume_steps, checker.n)
+    checks = ["shapes", "mask", "flush"]
+    baseline, states = checker.drive(
+        batcher.step, batcher.flush, checker.init(), "without jit", keep_states=True
+    )
+    emitted = checker.check_conservation(baseline)
+    checker.check_counters(baseline)
+    checks += ["conservation", "counters"]
+    if fifo:
+        checker.check_order(emitted)
+        checks.append("order")
+    if reference is not None:
+        checker.check_reference(baseline, reference)
+        checks.append("reference")
+    run = baseline
+    if check_jit:
+        run, states = checker.check_jit(baseline)
+        checker.check_scan(baseline)
+        checker.check_batch_all(baseline)
+        checker.check_feed(states, baseline)
+        checks += ["jit", "one trace", "scan", "batch_all", "feed"]
+    if resume_at:
+        checker.check_resume(resume_at, states, run)
+        checks.append("resume")
+    checker.check_wide_counters(run)
+    checks.append("wide counters")
+    if check_vmap:
+        checker.check_vmap(run)
+        checks.append("vmap")
+    if check_bad_input:
+        checker.check_bad_input()
+        checks.append("bad input")
+    return CheckReport(
+        num_elements=checker.n,
+        num_batches=sum(r.ready for r in baseline),
+        num_flushes=checker.flushes(baseline),
+        stats=baseline[-1].stats,
+        resumed_at=resume_at,
+        checks=tuple(checks),
+    )
