@@ -137,7 +137,7 @@ class Counter(eqx.Module):
 
     def add(self, n: ArrayLike) -> "Counter":
         """This count plus `n` (a non-negative integer below 2**32), carrying into `hi`."""
-        lo = self.lo + jnp.asarray(n).astype(jnp.uint32)
+        lo = self.lo + jnp.asarray(n, dtype=jnp.uint32)
         return Counter(lo=lo, hi=self.hi + (lo < self.lo).astype(jnp.uint32))
 
     def __add__(self, other: "Counter") -> "Counter":

@@ -40,7 +40,9 @@ def _as_batch(rows: Element, valid_mask: Array) -> Batch:
     return Batch(data=rows.data, valid_mask=valid_mask, states=rows.state, metadata=rows.metadata)
 
 
-def fixed_size(batch_size: int, *, drop_remainder: bool = False, pad_value: Any = 0) -> Batcher:
+# `batch_size` and `drop_remainder` are `Any`: they are validated below, so a bad value raises
+# the documented `ValueError` even under a run-time type checker (jaxtyping's import hook).
+def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any = 0) -> Batcher:
     """Batch consecutive elements, `batch_size` at a time, keeping their order.
 
     A full batch is emitted the same `step` its last element arrives. At end of stream,

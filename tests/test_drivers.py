@@ -1,0 +1,341 @@
+"""The drivers `scan`, `batch_all` and `iterate` with `fixed_size`: against the reference,
+exact resume of `iterate`, one trace per shape, errors, and a training loop that converges."""
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+from hypothesis import given, settings, strategies as st
+from reference import BATCH_SIZES, PAD_VALUES, batch_rows, make_stream, row_spec
+
+import jaxbatch as jb
+
+STAT_NAMES = ("accepted", "skipped", "dropped", "emitted", "batches", "padded")
+
+configs = st.fixed_dictionaries(
+    {
+        "batch_size": st.sampled_from(BATCH_SIZES),
+        "n": st.integers(0, 12),
+        "drop_remainder": st.booleans(),
+        "pad_value": st.sampled_from(PAD_VALUES),
+        "kind": st.sampled_from(["dict", "element"]),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+@functools.cache
+def _batcher(batch_size, drop_remainder, pad_value, pad_type):
+    del pad_type  # in the cache key only: `True == 1` but they are different pad values
+    return jb.fixed_size(batch_size, drop_remainder=drop_remainder, pad_value=pad_value)
+
+
+def setup(config):
+    """The batcher (one per configuration: drivers compile once per batcher), the stream
+    and the reference run."""
+    batcher = _batcher(
+        config["batch_size"],
+        config["drop_remainder"],
+        config["pad_value"],
+        type(config["pad_value"]),
+    )
+    stacked = make_stream(config["kind"], config["n"], config["seed"])
+    expected = ref.fixed_size(
+        ref.reference_rows(stacked),
+        config["batch_size"],
+        drop_remainder=config["drop_remainder"],
+        pad_value=config["pad_value"],
+        like=ref.like_row(stacked),
+    )
+    return batcher, stacked, expected
+
+
+def stats_of(state):
+    return {name: int(getattr(state.stats, name)) for name in STAT_NAMES}
+
+
+def slots(batches, count):
+    """The first `count` slots of a stacked `Batch`, as reference batches."""
+    batches = jax.device_get(batches)
+    return [batch_rows(jax.tree.map(lambda x, k=k: x[k], batches)) for k in range(count)]
+
+
+def append(carry, batch):
+    """A consumer that writes each batch into the next slot of a preallocated stack."""
+    out, count = carry
+    out = jax.tree.map(lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, count, 0), out, batch)
+    return out, count + 1
+
+
+def empty_slots(batcher, spec, capacity):
+    batch = jb.batch_spec(batcher, spec)
+    out = jax.tree.map(lambda s: jnp.zeros((capacity, *s.shape), s.dtype), batch)
+    return out, jnp.zeros((), jnp.int32)
+
+
+# --------------------------------------------------------------------------- batch_all
+
+
+@functools.cache
+def _jit_batch_all(batcher):
+    return jax.jit(lambda elements: jb.batch_all(batcher, elements))
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@settings(max_examples=8)
+@given(config=configs)
+def test_batch_all_matches_reference(use_jit, config):
+    batcher, stacked, expected = setup(config)
+    run = _jit_batch_all(batcher) if use_jit else functools.partial(jb.batch_all, batcher)
+    batches, count = run(stacked)
+    count = int(count)
+    capacity = math.ceil(config["n"] / config["batch_size"])
+    assert batches.valid_mask.shape == (capacity, config["batch_size"])
+    assert count == len(expected.batches)
+    chex.assert_trees_all_equal(slots(batches, count), expected.batches)
+    # Slots past `count` (one, when the remainder was dropped) are zero and masked out.
+    rest = jax.tree.map(lambda x: np.asarray(x)[count:], batches)
+    assert all((leaf == 0).all() for leaf in jax.tree.leaves(rest))
+
+
+def test_batch_all_errors():
+    batcher = jb.fixed_size(3)
+    stream = make_stream("dict", 7, 0)
+    with pytest.raises(ValueError, match="`max_batches`") as info:
+        jb.batch_all(batcher, stream, max_batches=2)
+    assert "3 needed" in str(info.value)
+    for bad in (-1, True, 2.5, "3"):
+        with pytest.raises((ValueError, TypeError), match="`?max_batches`?"):
+            jb.batch_all(batcher, stream, max_batches=bad)
+    with pytest.raises(ValueError, match="`max_batches`"):
+        jb.batch_all(batcher, stream, max_batches=-1)
+    # Under an outer jit the check runs at run time.
+    with pytest.raises(RuntimeError, match="`max_batches`"):
+        jax.block_until_ready(jax.jit(lambda e: jb.batch_all(batcher, e, max_batches=2))(stream))
+    # Room to spare is fine: the extra slots stay empty.
+    batches, count = jb.batch_all(batcher, stream, max_batches=5)
+    assert int(count) == 3 and not np.asarray(batches.valid_mask[3:]).any()
+
+
+# --------------------------------------------------------------------------- scan
+
+
+@functools.cache
+def _jit_scan(batcher):
+    return jax.jit(lambda carry, elements: jb.scan(batcher, append, carry, elements))
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@settings(max_examples=8)
+@given(config=configs)
+def test_scan_with_consumer_matches_reference(use_jit, config):
+    batcher, stacked, expected = setup(config)
+    capacity = config["n"] // config["batch_size"] + 1
+    carry = empty_slots(batcher, row_spec(stacked), capacity)
+    run = _jit_scan(batcher) if use_jit else functools.partial(jb.scan, batcher, append)
+    (out, count), state = run(carry, stacked)
+    assert int(count) == len(expected.batches)
+    chex.assert_trees_all_equal(slots(out, int(count)), expected.batches)
+    assert stats_of(state) == expected.stats
+    assert int(state.count) == 0
+
+
+@pytest.mark.parametrize("split", [0, 4, 7, 11])
+def test_scan_continues_a_stream_across_calls(split):
+    batcher = _batcher(3, False, -1, int)
+    stacked = make_stream("element", 11, 7)
+    part = lambda lo, hi: jax.tree.map(lambda x: x[lo:hi], stacked)  # noqa: E731
+    carry = empty_slots(batcher, row_spec(stacked), 5)
+    whole, whole_state = jb.scan(batcher, append, carry, stacked)
+    carry, state = jb.scan(batcher, append, carry, part(0, split), flush=False)
+    assert int(state.count) == split % 3
+    carry, state = jb.scan(batcher, append, carry, part(split, 11), state=state)
+    chex.assert_trees_all_equal(carry, whole)
+    chex.assert_trees_all_equal(state, whole_state)
+
+
+def test_scan_trains_a_linear_model():
+    # `y = 2x - 1` with a masked loss; 61 elements in batches of 8: the last one is padded.
+    xs = jnp.linspace(-1.0, 1.0, 61)
+    stream = {"x": xs, "y": 2.0 * xs - 1.0}
+
+    def loss(params, batch):
+        w, b = params
+        err = jnp.where(batch.valid_mask, w * batch.data["x"] + b - batch.data["y"], 0.0)
+        return jnp.sum(err**2) / jnp.maximum(batch.num_valid, 1).astype(jnp.float32)
+
+    def train_step(params, batch):
+        grads = jax.grad(loss)(params, batch)
+        return jax.tree.map(lambda p, g: p - 0.3 * g, params, grads)
+
+    batcher = jb.fixed_size(8)
+    params = (jnp.float32(0.0), jnp.float32(0.0))
+    everything = jb.Batch.from_parts(stream)
+    losses = [float(loss(params, everything))]
+    for _ in range(10):
+        params, state = jb.scan(batcher, train_step, params, stream)
+        losses.append(float(loss(params, everything)))
+    # Each call starts a fresh batcher state: its stats cover the last epoch.
+    assert int(state.stats.batches) == 8 and int(state.stats.padded) == 3
+    assert losses[-1] < 1e-4 * losses[0]
+    np.testing.assert_allclose([float(p) for p in params], [2.0, -1.0], atol=1e-2)
+
+
+# --------------------------------------------------------------------------- iterate
+
+
+@settings(max_examples=6)
+@given(config=configs, chunk_size=st.integers(1, 6))
+def test_iterate_matches_reference(config, chunk_size):
+    batcher, stacked, expected = setup(config)
+    source = ref.unstack(jax.device_get(stacked))  # a Python list of elements
+    got = [batch_rows(b) for b in jb.iterate(batcher, source, chunk_size=chunk_size)]
+    chex.assert_trees_all_equal(got, expected.batches)
+
+
+def test_iterate_accepts_a_generator_of_jax_trees():
+    source = ({"x": jnp.float32(i), "n": jnp.int32(i)} for i in range(5))
+    batches = list(jb.iterate(jb.fixed_size(2, pad_value=-1), source, chunk_size=2))
+    assert [b.data["n"].tolist() for b in batches] == [[0, 1], [2, 3], [4, -1]]
+    assert [b.valid_mask.tolist() for b in batches][-1] == [True, False]
+
+
+ITERATE_CASES = [  # batch_size, drop_remainder, chunk_size, stream length
+    (3, False, 4, 13),
+    (2, True, 5, 11),
+]
+
+
+@pytest.mark.parametrize(("batch_size", "drop_remainder", "chunk_size", "n"), ITERATE_CASES)
+def test_iterate_checkpoint_resumes_exactly(tmp_path, batch_size, drop_remainder, chunk_size, n):
+    batcher = jb.fixed_size(batch_size, drop_remainder=drop_remainder, pad_value=-5)
+    source = ref.unstack(jax.device_get(make_stream("element", n, 42)))
+    everything = [batch_rows(b) for b in jb.iterate(batcher, source, chunk_size=chunk_size)]
+    assert len(everything) == (n // batch_size if drop_remainder else -(-n // batch_size))
+
+    it = jb.iterate(batcher, source, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="Nothing has been consumed"):
+        it.checkpoint()
+    for k in range(1, len(everything) + 1):  # after k batches: mid-chunk and at chunk ends
+        it = jb.iterate(batcher, source, chunk_size=chunk_size)
+        taken = [batch_rows(next(it)) for _ in range(k)]
+        checkpoint = it.checkpoint()
+        chex.assert_trees_all_equal(taken, everything[:k])
+
+        resumed = jb.iterate(batcher, source, chunk_size=chunk_size, resume=checkpoint)
+        chex.assert_trees_all_equal([batch_rows(b) for b in resumed], everything[k:])
+
+        path = tmp_path / f"iterate-{k}.ckpt"
+        jb.save_state(path, checkpoint)
+        loaded = jb.load_state(path, like=checkpoint)
+        assert isinstance(loaded, jb.IterateCheckpoint)
+        resumed = jb.iterate(batcher, source, chunk_size=chunk_size, resume=loaded)
+        chex.assert_trees_all_equal([batch_rows(b) for b in resumed], everything[k:])
+
+        # The original iterator is unaffected by checkpointing and carries on.
+        chex.assert_trees_all_equal([batch_rows(b) for b in it], everything[k:])
+        # A checkpoint at the very end resumes to nothing.
+        assert (
+            list(jb.iterate(batcher, source, chunk_size=chunk_size, resume=it.checkpoint())) == []
+        )
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, True, None, "8"])
+def test_iterate_rejects_a_bad_chunk_size(chunk_size):
+    with pytest.raises((ValueError, TypeError), match="`?chunk_size`?"):
+        jb.iterate(jb.fixed_size(2), [], chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, True])
+def test_iterate_rejects_a_bad_chunk_size_with_value_error(chunk_size):
+    with pytest.raises(ValueError, match="`chunk_size` must be a positive int") as info:
+        jb.iterate(jb.fixed_size(2), [], chunk_size=chunk_size)
+    assert repr(chunk_size) in str(info.value)
+
+
+def test_iterate_rejects_an_element_unlike_the_first():
+    source = [{"x": np.zeros(3, np.float32)}] * 3 + [{"x": np.zeros(4, np.float32)}]
+    with pytest.raises(TypeError, match=r"source\[3\]\.data\['x'\].*\(4,\).*\(3,\)"):
+        list(jb.iterate(jb.fixed_size(2), source, chunk_size=2))
+
+
+def test_iterate_over_an_empty_source():
+    assert list(jb.iterate(jb.fixed_size(2), [], chunk_size=3)) == []
+
+
+# --------------------------------------------------------------------------- traces
+
+
+def _counting(batcher, counter):
+    """`batcher` with a `step` that counts its traces in `counter["step"]`."""
+
+    def step(state, element):
+        counter["step"] += 1
+        return batcher.step(state, element)
+
+    return jb.Batcher(batcher.init, step, batcher.flush)
+
+
+def test_scan_traces_once_per_shape():
+    traces = {"fn": 0}
+
+    def consume(total, batch):
+        traces["fn"] += 1
+        return total + jnp.sum(jnp.where(batch.valid_mask, batch.data["i"][:, 0], 0))
+
+    batcher = jb.fixed_size(3)
+    totals = []
+    for seed in (1, 2, 3):  # new values, same shapes
+        stream = make_stream("dict", 10, seed)
+        total, _ = jb.scan(batcher, consume, jnp.int32(0), stream)
+        totals.append(int(total))
+        assert int(total) == int(stream["i"][:, 0].sum())
+        if seed == 1:
+            first = traces["fn"]
+        assert traces["fn"] == first > 0
+    assert len(set(totals)) == 3
+
+    counted = {"step": 0}
+    counting = _counting(batcher, counted)
+    for seed in (1, 2):
+        jb.scan(counting, consume, jnp.int32(0), make_stream("dict", 10, seed))
+        if seed == 1:
+            first = counted["step"]
+    assert counted["step"] == first > 0
+
+
+@pytest.mark.parametrize("max_batches", [4, None])
+def test_batch_all_traces_once_per_shape(max_batches):
+    counted = {"step": 0}
+    batcher = _counting(jb.fixed_size(3), counted)
+    for seed in (1, 2, 3):  # new values, same shapes
+        stream = make_stream("element", 10, seed)
+        batches, count = jb.batch_all(batcher, stream, max_batches=max_batches)
+        assert int(count) == 4
+        np.testing.assert_array_equal(batches.data["i"][0], stream.data["i"][:3])
+        if seed == 1:
+            first = counted["step"]
+        assert counted["step"] == first > 0
+
+
+def test_iterate_traces_once_per_shape():
+    counted = {"step": 0}
+    batcher = _counting(jb.fixed_size(3), counted)
+    source = ref.unstack(jax.device_get(make_stream("dict", 20, 0)))
+    it = jb.iterate(batcher, source, chunk_size=4)
+    next(it)
+    first = counted["step"]
+    assert first > 0
+    batches = list(it)  # four more full chunks: no new trace until the tail
+    assert len(batches) == 6
+    traced_by_tail = counted["step"] - first
+    for seed in (1, 2):  # a new stream of the same shapes: no new trace at all
+        source = ref.unstack(jax.device_get(make_stream("dict", 20, seed)))
+        before = counted["step"]
+        assert len(list(jb.iterate(batcher, source, chunk_size=4))) == 7
+        assert counted["step"] == before, (first, traced_by_tail)
