@@ -543,3 +543,20 @@ def test_factory_result_is_a_batcher_with_feed():
     generic = jb.Batcher(batcher.init, batcher.step, batcher.flush)
     assert jb.feed_of(generic) is not None and generic.feed is None
     assert dataclasses.is_dataclass(batcher.init(_good_element()))
+
+
+@pytest.mark.parametrize(
+    ("pad_value", "dtype"), [(-1, jnp.uint8), (0.5, jnp.int32), (300, jnp.int8), (2, jnp.bool_)]
+)
+def test_pad_value_that_a_leaf_cannot_hold_is_refused_at_init(pad_value, dtype):
+    batcher = jb.fixed_size(2, pad_value=pad_value)
+    with pytest.raises(ValueError, match=r"`pad_value` .* leaf `element.data\['x'\]`"):
+        batcher.init({"x": jnp.zeros((), dtype)})
+
+
+def test_pad_value_that_fits_every_leaf_is_accepted():
+    batcher = jb.fixed_size(2, pad_value=-1.0)
+    state = batcher.init({"x": jnp.zeros((), jnp.int8), "y": jnp.zeros(())})
+    state, _ = batcher.step(state, {"x": jnp.int8(3), "y": jnp.float32(1)})
+    _, emit = batcher.flush(state)
+    assert emit.batch.data["x"].tolist() == [3, -1]

@@ -35,24 +35,6 @@ def _num_rows(elements: Element) -> int:
     return jnp.shape(leaves[0])[0]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _emitted_batch(batcher, spec, key):
-    state = batcher.init(spec, key=key)
-    _, emit = batcher.step(state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec))
-    return emit.batch
-
-
-def _batch_spec(batcher: Batcher, spec: Any, key: Any) -> Batch:
-    """`batch_spec` for use outside `jit`, traced once per batcher and shapes.
-
-    A bare `batch_spec` traces `step` on every call (`jax.eval_shape` of a fresh closure),
-    so a driver calling it per call or per iterator retraced the batcher's `step` even
-    though nothing but values had changed. `jit`'s trace cache keys on the (static) batcher
-    and the shapes instead.
-    """
-    return _emitted_batch.eval_shape(batcher, spec, jax.random.key(0) if key is None else key)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 6))
 def _scan(batcher, fn, carry, elements, state, key, flush):
     if state is None:
@@ -191,7 +173,7 @@ def batch_all(
     """
     elements = as_element(elements)
     if max_batches is None:
-        size = _batch_spec(batcher, row_spec(elements), key).batch_size
+        size = batch_spec(batcher, row_spec(elements), key=key).batch_size
         max_batches = math.ceil(_num_rows(elements) / size)
     if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 0:
         raise ValueError(f"`max_batches` must be a non-negative int, got {max_batches!r}.")
@@ -269,7 +251,7 @@ class BatchIterator(Iterator[Batch]):
         self._spec = tree_spec(first)
         if self._state is None:
             self._state = self._batcher.init(self._spec, key=self._key)
-        batch = _batch_spec(self._batcher, self._spec, self._key)
+        batch = batch_spec(self._batcher, self._spec, key=self._key)
         if self._max_batches is None:
             self._max_batches = math.ceil(self._chunk_size / batch.batch_size) + 1
         self._out = stack_spec(batch, self._max_batches)

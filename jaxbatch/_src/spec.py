@@ -5,6 +5,7 @@
 that turns "this tree is not like that tree" into an error naming the leaf path.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -83,7 +84,8 @@ def batch_spec(batcher: Any, element_spec: Any, *, key: Any = None) -> Any:
     """The `Batch` of `jax.ShapeDtypeStruct`s that `batcher.step` emits for `element_spec`.
 
     Computed with `jax.eval_shape` of `init` then `step`, so it is exactly what the batcher
-    emits. A stochastic batcher is given `key` (a dummy key if omitted: only shapes matter).
+    emits; the trace is cached per batcher and shapes, so asking again costs no retrace. A
+    stochastic batcher is given `key` (a dummy key if omitted: only shapes matter).
 
     Examples:
         >>> import jax.numpy as jnp
@@ -93,13 +95,13 @@ def batch_spec(batcher: Any, element_spec: Any, *, key: Any = None) -> Any:
         ((4, 3), (4,), dtype('bool'))
     """
     spec = _element_spec(element_spec)
-    if key is None:
-        key = jax.random.key(0)
+    return _emitted_batch.eval_shape(batcher, spec, jax.random.key(0) if key is None else key)
 
-    def emitted(key):
-        state = batcher.init(spec, key=key)
-        zero = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), spec)
-        _, emit = batcher.step(state, zero)
-        return emit.batch
 
-    return jax.eval_shape(emitted, key)
+@functools.partial(jax.jit, static_argnums=0)
+def _emitted_batch(batcher: Any, spec: Element, key: Any) -> Any:
+    # Under `jit` so that `eval_shape` hits jit's trace cache (keyed on the batcher and the
+    # shapes): drivers ask for the spec on every call and must not retrace `step` for it.
+    state = batcher.init(spec, key=key)
+    _, emit = batcher.step(state, jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), spec))
+    return emit.batch

@@ -13,6 +13,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Int
 
 from ..base import Batcher, Emit, Stats, feed_by_step, row_spec, rows_mask, stack_spec
@@ -36,6 +37,21 @@ class FixedSizeState(eqx.Module):
     stats: Stats
 
 
+def _check_pad_value(pad_value: bool | int | float, spec: Element) -> None:
+    """Refuse a `pad_value` that a leaf's dtype cannot hold exactly (no silent wrap or cut)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(spec)[0]:
+        dtype = np.dtype(leaf.dtype)
+        if dtype.kind not in "biu":
+            continue
+        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        if float(pad_value) != int(pad_value) or not low <= pad_value <= high:
+            raise ValueError(
+                f"`pad_value` {pad_value!r} cannot be stored in leaf "
+                f"`element{jax.tree_util.keystr(path)}` of dtype {dtype} (integers in "
+                f"[{low}, {high}]); pick a pad value every leaf can hold, such as 0."
+            )
+
+
 def _as_batch(rows: Element, valid_mask: Array) -> Batch:
     return Batch(data=rows.data, valid_mask=valid_mask, states=rows.state, metadata=rows.metadata)
 
@@ -53,7 +69,8 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
     Args:
         batch_size: rows per batch, a positive int.
         drop_remainder: drop a final partial batch instead of padding it.
-        pad_value: fill for padding rows, cast to each leaf's dtype (a Python scalar).
+        pad_value: fill for padding rows (a Python scalar), cast to each leaf's dtype; `init`
+            raises `ValueError` if an integer or bool leaf cannot hold it exactly.
 
     Returns:
         A `Batcher` with a bulk `feed`.
@@ -88,7 +105,9 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
 
     def init_fn(element_spec: Any, key: Any = None) -> FixedSizeState:
         del key  # deterministic
-        buffer = stack_spec(spec_of(element_spec), batch_size)
+        spec = spec_of(element_spec)
+        _check_pad_value(pad_value, spec)
+        buffer = stack_spec(spec, batch_size)
         return FixedSizeState(buffer=buffer, count=jnp.zeros((), jnp.int32), stats=Stats.zeros())
 
     def step_fn(state: FixedSizeState, element: Any) -> tuple[FixedSizeState, Emit]:
