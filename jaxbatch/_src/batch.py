@@ -98,7 +98,7 @@ class Batch(eqx.Module):
             >>> jb.Batch.from_parts({"x": jnp.zeros((3, 2)), "y": jnp.zeros(2)})
             Traceback (most recent call last):
             ...
-            ValueError: Inconsistent batch dimensions: data['x'] has 3 but data['y'] has 2 ...
+            ValueError: Inconsistent batch dimensions: data['x'] has 3 but data['y'] has 2; ...
         """
         states = {} if states is None else states
         batch_state = {} if batch_state is None else batch_state
@@ -111,6 +111,8 @@ class Batch(eqx.Module):
                     f"Leaf {zero_d[0]} is 0-d: every leaf of data, states and metadata needs "
                     "a leading batch axis (put batch-level values in `batch_state`)."
                 )
+        if valid_mask is not None:
+            valid_mask = jnp.asarray(valid_mask)  # numpy or list masks become jax arrays
         if valid_mask is None:
             if not dims:
                 raise ValueError(
@@ -331,12 +333,16 @@ class Batch(eqx.Module):
             xf = x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.float32)
             n = jnp.maximum(count, 1).astype(xf.dtype)
             mean = jnp.sum(jnp.where(m, xf, 0), axis=0) / n
-            var = jnp.sum(jnp.where(m, jnp.abs(xf - mean[None]) ** 2, 0), axis=0) / n
+            # Mask the deviation before squaring, so a NaN/inf in a padding row cannot turn
+            # the gradient into NaN (0 * NaN) through the square's derivative.
+            dev = jnp.where(m, xf - mean[None], 0)
+            var = jnp.sum(jnp.abs(dev) ** 2, axis=0) / n
             return mean, jnp.sqrt(var)
 
         def extreme(x, reduce, fill):
             x = jnp.asarray(x)
-            out = reduce(jnp.where(rows_mask(x), x, fill(x.dtype)), axis=0)
+            # `initial` makes the reduction defined for a batch of size 0.
+            out = reduce(jnp.where(rows_mask(x), x, fill(x.dtype)), axis=0, initial=fill(x.dtype))
             return jnp.where(any_valid, out, jnp.zeros_like(out))
 
         def biggest(dtype):

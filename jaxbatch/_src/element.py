@@ -20,9 +20,11 @@ _SCALAR_TYPES = (bool, int, float, complex, np.generic)
 
 def _to_array_leaf(path: str, leaf: Any) -> Any:
     """Arrays (and specs) pass through; Python/numpy scalars become 0-d arrays."""
-    if isinstance(leaf, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+    # numpy strings, bytes, objects and datetimes have no JAX dtype: rejected below like `str`.
+    non_jax_numpy = isinstance(leaf, np.ndarray | np.generic) and leaf.dtype.kind in "OSUMm"
+    if isinstance(leaf, jax.Array | np.ndarray | jax.ShapeDtypeStruct) and not non_jax_numpy:
         return leaf
-    if isinstance(leaf, _SCALAR_TYPES):
+    if isinstance(leaf, _SCALAR_TYPES) and not non_jax_numpy:
         # A concrete (not weakly typed) dtype, so stacking and strict promotion behave.
         dtype = jax.dtypes.canonicalize_dtype(np.result_type(leaf))
         return jnp.asarray(leaf, dtype=dtype)
