@@ -111,7 +111,7 @@ def unstack(tree: Any) -> list[Any]:
 # --------------------------------------------------------------------------- test streams
 
 BATCH_SIZES = [1, 2, 3, 5]
-PAD_VALUES = [0, -1, 2.5, True]  # 2.5 casts to 2 in int leaves, True to 1 / 1.0
+PAD_VALUES = [0, -1, 7.0, True]  # 7.0 casts to 7 in int leaves, True to 1 / 1.0
 
 
 def make_stream(kind: str, n: int, seed: int) -> Any:
