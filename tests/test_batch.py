@@ -181,7 +181,7 @@ def test_from_parts_with_no_leaves_takes_the_size_from_the_mask():
             {"data": {"x": jnp.zeros(3)}, "valid_mask": jnp.ones((3, 1), bool)},
             r"`valid_mask` must be a 1-d bool array, got shape \(3, 1\) dtype bool",
         ),
-        ({"data": {"x": jnp.zeros(())}}, r"Leaf data\['x'\] is 0-d"),
+        ({"data": {"x": jnp.zeros(())}}, r"Leaf `data\['x'\]` is 0-d"),
     ],
     ids=["data", "states", "metadata", "mask-length", "mask-dtype", "mask-rank", "0-d"],
 )

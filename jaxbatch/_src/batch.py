@@ -108,7 +108,7 @@ class Batch(eqx.Module):
             zero_d = [name for name, dim in dims.items() if dim is None]
             if zero_d:
                 raise ValueError(
-                    f"Leaf {zero_d[0]} is 0-d: every leaf of data, states and metadata needs "
+                    f"Leaf `{zero_d[0]}` is 0-d: every leaf of data, states and metadata needs "
                     "a leading batch axis (put batch-level values in `batch_state`)."
                 )
         if valid_mask is not None:

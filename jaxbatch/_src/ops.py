@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
-from jaxtyping import Array, Bool
+from jaxtyping import Array
 
+from .base import row_spec, rows_mask
 from .batch import Batch
 from .element import as_array_tree, merge_nested
 from .spec import check_against_spec
@@ -48,11 +49,6 @@ def _check_count(value: Any, name: str) -> int:
             f"counter is int32), got {value}."
         )
     return value
-
-
-def _rows_like(mask: Bool[Array, " batch"], x: Array) -> Bool[Array, " batch ..."]:
-    """`mask` reshaped to broadcast along the rows of `x` (same rank: no rank promotion)."""
-    return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
 
 
 def select_rows(batch: Batch, mask: ArrayLike) -> Batch:
@@ -93,7 +89,7 @@ def select_rows(batch: Batch, mask: ArrayLike) -> Batch:
 
     def move(x: Array) -> Array:
         rows = jnp.take(jnp.asarray(x), order, axis=0, unique_indices=True)
-        return jnp.where(_rows_like(new_valid, rows), rows, jnp.zeros((), rows.dtype))
+        return jnp.where(rows_mask(new_valid, rows), rows, jnp.zeros((), rows.dtype))
 
     return batch.map_rows(move)
 
@@ -170,18 +166,12 @@ def concatenate(batches: Sequence[Batch]) -> Batch:
             "`[batch]` (an empty batch is one with zero-length arrays)."
         )
 
-    def row_spec(batch: Batch) -> dict[str, Any]:
-        return {
-            field: jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)),
-                getattr(batch, field),
-            )
-            for field in _ROW_FIELDS
-        }
+    def rows_spec(batch: Batch) -> dict[str, Any]:
+        return {field: row_spec(getattr(batch, field)) for field in _ROW_FIELDS}
 
-    expected = row_spec(batches[0])
+    expected = rows_spec(batches[0])
     for i, batch in enumerate(batches[1:], start=1):
-        got = row_spec(batch)
+        got = rows_spec(batch)
         for field in _ROW_FIELDS:
             check_against_spec(
                 expected[field], got[field], what=f"batches[{i}].{field}", shape_error=ValueError
