@@ -339,3 +339,12 @@ def test_iterate_traces_once_per_shape():
         before = counted["step"]
         assert len(list(jb.iterate(batcher, source, chunk_size=4))) == 7
         assert counted["step"] == before, (first, traced_by_tail)
+
+
+def test_iterate_takes_float64_and_python_scalar_rows_as_jit_would():
+    # Without x64, jit sees float64 as float32 and a Python int as int32: so does iterate.
+    rows = [{"x": np.full(2, i, np.float64), "n": i} for i in range(5)]
+    batches = list(jb.iterate(jb.fixed_size(2), rows, chunk_size=2))
+    assert [b.data["x"].dtype for b in batches] == [jnp.float32] * 3
+    assert [b.data["n"].dtype for b in batches] == [jnp.int32] * 3
+    assert [b.data["n"].tolist() for b in batches] == [[0, 1], [2, 3], [4, 0]]

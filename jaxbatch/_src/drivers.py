@@ -215,7 +215,7 @@ class BatchIterator(Iterator[Batch]):
         self._state = None if resume is None else resume.state
         self._position = 0 if resume is None else int(resume.position)
         self._skip = 0 if resume is None else int(resume.skip)
-        self._spec = None
+        self._first = self._spec = self._row_spec = None
         self._out = None
         self._pending: collections.deque = collections.deque()
         self._next = None  # (state, position) once the current chunk is fully yielded
@@ -242,13 +242,34 @@ class BatchIterator(Iterator[Batch]):
         self._skip += 1
         return self._pending.popleft()
 
-    def _stack(self, rows: list[Element]) -> Element:
-        for i, row in enumerate(rows):
-            check_against_spec(self._spec, row, what=f"source[{self._position + i}]")
-        return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows)
+    def _stack(self, rows: list[Any]) -> Element:
+        """Stack host rows leaf by leaf (numpy); on any mismatch, name the row that differs."""
+        try:
+            stacked = jax.tree.map(lambda *xs: np.stack(xs), *rows)
+            consistent = jax.tree.all(
+                jax.tree.map(
+                    lambda s, x: x.dtype == s.dtype and x.shape[1:] == s.shape,
+                    self._row_spec,
+                    stacked,
+                )
+            )
+        except (ValueError, TypeError):
+            consistent = False
+        if not consistent:  # the slow path: raises naming the first row that differs
+            first = tree_spec(as_element(self._first))
+            for i, row in enumerate(rows):
+                where = f"source[{self._position + i}]"
+                check_against_spec(first, as_element(row), what=where)
+        element = as_element(stacked)
+        return jax.tree.map(lambda x, s: x.astype(s.dtype, copy=False), element, self._spec)
 
-    def _start(self, first: Element) -> None:
-        self._spec = tree_spec(first)
+    def _start(self, first: Any) -> None:
+        self._first, self._row_spec = first, tree_spec(first)
+        # Canonical dtypes (float64 rows become float32 without x64), as `jit` would see them.
+        self._spec = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, jax.dtypes.canonicalize_dtype(s.dtype)),
+            tree_spec(as_element(first)),
+        )
         if self._state is None:
             self._state = self._batcher.init(self._spec, key=self._key)
         batch = batch_spec(self._batcher, self._spec, key=self._key)
@@ -262,7 +283,7 @@ class BatchIterator(Iterator[Batch]):
         return state, [jax.tree.map(lambda x, i=i: x[i], out) for i in range(int(count))]
 
     def _run_chunk(self) -> None:
-        rows = [as_element(x) for x in itertools.islice(self._source, self._chunk_size)]
+        rows = list(itertools.islice(self._source, self._chunk_size))
         if rows and self._spec is None:
             self._start(rows[0])
         if self._spec is None:  # an empty source: nothing to batch, nothing to flush
