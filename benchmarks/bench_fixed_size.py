@@ -12,7 +12,8 @@ Every path feeds the same consumer, which reads every byte of each batch. Printe
   XLA has no uninitialised allocation, so a loop that writes slots costs about one fresh
   copy plus one warm copy; see RESULTS.md.)
 * compile time of the `scan` driver and its trace count.           target < 1 s, 1 trace
-* Grain and tf.data on the same batching job, where installed.
+* `iterate` (host streaming from numpy rows) and Grain and tf.data on the same batching
+  job, where installed.
 
 Run with `make bench` (or `python benchmarks/bench_fixed_size.py --quick` for a smoke run).
 """
@@ -117,6 +118,7 @@ def main(quick: bool = False) -> None:
         "batch_all": timeit(lambda: jax.block_until_ready(jb.batch_all(batcher, stream)), repeats),
         "xla_copy": timeit(lambda: jax.block_until_ready(xla_copy(stream)), repeats),
         "numpy_copy": timeit(numpy_copy, repeats),
+        "iterate": timeit(lambda: _iterate(batcher, images, labels), max(1, repeats // 3)),
     }
     check = [np.asarray(x) for x in (limit(reshaped), fused(stream), by_element(stream))]
     assert all(np.allclose(c, check[0]) for c in check), "paths disagree"
@@ -135,7 +137,8 @@ def main(quick: bool = False) -> None:
     print(f"bytes: {nbytes / 1e6:.1f} MB; times are the best of {repeats}")
     print()
     row = "{:<34} {:>9.2f} ms {:>12,.0f} el/s  {}"
-    for name in ("limit", "scan", "by_element", "batch_all", "xla_copy", "numpy_copy"):
+    names = ("limit", "scan", "by_element", "batch_all", "xla_copy", "numpy_copy", "iterate")
+    for name in names:
         print(row.format(name, r[name] * 1e3, num / r[name], ""))
     for name, t in peers.items():
         print(row.format(name + " (peer, host batching)", t * 1e3, num / t, ""))
@@ -151,12 +154,20 @@ def main(quick: bool = False) -> None:
     ]
     for name, t in peers.items():
         lines.append((f"{name} time / scan time", t / r["scan"], ""))
+        lines.append((f"{name} time / iterate time", t / r["iterate"], ""))
     for name, ratio, target in lines:
         print(f"{name:<40} {ratio:6.2f}x   {('target ' + target) if target else ''}")
     print(f"{'scan trace + compile':<40} {compile_s:6.2f} s    target < 1 s")
     print(f"{'scan traces over 3 calls':<40} {trace_count:>6}      target 1")
     if not peers:
         print("peers: grain and tf.data not installed; skipped")
+
+
+def _iterate(batcher, images, labels):
+    """Host streaming: `jb.iterate` over numpy rows, the consumer (numpy) on each batch."""
+    for b in jb.iterate(batcher, _Rows(images, labels), chunk_size=1024):
+        image, label = np.asarray(b.data["image"]), np.asarray(b.data["label"])
+        np.sum(image, axis=(1, 2, 3)).sum() + label.sum()
 
 
 class _Rows:

@@ -203,6 +203,12 @@ def _feed_chunk(batcher, state, elements, flush, out):
     return _collect(batcher, state, elements, out, flush)
 
 
+@jax.jit
+def _unstack(batches: Batch) -> list[Batch]:
+    # One dispatch for all slots, instead of one per leaf and slot.
+    return [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(batches.valid_mask.shape[0])]
+
+
 class BatchIterator(Iterator[Batch]):
     """The iterator `iterate` returns; `checkpoint()` says where it stands."""
 
@@ -280,7 +286,7 @@ class BatchIterator(Iterator[Batch]):
     def _feed(self, state, rows, flush=False):
         state, out, count = _feed_chunk(self._batcher, state, rows, flush, self._out)
         _check_room(count, self._max_batches, "max_batches_per_chunk")
-        return state, [jax.tree.map(lambda x, i=i: x[i], out) for i in range(int(count))]
+        return state, _unstack(out)[: int(count)]
 
     def _run_chunk(self) -> None:
         rows = list(itertools.islice(self._source, self._chunk_size))
