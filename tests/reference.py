@@ -9,7 +9,10 @@ batcher, its bulk `feed` and every driver can be checked against it.
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+import jaxbatch as jb
 
 Row = dict[str, np.ndarray]
 RefBatch = tuple[Row, np.ndarray]  # (stacked rows, valid mask)
@@ -149,3 +152,27 @@ def like_row(stacked: Any) -> Row:
 def reference_rows(stacked: Any) -> list[Row]:
     """The elements of `stacked` as reference rows."""
     return [element_row(row) for row in unstack(jax.device_get(stacked))]
+
+
+# --------------------------------------------------------------------------- shared by tests
+
+STAT_NAMES = ("accepted", "skipped", "dropped", "emitted", "batches", "padded")
+
+
+def stats_of(state) -> dict[str, int]:
+    """A state's counters as Python ints, by `Stats` field name."""
+    return {name: int(getattr(state.stats, name)) for name in STAT_NAMES}
+
+
+def append(carry, batch):
+    """A consumer that writes each batch into the next slot of a preallocated stack."""
+    out, count = carry
+    out = jax.tree.map(lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, count, 0), out, batch)
+    return out, count + 1
+
+
+def empty_slots(batcher, spec, capacity):
+    """`(out, 0)`: room for `capacity` batches of `batcher`, the carry `append` fills."""
+    batch = jb.batch_spec(batcher, spec)
+    out = jax.tree.map(lambda s: jnp.zeros((capacity, *s.shape), s.dtype), batch)
+    return out, jnp.zeros((), jnp.int32)

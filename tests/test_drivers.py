@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 import reference as ref
 from hypothesis import given, settings, strategies as st
-from reference import BATCH_SIZES, PAD_VALUES, batch_rows, make_stream, row_spec
+from reference import (
+    BATCH_SIZES,
+    PAD_VALUES,
+    append,
+    batch_rows,
+    empty_slots,
+    make_stream,
+    row_spec,
+    stats_of,
+)
 
 import jaxbatch as jb
-
-STAT_NAMES = ("accepted", "skipped", "dropped", "emitted", "batches", "padded")
 
 configs = st.fixed_dictionaries(
     {
@@ -55,27 +62,10 @@ def setup(config):
     return batcher, stacked, expected
 
 
-def stats_of(state):
-    return {name: int(getattr(state.stats, name)) for name in STAT_NAMES}
-
-
 def slots(batches, count):
     """The first `count` slots of a stacked `Batch`, as reference batches."""
     batches = jax.device_get(batches)
     return [batch_rows(jax.tree.map(lambda x, k=k: x[k], batches)) for k in range(count)]
-
-
-def append(carry, batch):
-    """A consumer that writes each batch into the next slot of a preallocated stack."""
-    out, count = carry
-    out = jax.tree.map(lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, count, 0), out, batch)
-    return out, count + 1
-
-
-def empty_slots(batcher, spec, capacity):
-    batch = jb.batch_spec(batcher, spec)
-    out = jax.tree.map(lambda s: jnp.zeros((capacity, *s.shape), s.dtype), batch)
-    return out, jnp.zeros((), jnp.int32)
 
 
 # --------------------------------------------------------------------------- batch_all

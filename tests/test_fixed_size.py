@@ -12,11 +12,18 @@ import numpy as np
 import pytest
 import reference as ref
 from hypothesis import given, settings, strategies as st
-from reference import BATCH_SIZES, PAD_VALUES, batch_rows, make_stream, row_spec
+from reference import (
+    BATCH_SIZES,
+    PAD_VALUES,
+    append,
+    batch_rows,
+    empty_slots,
+    make_stream,
+    row_spec,
+    stats_of,
+)
 
 import jaxbatch as jb
-
-STAT_NAMES = ("accepted", "skipped", "dropped", "emitted", "batches", "padded")
 
 
 @functools.cache
@@ -40,10 +47,6 @@ def runners(batcher, use_jit):
     if use_jit:
         return _jitted(batcher)
     return functools.partial(jax.lax.scan, batcher.step), batcher.flush
-
-
-def stats_of(state):
-    return {name: int(getattr(state.stats, name)) for name in STAT_NAMES}
 
 
 def emit_rows(emits, i):
@@ -177,19 +180,6 @@ def test_conservation_order_and_padding_at_every_step(config):
 
 
 # --------------------------------------------------------------------------- bulk feed
-
-
-def append(carry, batch):
-    """A consumer that writes each batch into the next slot of a preallocated stack."""
-    out, count = carry
-    out = jax.tree.map(lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, count, 0), out, batch)
-    return out, count + 1
-
-
-def empty_slots(batcher, spec, capacity):
-    batch = jb.batch_spec(batcher, spec)
-    out = jax.tree.map(lambda s: jnp.zeros((capacity, *s.shape), s.dtype), batch)
-    return out, jnp.zeros((), jnp.int32)
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
