@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check jaxbatch tests examples benchmarks
 	$(BIN)/ruff format --check jaxbatch tests examples benchmarks
+
+# pyright fetches its own node package on first use, so it is not part of `make test`.
+typecheck: $(STAMP)
+	$(BIN)/pyright
 
 test: lint
 	$(BIN)/python -m pytest -q

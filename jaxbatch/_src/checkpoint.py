@@ -126,7 +126,7 @@ def _check_dtype(name: str, dtype: np.dtype) -> None:
 def _describe_saved(path: Any, leaf: Any) -> tuple[dict[str, Any], np.ndarray]:
     """The header entry of one leaf of `state`, and the array stored for it."""
     name = _leaf_name(path)
-    if isinstance(leaf, jax.core.Tracer):
+    if isinstance(leaf, jax.core.Tracer):  # pyright: ignore
         raise TypeError(
             f"Leaf `{name}` is a tracer: `save_state` needs concrete arrays, so call it "
             "outside `jax.jit` (on the state a jitted function returns)."
