@@ -60,7 +60,7 @@ CARRY = (jnp.float32(0), jnp.int32(0))
 
 def main(quick: bool = False) -> None:
     num = 2048 if quick else NUM
-    repeats = 3 if quick else 7
+    repeats = 3 if quick else 15
     rng = np.random.default_rng(0)
     images = rng.standard_normal((num, *SHAPE), dtype=np.float32)
     labels = rng.integers(0, 10, size=(num,), dtype=np.int32)
