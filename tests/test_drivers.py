@@ -338,3 +338,33 @@ def test_iterate_takes_float64_and_python_scalar_rows_as_jit_would():
     assert [b.data["x"].dtype for b in batches] == [jnp.float32] * 3
     assert [b.data["n"].dtype for b in batches] == [jnp.int32] * 3
     assert [b.data["n"].tolist() for b in batches] == [[0, 1], [2, 3], [4, 0]]
+
+
+def test_vmap_of_scan_with_different_fill_levels_equals_separate_runs():
+    # Under vmap the bulk feed's cond and dynamic loop bound are batched: each lane must
+    # still see its own batches, in order (the consumer weighs each batch by its position).
+    batcher = jb.fixed_size(3)
+
+    def consume(carry, batch):
+        total, n = carry
+        rows = jnp.where(batch.valid_mask, batch.data["x"], 0)
+        return total + jnp.sum(rows) * (n + 1), n + 1
+
+    def run(xs, fill):
+        state = batcher.init({"x": jnp.zeros((), jnp.int32)})
+        step = lambda i, s: batcher.step(s, {"x": jnp.int32(100)})[0]  # noqa: E731
+        state = jax.lax.fori_loop(0, fill, step, state)
+        carry, state = jb.scan(
+            batcher, consume, (jnp.int32(0), jnp.int32(0)), {"x": xs}, state=state
+        )
+        return carry, stats_of_arrays(state)
+
+    def stats_of_arrays(state):
+        return {name: getattr(state.stats, name).lo for name in ref.STAT_NAMES}
+
+    xs = jnp.arange(20, dtype=jnp.int32).reshape(2, 10)
+    fills = jnp.array([0, 2], dtype=jnp.int32)
+    together = jax.vmap(run)(xs, fills)
+    for lane in range(2):
+        alone = run(xs[lane], fills[lane])
+        chex.assert_trees_all_equal(jax.tree.map(lambda x, k=lane: x[k], together), alone)
