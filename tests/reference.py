@@ -176,3 +176,14 @@ def empty_slots(batcher, spec, capacity):
     batch = jb.batch_spec(batcher, spec)
     out = jax.tree.map(lambda s: jnp.zeros((capacity, *s.shape), s.dtype), batch)
     return out, jnp.zeros((), jnp.int32)
+
+
+def expected_for(stacked, config) -> ReferenceRun:
+    """The reference run of `fixed_size(**config)` over the stacked test stream."""
+    return fixed_size(
+        reference_rows(stacked),
+        config["batch_size"],
+        drop_remainder=config["drop_remainder"],
+        pad_value=config["pad_value"],
+        like=like_row(stacked),
+    )

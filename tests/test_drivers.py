@@ -52,14 +52,7 @@ def setup(config):
         type(config["pad_value"]),
     )
     stacked = make_stream(config["kind"], config["n"], config["seed"])
-    expected = ref.fixed_size(
-        ref.reference_rows(stacked),
-        config["batch_size"],
-        drop_remainder=config["drop_remainder"],
-        pad_value=config["pad_value"],
-        like=ref.like_row(stacked),
-    )
-    return batcher, stacked, expected
+    return batcher, stacked, ref.expected_for(stacked, config)
 
 
 def slots(batches, count):

@@ -86,14 +86,7 @@ configs = st.fixed_dictionaries(
 def setup(config):
     batcher = batcher_for(config["batch_size"], config["drop_remainder"], config["pad_value"])
     stacked = make_stream(config["kind"], config["n"], config["seed"])
-    expected = ref.fixed_size(
-        ref.reference_rows(stacked),
-        config["batch_size"],
-        drop_remainder=config["drop_remainder"],
-        pad_value=config["pad_value"],
-        like=ref.like_row(stacked),
-    )
-    return batcher, stacked, expected
+    return batcher, stacked, ref.expected_for(stacked, config)
 
 
 # --------------------------------------------------------------------------- reference
