@@ -147,9 +147,6 @@ class Counter(eqx.Module):
     def __int__(self) -> int:
         return (int(self.hi) << 32) | int(self.lo)
 
-    def __index__(self) -> int:
-        return int(self)
-
 
 class Stats(eqx.Module):
     """The counters every batcher state carries (field `stats`).
@@ -311,14 +308,9 @@ def drain(
 # --------------------------------------------------------------------------- helpers
 
 
-def rows_mask(rows: Bool[Array, " n"], leaf: Array) -> Bool[Array, " n ..."]:
-    """`rows` reshaped to broadcast against `leaf` along axis 0 (no rank promotion)."""
-    return rows.reshape(rows.shape + (1,) * (jnp.ndim(leaf) - 1))
-
-
-def stack_spec(spec: PyTree, n: int, fill: Any = 0) -> PyTree:
-    """Arrays of shape `[n, *leaf.shape]` filled with `fill`, one per leaf of `spec`."""
-    return jax.tree.map(lambda s: jnp.full((n, *s.shape), fill, s.dtype), spec)
+def stack_spec(spec: PyTree, n: int) -> PyTree:
+    """Zeros of shape `[n, *leaf.shape]`, one array per leaf of `spec`."""
+    return jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), spec)
 
 
 def row_spec(stacked: PyTree) -> PyTree:

@@ -30,6 +30,11 @@ def _batch_dims(named_trees: Mapping[str, PyTree]) -> dict[str, int | None]:
     return dims
 
 
+def rows_mask(rows: Bool[Array, " n"], leaf: Array) -> Bool[Array, " n ..."]:
+    """`rows` reshaped to broadcast against `leaf` along axis 0 (no rank promotion)."""
+    return rows.reshape(rows.shape + (1,) * (jnp.ndim(leaf) - 1))
+
+
 class Batch(eqx.Module):
     """A batch of elements: every leaf of `data`, `states` and `metadata` has batch axis 0.
 
@@ -324,11 +329,8 @@ class Batch(eqx.Module):
         count = self.num_valid
         any_valid = count > 0
 
-        def rows_mask(x):
-            return self.valid_mask.reshape((-1,) + (1,) * (jnp.ndim(x) - 1))
-
         def mean_std(x):
-            m = rows_mask(x)
+            m = rows_mask(self.valid_mask, x)
             x = jnp.asarray(x)
             xf = x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.float32)
             n = jnp.maximum(count, 1).astype(xf.dtype)
@@ -342,7 +344,8 @@ class Batch(eqx.Module):
         def extreme(x, reduce, fill):
             x = jnp.asarray(x)
             # `initial` makes the reduction defined for a batch of size 0.
-            out = reduce(jnp.where(rows_mask(x), x, fill(x.dtype)), axis=0, initial=fill(x.dtype))
+            kept = jnp.where(rows_mask(self.valid_mask, x), x, fill(x.dtype))
+            out = reduce(kept, axis=0, initial=fill(x.dtype))
             return jnp.where(any_valid, out, jnp.zeros_like(out))
 
         def biggest(dtype):

@@ -17,8 +17,8 @@ import numpy as np
 from jax.typing import ArrayLike
 from jaxtyping import Array
 
-from .base import row_spec, rows_mask
-from .batch import Batch
+from .base import row_spec
+from .batch import Batch, rows_mask
 from .element import as_array_tree, merge_nested
 from .spec import check_against_spec
 

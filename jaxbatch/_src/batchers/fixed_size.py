@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from ..base import Batcher, Emit, Stats, feed_by_step, row_spec, rows_mask, stack_spec
-from ..batch import Batch
+from ..base import Batcher, Emit, Stats, feed_by_step, row_spec, stack_spec
+from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
 
