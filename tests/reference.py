@@ -171,6 +171,12 @@ def append(carry, batch):
     return out, count + 1
 
 
+def slots(batches, count):
+    """The first `count` slots of a stacked `Batch`, as reference batches."""
+    batches = jax.device_get(batches)
+    return [batch_rows(jax.tree.map(lambda x, k=k: x[k], batches)) for k in range(count)]
+
+
 def empty_slots(batcher, spec, capacity):
     """`(out, 0)`: room for `capacity` batches of `batcher`, the carry `append` fills."""
     batch = jb.batch_spec(batcher, spec)

@@ -1,4 +1,4 @@
-"""`fixed_size`: against the reference, its bulk `feed` against `feed_by_step`, and the
+"""`fixed_size`: against the reference, its bulk `feed` against stepping, and the
 batcher laws (conservation, order, padding, exact resume, vmap, counters, traces, errors)."""
 
 import dataclasses
@@ -20,6 +20,7 @@ from reference import (
     empty_slots,
     make_stream,
     row_spec,
+    slots,
     stats_of,
 )
 
@@ -175,16 +176,33 @@ def test_conservation_order_and_padding_at_every_step(config):
 # --------------------------------------------------------------------------- bulk feed
 
 
+@functools.cache
+def _bulk_and_by_step(batcher, flush, capacity):
+    """Jitted: the same chunk through the bulk `feed` and through the step loop, each via
+    `consume` (the consumer path) and `collect` (the materialising path)."""
+    by_step = batcher._replace(feed=None)
+
+    def run(state, chunk, carry):
+        return {
+            name: (jb.consume(b, state, chunk, append, carry, flush=flush),)
+            + jb.collect(b, state, chunk, capacity, flush=flush)
+            for name, b in (("bulk", batcher), ("step", by_step))
+        }
+
+    return jax.jit(run)
+
+
+@pytest.mark.parametrize("flush", [False, True])
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
-def test_bulk_feed_equals_feed_by_step(batch_size):
+def test_bulk_feed_equals_stepping(batch_size, flush):
     batcher = jb.fixed_size(batch_size, pad_value=-3)
     spec = row_spec(make_stream("element", 1, 0))
-    by_step = jb.feed_by_step(batcher.step)
-    both = jax.jit(lambda s, e, c: (batcher.feed(s, e, append, c), by_step(s, e, append, c)))
-    step, flush = jax.jit(batcher.step), jax.jit(batcher.flush)
-    lengths = sorted({max(batch_size - 1, 1), batch_size, batch_size + 1, 3 * batch_size - 1})
+    step, flush_fn = jax.jit(batcher.step), jax.jit(batcher.flush)
+    lengths = sorted({0, max(batch_size - 1, 1), batch_size, batch_size + 1, 3 * batch_size - 1})
     for length in lengths:
-        carry = empty_slots(batcher, spec, length // batch_size + 1)
+        capacity = length // batch_size + 2
+        both = _bulk_and_by_step(batcher, flush, capacity)
+        carry = empty_slots(batcher, spec, capacity)
         for r in range(batch_size):  # every starting fill
             state = batcher.init(spec)
             prefix = make_stream("element", r, 1000 + 10 * length + r)
@@ -192,20 +210,39 @@ def test_bulk_feed_equals_feed_by_step(batch_size):
                 state, _ = step(state, element)
             assert int(state.count) == r
             chunk = make_stream("element", length, 5000 + 10 * length + r)
-
-            (s_bulk, (out_bulk, n_bulk)), (s_step, (out_step, n_step)) = both(state, chunk, carry)
-            assert int(n_bulk) == int(n_step) == (r + length) // batch_size
+            runs = both(state, chunk, carry)
+            (s_bulk, (out_bulk, n_bulk)), s_coll, stacked, n_coll = runs["bulk"]
+            (s_step, (out_step, n_step)), _, stacked_step, n_coll_step = runs["step"]
+            want = (r + length) // batch_size + (flush and (r + length) % batch_size > 0)
+            assert int(n_bulk) == int(n_step) == int(n_coll) == int(n_coll_step) == want
             chex.assert_trees_all_equal(out_bulk, out_step)  # the batches, in order
-            assert stats_of(s_bulk) == stats_of(s_step)
+            # Materialised: the same batches in the first `want` slots, masks off after.
+            chex.assert_trees_all_equal(slots(stacked, want), slots(out_step, want))
+            chex.assert_trees_all_equal(slots(stacked_step, want), slots(out_step, want))
+            assert not np.asarray(stacked.valid_mask)[want:].any()
+            assert stats_of(s_bulk) == stats_of(s_step) == stats_of(s_coll)
             count = int(s_bulk.count)
-            assert count == int(s_step.count) == (r + length) % batch_size
+            assert count == int(s_step.count) == (0 if flush else (r + length) % batch_size)
             chex.assert_trees_all_equal(
                 first_rows(s_bulk.buffer, count), first_rows(s_step.buffer, count)
             )
             # And the buffered rows flush the same.
-            _, flushed_bulk = flush_all(flush, s_bulk)
-            _, flushed_step = flush_all(flush, s_step)
+            _, flushed_bulk = flush_all(flush_fn, s_bulk)
+            _, flushed_step = flush_all(flush_fn, s_step)
             chex.assert_trees_all_equal(flushed_bulk, flushed_step)
+
+
+def test_emissions_batch_past_count_is_masked_and_vmaps():
+    batcher = jb.fixed_size(3)
+    stream = make_stream("element", 7, 0)
+    state = batcher.init(row_spec(stream))
+    _, emissions = batcher.feed(state, stream, True)
+    assert int(emissions.count) == 3
+    stacked = emissions.stacked(5)
+    by_vmap = jax.vmap(emissions.batch)(jnp.arange(5))
+    chex.assert_trees_all_equal(stacked.valid_mask, by_vmap.valid_mask)
+    chex.assert_trees_all_equal(slots(stacked, 3), slots(by_vmap, 3))
+    assert not np.asarray(emissions.batch(jnp.int32(3)).valid_mask).any()
 
 
 # --------------------------------------------------------------------------- resume
@@ -383,15 +420,14 @@ def test_step_flush_and_feed_trace_once_per_shape():
     stream = make_stream("element", 8, 0)
     step = jax.jit(chex.assert_max_traces(batcher.step, n=1))
     flush = jax.jit(chex.assert_max_traces(batcher.flush, n=1))
-    feed = jax.jit(chex.assert_max_traces(lambda s, e, c: batcher.feed(s, e, append, c), n=1))
+    feed = jax.jit(chex.assert_max_traces(lambda s, e: batcher.feed(s, e)[0], n=1))
     state = batcher.init(row_spec(stream))
-    carry = empty_slots(batcher, row_spec(stream), 3)
     for element in ref.unstack(stream):  # new values, same shapes: no retrace
         state, _ = step(state, element)
     for _ in range(2):
         state, _ = flush(state)
     for seed in (1, 2):
-        state, _ = feed(state, make_stream("element", 8, seed), carry)
+        state = feed(state, make_stream("element", 8, seed))
     # The check does see a new shape (so the passes above mean something).
     other = {"x": jnp.zeros(2)}
     with pytest.raises(AssertionError, match="traced > 1"):
@@ -471,11 +507,8 @@ def test_bad_element_raises_type_error_naming_the_leaf(use_jit, case):
 
     # The bulk path checks the same, naming `elements[i]`.
     stacked = jax.tree.map(lambda x: jnp.stack([x, x, x]), bad)
-    feed = functools.partial(
-        batcher.feed, fn=append, carry=empty_slots(batcher, _good_element(), 2)
-    )
     with pytest.raises(TypeError) as info:
-        (jax.jit(feed) if use_jit else feed)(state, stacked)
+        (jax.jit(batcher.feed) if use_jit else batcher.feed)(state, stacked)
     assert all(w in str(info.value) for w in words), str(info.value)
     assert "elements[i]" in str(info.value)
 
@@ -522,9 +555,9 @@ def test_batch_spec_is_the_shape_of_every_emit(kind, drop_remainder):
 def test_factory_result_is_a_batcher_with_feed():
     batcher = jb.fixed_size(4)
     assert isinstance(batcher, jb.Batcher)
-    assert batcher.feed is not None and jb.feed_of(batcher) is batcher.feed
+    assert isinstance(batcher.feed, jb.FeedFn)
     generic = jb.Batcher(batcher.init, batcher.step, batcher.flush)
-    assert jb.feed_of(generic) is not None and generic.feed is None
+    assert generic.feed is None
     assert dataclasses.is_dataclass(batcher.init(_good_element()))
 
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, PyTree, UInt32
+from jaxtyping import Array, ArrayLike, Bool, Int, PyTree, UInt32
 
 from .batch import Batch
 
@@ -64,21 +64,51 @@ class FlushFn(Protocol):
     def __call__(self, state: State) -> tuple[State, Emit]: ...
 
 
+class Emissions(NamedTuple):
+    """The ready batches of one bulk `feed` call: counted and described, not yet built.
+
+    The bulk path plans on small scalars (counts, lengths) how many batches it emits and
+    where each row of batch `k` comes from; the driver then builds the batches where it
+    needs them. That is how every driver program calls the consumer at exactly one site:
+    `fori_loop(0, count, lambda k, c: fn(c, batch(k)))` in `scan`, `vmap(batch)` (or
+    `stacked`) in `batch_all`.
+
+    Attributes:
+        count: scalar int32, the number of ready batches, in emission order.
+        batch: `batch(k) -> Batch` for a scalar int32 `k`: ready batch `k` for
+            `0 <= k < count`, exactly what `step` / `flush` would have emitted. For
+            `k >= count` it must still be safe to call (any data) and its `valid_mask` must be
+            all False. It must work under `vmap` over `k`.
+        stacked: optional `stacked(capacity) -> Batch` with leaves `[capacity, ...]`: batches
+            `0 .. capacity-1` at once, when the batcher can build them all in one pass (for
+            `fixed_size`, one pad-and-reshape of the stream). Slot `k` equals `batch(k)` for
+            `k < count`; the driver masks the slots at or past `count`. When None the drivers
+            use `jax.vmap(batch)`.
+    """
+
+    count: Int[Array, ""]
+    batch: Callable[[Int[Array, ""]], Batch]
+    stacked: Callable[[int], Batch] | None = None
+
+
 @runtime_checkable
 class FeedFn(Protocol):
-    """`feed(state, elements, fn, carry) -> (state, carry)`: the bulk path.
+    """`feed(state, elements, flush=False) -> (state, Emissions)`: the bulk path.
 
-    `elements` is a stack of elements (leading axis). For every batch that becomes ready, in
-    order, `carry = fn(carry, batch)`. The batches passed to `fn`, their order, the final
-    count of buffered elements and the `Stats` are exactly those of calling `step` on each
-    element in turn (buffer rows that are unspecified may differ). A batcher provides its
-    own `feed` to move payload in bulk: decide on small scalars, then slice or copy whole
-    runs of rows instead of one row per step.
+    `elements` is a stack of elements (leading axis); `flush` is a static Python bool: when
+    True, the call also drains the batcher as repeated `flush` calls would. The batches that
+    `Emissions` describes, their order, the state's buffered count and its `Stats` are
+    exactly those of calling `step` on each element in turn (then `flush` until it emits
+    nothing, if `flush`); buffer rows that are unspecified may differ.
+
+    A bulk path never calls the consumer: it returns `Emissions`, and the driver calls the
+    consumer at one site for every batch. Decide on small scalars first, then move payload
+    with slices and gathers (DESIGN.md, "Plan on metadata, then gather").
     """
 
     def __call__(
-        self, state: State, elements: Any, fn: Callable[[Carry, Batch], Carry], carry: Carry
-    ) -> tuple[State, Carry]: ...
+        self, state: State, elements: Any, flush: bool = False
+    ) -> tuple[State, Emissions]: ...
 
 
 class Batcher(NamedTuple):
@@ -88,8 +118,8 @@ class Batcher(NamedTuple):
         init: `InitFn`, builds the state from an element spec (and a key if stochastic).
         step: `StepFn`, one element in, at most one batch out.
         flush: `FlushFn`, end of stream: at most one batch out per call.
-        feed: optional `FeedFn`, many elements in, `fn` called on each ready batch. When
-            None, `feed_of` derives it from `step` (one `lax.scan` step per element).
+        feed: optional `FeedFn`, the bulk path: many elements in, their ready batches
+            described as `Emissions`. When None, the drivers step one element at a time.
 
     The state comes first, so `jax.lax.scan(batcher.step, state, elements)` needs no lambda.
 
@@ -247,62 +277,6 @@ def when_ready(emit: Emit, fn: Callable[[Carry, Batch], Carry], carry: Carry) ->
         Array(0., dtype=float32)
     """
     return jax.lax.cond(emit.ready, fn, lambda c, _: c, carry, emit.batch)
-
-
-def feed_by_step(step: StepFn) -> FeedFn:
-    """The generic `feed`: one `lax.scan` step per element, `fn` under `when_ready`.
-
-    Examples:
-        >>> import jax.numpy as jnp
-        >>> import jaxbatch as jb
-        >>> batcher = jb.fixed_size(2)
-        >>> feed = jb.feed_by_step(batcher.step)
-        >>> state = batcher.init({"x": jnp.zeros(())})
-        >>> count = lambda n, batch: n + 1
-        >>> state, n = feed(state, {"x": jnp.arange(5.0)}, count, jnp.int32(0))
-        >>> int(n), int(state.count)
-        (2, 1)
-    """
-
-    def feed_fn(state, elements, fn, carry):
-        def body(c, element):
-            state, carry = c
-            state, emit = step(state, element)
-            return (state, when_ready(emit, fn, carry)), None
-
-        (state, carry), _ = jax.lax.scan(body, (state, carry), elements)
-        return state, carry
-
-    return feed_fn
-
-
-def feed_of(batcher: Batcher) -> FeedFn:
-    """`batcher.feed` if it has one, else `feed_by_step(batcher.step)`."""
-    return batcher.feed if batcher.feed is not None else feed_by_step(batcher.step)
-
-
-def drain(
-    batcher: Batcher, state: State, fn: Callable[[Carry, Batch], Carry], carry: Carry
-) -> tuple[State, Carry]:
-    """Call `flush` until it emits nothing, passing every ready batch to `fn`.
-
-    Examples:
-        >>> import jax.numpy as jnp
-        >>> import jaxbatch as jb
-        >>> batcher = jb.fixed_size(4)
-        >>> state, _ = batcher.step(batcher.init({"x": jnp.zeros(())}), {"x": jnp.ones(())})
-        >>> state, valid = jb.drain(batcher, state, lambda n, b: n + b.num_valid, jnp.int32(0))
-        >>> int(valid), int(state.count)
-        (1, 0)
-    """
-
-    def body(c):
-        state, carry, _ = c
-        state, emit = batcher.flush(state)
-        return state, when_ready(emit, fn, carry), emit.ready
-
-    state, carry, _ = jax.lax.while_loop(lambda c: c[2], body, (state, carry, jnp.array(True)))
-    return state, carry
 
 
 # --------------------------------------------------------------------------- helpers

@@ -4,7 +4,9 @@
 * `batch_all` materialise every batch (tests, small data).
 * `iterate`   host streaming from any Python iterable, resumable exactly.
 
-All three go through the batcher's bulk `feed` (`feed_of`) and drain `flush` at the end.
+All three go through `consume` (the consumer at one call site) or `collect` (batches
+materialised, written once), which use the batcher's bulk `feed` when it has one and step
+one element at a time when it does not; the end-of-stream drain is part of the same loop.
 The jitted cores take the batcher and consumer as static arguments, so calling a driver
 again with new values of the same shapes never retraces; build batchers and consumers once.
 """
@@ -22,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int, PyTree
 
-from .base import Batcher, Carry, Counter, State, drain, feed_of, row_spec, stack_spec
-from .batch import Batch
+from .base import Batcher, Carry, Counter, State, row_spec, stack_spec, when_ready
+from .batch import Batch, rows_mask
 from .element import Element, as_element
 from .spec import batch_spec, check_against_spec, tree_spec
 
@@ -35,13 +37,167 @@ def _num_rows(elements: Element) -> int:
     return jnp.shape(leaves[0])[0]
 
 
+# --------------------------------------------------------------------------- the one call site
+
+
+def _by_step(batcher: Batcher, state: State, elements: Element, flush: bool, fn, carry):
+    """Step one element at a time (then flush until nothing is ready, if `flush`), passing
+    each ready batch to `fn`: one loop whose body calls `fn` once."""
+    n = _num_rows(elements)
+
+    def feed_one(state, i):
+        return batcher.step(state, jax.tree.map(lambda x: x[i], elements))
+
+    if not flush:
+        if not n:
+            return state, carry
+
+        def body(c, i):
+            state, carry = c
+            state, emit = feed_one(state, i)
+            return (state, when_ready(emit, fn, carry)), None
+
+        (state, carry), _ = jax.lax.scan(body, (state, carry), jnp.arange(n))
+        return state, carry
+
+    def body(c):
+        i, state, carry, _ = c
+        if n:
+            state, emit = jax.lax.cond(
+                i < n, feed_one, lambda s, _: batcher.flush(s), state, jnp.minimum(i, n - 1)
+            )
+        else:
+            state, emit = batcher.flush(state)
+        # Go on while elements remain, and after them while `flush` still emits.
+        go = (i < n) | emit.ready
+        return i + 1, state, when_ready(emit, fn, carry), go
+
+    start = (jnp.zeros((), jnp.int32), state, carry, jnp.array(True))
+    _, state, carry, _ = jax.lax.while_loop(lambda c: c[3], body, start)
+    return state, carry
+
+
+def consume(
+    batcher: Batcher,
+    state: State,
+    elements: Any,
+    fn: Callable[[Carry, Batch], Carry],
+    carry: Carry,
+    *,
+    flush: bool = False,
+) -> tuple[State, Carry]:
+    """Feed a stack of elements to a batcher and run `carry = fn(carry, batch)` on every
+    ready batch, in order: the un-jitted core of `scan`, for use inside your own `jit`.
+
+    `fn` is called at exactly **one** site of the traced program, whatever the batcher, so
+    a train step is compiled once. With a bulk `feed`, the batcher describes its batches
+    (`Emissions`) and one `fori_loop` builds and consumes them; without one, one loop steps
+    each element (and, if `flush`, flushes until nothing is ready) with `fn` under
+    `lax.cond`.
+
+    Args:
+        batcher: the batcher.
+        state: its state.
+        elements: elements stacked along a leading axis (an `Element` or a PyTree).
+        fn: the consumer.
+        carry: the consumer's initial carry.
+        flush: drain the batcher after the last element (end of stream).
+
+    Returns:
+        `(state, carry)`.
+
+    Examples:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.fixed_size(2)
+        >>> state = batcher.init({"x": jnp.zeros(())})
+        >>> count = lambda n, batch: n + 1
+        >>> run = jax.jit(lambda s, e: jb.consume(batcher, s, e, count, jnp.int32(0)))
+        >>> state, n = run(state, {"x": jnp.arange(5.0)})
+        >>> int(n), int(state.count)
+        (2, 1)
+    """
+    elements = as_element(elements)
+    if batcher.feed is None:
+        return _by_step(batcher, state, elements, flush, fn, carry)
+    state, emissions = batcher.feed(state, elements, flush)
+    carry = jax.lax.fori_loop(0, emissions.count, lambda k, c: fn(c, emissions.batch(k)), carry)
+    return state, carry
+
+
+def drain(
+    batcher: Batcher, state: State, fn: Callable[[Carry, Batch], Carry], carry: Carry
+) -> tuple[State, Carry]:
+    """Call `flush` until it emits nothing, passing every ready batch to `fn` (one site).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.fixed_size(4)
+        >>> state, _ = batcher.step(batcher.init({"x": jnp.zeros(())}), {"x": jnp.ones(())})
+        >>> state, valid = jb.drain(batcher, state, lambda n, b: n + b.num_valid, jnp.int32(0))
+        >>> int(valid), int(state.count)
+        (1, 0)
+    """
+
+    def body(c):
+        state, carry, _ = c
+        state, emit = batcher.flush(state)
+        return state, when_ready(emit, fn, carry), emit.ready
+
+    state, carry, _ = jax.lax.while_loop(lambda c: c[2], body, (state, carry, jnp.array(True)))
+    return state, carry
+
+
+def collect(
+    batcher: Batcher, state: State, elements: Any, capacity: int, *, flush: bool = False
+) -> tuple[State, Batch, Int[Array, ""]]:
+    """Feed a stack of elements and return every ready batch, stacked: `consume` that
+    materialises, for `batch_all` and `iterate` (call it inside `jit`).
+
+    With a bulk `feed` the batches are written once, by `Emissions.stacked` or
+    `jax.vmap(Emissions.batch)`; without one, each ready batch is written into its slot.
+
+    Returns:
+        `(state, batches, count)`: leaves `[capacity, ...]`; slots at or past `count` have an
+        all-False `valid_mask` (their data is unspecified). Batches past `capacity` are
+        counted in `count` but not stored: the caller checks `count <= capacity`.
+    """
+    elements = as_element(elements)
+    slots = jnp.arange(capacity)
+    if batcher.feed is not None:
+        state, emissions = batcher.feed(state, elements, flush)
+        if emissions.stacked is not None:
+            out = emissions.stacked(capacity)
+        else:
+            out = jax.vmap(emissions.batch)(slots)
+        count = emissions.count
+    else:
+        spec = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, state, row_spec(elements))
+        out = stack_spec(spec, capacity)
+
+        def write(c, batch):
+            out, count = c
+            if capacity:  # past `capacity` the caller raises, so the clamped write is never seen
+                slot = jnp.minimum(count, capacity - 1)
+                out = jax.tree.map(
+                    lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, slot, 0), out, batch
+                )
+            return out, count + 1
+
+        state, (out, count) = _by_step(
+            batcher, state, elements, flush, write, (out, jnp.zeros((), jnp.int32))
+        )
+    mask = out.valid_mask & rows_mask(slots < count, out.valid_mask)
+    return state, eqx.tree_at(lambda b: b.valid_mask, out, mask), count
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 6))
 def _scan(batcher, fn, carry, elements, state, key, flush):
     if state is None:
         state = batcher.init(row_spec(elements), key=key)
-    state, carry = feed_of(batcher)(state, elements, fn, carry)
-    if flush:
-        state, carry = drain(batcher, state, fn, carry)
+    state, carry = consume(batcher, state, elements, fn, carry, flush=flush)
     return carry, state
 
 
@@ -99,27 +255,6 @@ def scan(
 # --------------------------------------------------------------------------- collecting
 
 
-def _collect(batcher, state, elements, out, flush):
-    """Feed `elements`, writing each ready batch into slot `count` of `out`."""
-    capacity = out.valid_mask.shape[0]
-
-    def write(c, batch):
-        out, count = c
-        if capacity:  # past `capacity` the caller raises, so the clamped write is never seen
-            slot = jnp.minimum(count, capacity - 1)
-            out = jax.tree.map(
-                lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, slot, 0), out, batch
-            )
-        return out, count + 1
-
-    c = (out, jnp.zeros((), jnp.int32))
-    state, c = feed_of(batcher)(state, elements, write, c)
-    if flush:
-        state, c = drain(batcher, state, write, c)
-    out, count = c
-    return state, out, count
-
-
 def _check_room(count: Array, capacity: int, argument: str) -> Array:
     """Raise if the stream needed more than `capacity` batch slots (counted, not written)."""
     message = (
@@ -135,9 +270,8 @@ def _check_room(count: Array, capacity: int, argument: str) -> Array:
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _batch_all(batcher, elements, key, capacity):
-    spec = row_spec(elements)
-    out = stack_spec(batch_spec(batcher, spec, key=key), capacity)
-    _, out, count = _collect(batcher, batcher.init(spec, key=key), elements, out, True)
+    state = batcher.init(row_spec(elements), key=key)
+    _, out, count = collect(batcher, state, elements, capacity, flush=True)
     return out, count
 
 
@@ -156,7 +290,8 @@ def batch_all(
 
     Returns:
         `(batches, count)`: a `Batch` whose leaves are `[max_batches, batch_size, ...]`
-        (slots past `count` are zero with an all-False mask) and the number of real batches.
+        (slots past `count` have an all-False mask and unspecified data) and the number of
+        real batches.
 
     Raises:
         ValueError: `max_batches` negative or not an int, or the stream produced more than
@@ -198,9 +333,9 @@ class IterateCheckpoint(eqx.Module):
     skip: Int[Array, ""]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _feed_chunk(batcher, state, elements, flush, out):
-    return _collect(batcher, state, elements, out, flush)
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _feed_chunk(batcher, state, elements, flush, capacity):
+    return collect(batcher, state, elements, capacity, flush=flush)
 
 
 @jax.jit
@@ -222,7 +357,6 @@ class BatchIterator(Iterator[Batch]):
         self._position = 0 if resume is None else int(resume.position)
         self._skip = 0 if resume is None else int(resume.skip)
         self._first = self._spec = self._row_spec = None
-        self._out = None
         self._pending: collections.deque = collections.deque()
         self._next = None  # (state, position) once the current chunk is fully yielded
         self._done = False
@@ -281,10 +415,9 @@ class BatchIterator(Iterator[Batch]):
         batch = batch_spec(self._batcher, self._spec, key=self._key)
         if self._max_batches is None:
             self._max_batches = math.ceil(self._chunk_size / batch.batch_size) + 1
-        self._out = stack_spec(batch, self._max_batches)
 
     def _feed(self, state, rows, flush=False):
-        state, out, count = _feed_chunk(self._batcher, state, rows, flush, self._out)
+        state, out, count = _feed_chunk(self._batcher, state, rows, flush, self._max_batches)
         _check_room(count, self._max_batches, "max_batches_per_chunk")
         return state, _unstack(out)[: int(count)]
 

@@ -2,10 +2,12 @@
 
 Data flow (DESIGN.md): `step` writes the element into row `count` of the buffer in the
 carry (one in-place `dynamic_update_slice`) and emits the buffer the same step it fills.
-`flush` pads the partial buffer with `pad_value` (or drops it). `feed` is the bulk path:
-from `count` alone it works out which rows of the incoming stack complete the buffer, which
-form whole batches (handed to the consumer as slices of the stack, never copied into the
-buffer), and which are left over as the new buffer.
+`flush` pads the partial buffer with `pad_value` (or drops it). `feed` is the bulk path, a
+plan on scalars then a gather: from `count` alone, row `i` of batch `k` is stream position
+`k * batch_size + i - count` — a buffer row when negative, an incoming element, or padding
+past the end — so the driver builds any batch with one gather and a `where` (and
+`batch_all` all of them with one pad-and-reshape), and the last partial batch's rows
+become the new buffer.
 """
 
 from typing import Any
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from ..base import Batcher, Emit, Stats, feed_by_step, row_spec, stack_spec
+from ..base import Batcher, Emissions, Emit, Stats, row_spec, stack_spec
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -141,47 +143,81 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
         )
         return FixedSizeState(state.buffer, zero, stats), Emit(_as_batch(padded, rows), ready)
 
-    def feed_fn(state: FixedSizeState, elements: Any, fn, carry):
+    def feed_fn(
+        state: FixedSizeState, elements: Any, flush: bool = False
+    ) -> tuple[FixedSizeState, Emissions]:
         elements = as_element(elements)
         check_against_spec(row_spec(state.buffer), row_spec(elements), what="elements[i]")
         leaves = jax.tree.leaves(elements)
-        num = jnp.shape(leaves[0])[0] if leaves else 0
-        if num < batch_size:  # at most one batch: nothing to gain from slicing
-            return feed_by_step(step_fn)(state, elements, fn, carry)
+        n = jnp.shape(leaves[0])[0] if leaves else 0
+        # The plan, on scalars: the stream is the `r` buffered rows, then the `n` elements.
         r = state.count
-        first = (batch_size - r) % batch_size  # elements that complete the partial buffer
+        whole = (r + n) // batch_size  # full batches
+        tail = r + n - whole * batch_size  # rows of the partial batch after them
+        emit_tail = jnp.array(flush and not drop_remainder) & (tail > 0)
+        count = whole + emit_tail.astype(jnp.int32)
 
-        # 1. A partial buffer is completed by the first `batch_size - r` elements.
-        def emit_completed(carry):
-            take = jnp.arange(batch_size) >= r
-            rows = jax.tree.map(
-                lambda buf, x: jnp.where(
-                    rows_mask(take, buf), jnp.roll(x[:batch_size], r, axis=0), buf
-                ),
-                state.buffer,
-                elements,
-            )
-            return fn(carry, _as_batch(rows, all_valid))
+        def pick(position, buffer_rows, stream_rows):
+            """Row `i` comes from buffer row `i` if `position[i] < 0`, from the stream if it
+            is in `[0, n)`, else it is padding."""
 
-        carry = jax.lax.cond(r > 0, emit_completed, lambda c: c, carry)
+            def leaf(buf, x, mask_like):
+                pad = jnp.asarray(pad_value, x.dtype)
+                out = jnp.where(rows_mask(position >= n, mask_like), pad, stream_rows(x))
+                return jnp.where(rows_mask(position < 0, mask_like), buffer_rows(buf), out)
 
-        # 2. Whole batches go to the consumer as slices of the stack: no copy.
-        num_whole = (num - first) // batch_size
+            return jax.tree.map(lambda buf, x: leaf(buf, x, buf), state.buffer, elements)
 
-        def emit_slice(k, carry):
-            start = first + k * batch_size
-            rows = jax.tree.map(
-                lambda x: jax.lax.dynamic_slice_in_dim(x, start, batch_size, axis=0), elements
-            )
-            return fn(carry, _as_batch(rows, all_valid))
+        def rows_of_batch(k):
+            position = k * batch_size + jnp.arange(batch_size) - r  # stream position per row
+            index = jnp.clip(position, 0, max(n - 1, 0))
 
-        carry = jax.lax.fori_loop(0, num_whole, emit_slice, carry)
+            def take(x):  # no rows to take from an empty stack: any value (it is masked)
+                if not n:
+                    return jnp.zeros((batch_size, *x.shape[1:]), x.dtype)
+                return jnp.take(x, index, axis=0)
 
-        # 3. The last `tail` elements become the new buffer, in rows [0, tail).
-        tail = num - first - num_whole * batch_size
-        buffer = jax.tree.map(lambda x: jnp.roll(x[num - batch_size :], tail, axis=0), elements)
-        batches = (r > 0).astype(jnp.int32) + num_whole
-        stats = state.stats.add(accepted=num, batches=batches, emitted=batches * batch_size)
-        return FixedSizeState(buffer, tail, stats), carry
+            return pick(position, lambda buf: buf, take), position
+
+        def batch_fn(k):
+            rows, position = rows_of_batch(k)
+            return _as_batch(rows, (position < n) & (k < count))
+
+        def stacked_fn(capacity: int) -> Batch:
+            # One pad-and-reshape of the stream: slot k of the result is batch k. From an
+            # empty buffer (`r` a constant 0) XLA reduces it to a copy of the elements.
+            size = capacity * batch_size
+            position = jnp.arange(size) - r
+
+            def shifted(x):  # stream row `position[q]` at row q (pad where out of range)
+                padding = jnp.full((batch_size, *x.shape[1:]), pad_value, x.dtype)
+                after = jnp.full((size, *x.shape[1:]), pad_value, x.dtype)
+                whole_stream = jnp.concatenate([padding, x, after])
+                return jax.lax.dynamic_slice_in_dim(whole_stream, batch_size - r, size)
+
+            def front(buf):  # buffer row q at row q, for the rows q < r
+                rest = jnp.zeros((max(size - batch_size, 0), *buf.shape[1:]), buf.dtype)
+                return jnp.concatenate([buf, rest])[:size]
+
+            rows = pick(position, front, shifted)
+            slot = jnp.arange(size) // batch_size
+            flat = _as_batch(rows, (position < n) & (slot < count))
+            # tree.map, not Batch(...): the stacked mask is 2-D, one row per slot.
+            return jax.tree.map(lambda x: x.reshape(capacity, batch_size, *x.shape[1:]), flat)
+
+        # The partial batch's rows become the buffer (rows past `tail` hold padding); once
+        # drained they are unspecified, but keeping them makes a split run's state equal an
+        # unsplit one's bit for bit.
+        buffer = rows_of_batch(whole)[0]
+        left = jnp.zeros((), jnp.int32) if flush else tail
+        stats = state.stats.add(
+            accepted=n,
+            batches=count,
+            emitted=whole * batch_size + jnp.where(emit_tail, tail, 0),
+            padded=jnp.where(emit_tail, batch_size - tail, 0),
+            dropped=jnp.where(jnp.array(flush and drop_remainder), tail, 0),
+        )
+        emissions = Emissions(count=count, batch=batch_fn, stacked=stacked_fn)
+        return FixedSizeState(buffer, left, stats), emissions
 
     return Batcher(init=init_fn, step=step_fn, flush=flush_fn, feed=feed_fn)
