@@ -161,8 +161,10 @@ def collect(
 
     Returns:
         `(state, batches, count)`: leaves `[capacity, ...]`; slots at or past `count` have an
-        all-False `valid_mask` (their data is unspecified). Batches past `capacity` are
-        counted in `count` but not stored: the caller checks `count <= capacity`.
+        all-False `valid_mask` (their data is unspecified). `batches` is what the batcher's
+        `Emit.batch` is, stacked: a `Batch`, or a tree of them (every mask is handled).
+        Batches past `capacity` are counted in `count` but not stored: the caller checks
+        `count <= capacity`.
     """
     elements = as_element(elements)
     slots = jnp.arange(capacity)
@@ -189,8 +191,19 @@ def collect(
         state, (out, count) = _by_step(
             batcher, state, elements, flush, write, (out, jnp.zeros((), jnp.int32))
         )
-    mask = out.valid_mask & rows_mask(slots < count, out.valid_mask)
-    return state, eqx.tree_at(lambda b: b.valid_mask, out, mask), count
+    return state, _mask_slots(out, slots < count), count
+
+
+def _mask_slots(out: Any, keep: Array) -> Any:
+    """Every `Batch` in `out` (stacked `[capacity, ...]`) with its rows masked off in the
+    slots where `keep` is False. A tree, for batchers that emit one batch per shape."""
+
+    def mask(b):
+        if not isinstance(b, Batch):
+            return b
+        return eqx.tree_at(lambda b: b.valid_mask, b, b.valid_mask & rows_mask(keep, b.valid_mask))
+
+    return jax.tree.map(mask, out, is_leaf=lambda x: isinstance(x, Batch))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 6))

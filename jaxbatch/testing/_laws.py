@@ -1,7 +1,8 @@
 """`check_batcher`: the batcher laws of DESIGN.md as one check anyone can run.
 
 The check runs the batcher over a small stream along every path a user can take (an
-un-jitted step loop, `jax.jit`, `lax.scan`, `jb.batch_all`, the bulk `feed`, a resumed run,
+un-jitted step loop, `jax.jit`, `lax.scan`, `jb.batch_all`, the bulk path (`jb.consume`,
+`jb.collect`), `jb.scan` with a trace-counting consumer, a resumed run,
 `vmap` over two streams) and compares everything against the un-jitted step loop, which is
 itself checked against the laws. Elements are followed by value: each valid row of a ready
 batch is matched to the input row it came from, so a lost, duplicated, invented or reordered
@@ -20,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._src.base import Batcher, Counter, Stats, feed_of, row_spec
+from .._src.base import Batcher, Counter, Stats, row_spec
 from .._src.batch import Batch
 from .._src.checkpoint import load_state, save_state
-from .._src.drivers import batch_all
+from .._src.drivers import batch_all, collect, consume, scan
 from .._src.element import Element, as_element
 from .._src.spec import batch_spec
 
@@ -547,21 +548,28 @@ class _Checker:
                 )
 
     def check_feed(self, states: list, want: list[_Record]) -> None:
-        """Law 1 for the bulk path: `feed_of(batcher)` from a partly filled state.
-
-        `batch_all` fed the whole stream from `init`; here the first elements are stepped
-        (`states[split]` of the jitted run) and the rest fed in one call, then drained.
-        """
-        feed = feed_of(self.batcher)
+        """Law 1 for the bulk path, from a partly filled state (`states[split]` of the jitted
+        run): the rest of the stream through `jb.consume` (the consumer at its one site)
+        and `jb.collect` (materialised), without the end-of-stream drain and with it."""
         split = _split_at(self.n, self.batch_size)
-        want_steps = want[split : self.n]
-        want_ready = [r for r in want_steps if r.ready]
+        for flush in (False, True):
+            self._check_feed_from(states[split], split, flush, want)
+
+    def _check_feed_from(self, start: Any, split: int, flush: bool, want: list[_Record]) -> None:
+        rest = jax.tree.map(lambda x: x[split:], self.elements)
+        path = "the bulk `feed`" if self.batcher.feed is not None else "the step loop"
+        upto = len(want) if flush else self.n
+        want_ready = [r for r in want[split:upto] if r.ready]
         room = len(want_ready) + 1
+        what = (
+            f"`jb.consume` / `jb.collect` ({path}) on elements[{split}:] after {split} "
+            f"steps, flush={flush}"
+        )
 
         def write(carry, batch):
             difference = self._spec_difference(batch)
             if difference:
-                _fail(2, f"`feed` passed `fn` a batch that differs from its spec: {difference}.")
+                _fail(2, f"{what} passed the consumer a batch unlike its spec: {difference}.")
             out, count = carry
             slot = jnp.minimum(count, room - 1)
             out = jax.tree.map(
@@ -569,38 +577,92 @@ class _Checker:
             )
             return out, count + 1
 
-        carry = (
-            jax.tree.map(lambda s: jnp.zeros((room, *s.shape), s.dtype), self.expected),
-            jnp.zeros((), jnp.int32),
-        )
-        rest = jax.tree.map(lambda x: x[split:], self.elements)
-        what = f"`jb.feed_of(batcher)` on elements[{split}:] after {split} steps"
+        def run(state, elements):
+            carry = (
+                jax.tree.map(lambda s: jnp.zeros((room, *s.shape), s.dtype), self.expected),
+                jnp.zeros((), jnp.int32),
+            )
+            consumed = consume(self.batcher, state, elements, write, carry, flush=flush)
+            return consumed, collect(self.batcher, state, elements, room, flush=flush)
+
         try:
-            state, carry = jax.jit(lambda s, e, c: feed(s, e, write, c))(states[split], rest, carry)
+            consumed, collected = jax.device_get(jax.jit(run)(start, rest))
         except AssertionError:
             raise
         except Exception as e:
             _fail(1, f"{what} failed: {e}")
-        out, count = jax.device_get(carry)
-        if int(count) != len(want_ready):
+        (state, (out, count)), (state_c, stacked, count_c) = consumed, collected
+        if int(count) != len(want_ready) or int(count_c) != len(want_ready):
             _fail(
                 1,
-                f"{what} passed {int(count)} batches to `fn`, the step loop emitted "
-                f"{len(want_ready)}.",
+                f"{what}: `consume` passed {int(count)} batches to the consumer and "
+                f"`collect` counted {int(count_c)}; the step loop emitted {len(want_ready)}.",
             )
+        if np.asarray(stacked.valid_mask)[len(want_ready) :].any():
+            _fail(4, f"{what}: `collect` left valid rows in a slot past its count.")
         for k, w in enumerate(want_ready):
-            difference = _difference(jax.tree.map(lambda x, k=k: x[k], out), w.batch)
-            if difference:
-                _fail(1, f"batch {k} ({w.where}), {what} vs the step loop: {difference}.")
-        stats = _read_stats(state)
-        if stats != want[self.n - 1].stats:
+            for name, got in (("consume", out), ("collect", stacked)):
+                difference = _difference(jax.tree.map(lambda x, k=k: x[k], got), w.batch)
+                if difference:
+                    _fail(
+                        1,
+                        f"batch {k} ({w.where} in the step loop), {what} ({name}) vs the "
+                        f"step loop: {difference}.",
+                    )
+        want_stats = want[upto - 1].stats
+        for name, got in (("consume", state), ("collect", state_c)):
+            if _read_stats(got) != want_stats:
+                _fail(
+                    1,
+                    f"the Stats after {what} ({name}) differ from the step loop: "
+                    f"{_stats_difference(_read_stats(got), want_stats)}.",
+                )
+        if not flush:
+            got = self.drain(self.functions()[1], state, "after consume")
+            self.compare(1, got, want[self.n :], f"draining after {what}", "the step loop")
+
+    def check_consumer_traces(self) -> None:
+        """The one-call-site rule: each `jb.scan` program traces the consumer once, and a
+        stream continued from the state `scan` returned reuses that program (no retrace)."""
+        traces = {"flushed": 0, "continued": 0}
+
+        def consumer(name):
+            def fn(carry, batch):
+                traces[name] += 1
+                return carry + jnp.sum(batch.valid_mask.astype(jnp.int32))
+
+            return fn
+
+        half = self.n // 2
+        first, second = (
+            jax.tree.map(lambda x, a=a: x[a : a + half], self.elements) for a in (0, half)
+        )
+        zero = jnp.zeros((), jnp.int32)
+        try:
+            scan(self.batcher, consumer("flushed"), zero, self.elements, key=self.key)
+            continued = consumer("continued")
+            _, state = scan(self.batcher, continued, zero, first, state=self.init(), flush=False)
+            scan(self.batcher, continued, zero, second, state=state, flush=False)
+        except AssertionError:
+            raise
+        except Exception as e:
+            _fail(1, f"`jb.scan` failed: {e}")
+        if traces["flushed"] != 1:
             _fail(
-                1,
-                f"after the stream, the Stats of {what} differ from the step loop: "
-                f"{_stats_difference(stats, want[self.n - 1].stats)}.",
+                2,
+                f"`jb.scan` traced the consumer {traces['flushed']} times in one program; the "
+                "consumer (a user's train step) must be compiled once: a bulk `feed` describes "
+                "its batches as `jb.Emissions` and the driver calls the consumer at one site.",
             )
-        got = self.drain(self.functions()[1], state, "after feed")
-        self.compare(1, got, want[self.n :], f"draining after {what}", "the step loop")
+        if traces["continued"] != 1:
+            _fail(
+                2,
+                f"continuing a stream with `jb.scan(..., state=state, flush=False)` on a chunk "
+                f"of the same shape traced the consumer {traces['continued']} times (once is "
+                "right): the state that `feed` or `step` returns differs from `init`'s in tree "
+                "structure, dtype or weak type, so the whole program (and the train step in "
+                "it) is compiled again for every chunk.",
+            )
 
     def check_resume(self, steps: Sequence[int], states: list, want: list[_Record]) -> None:
         """Law 6: save at step t, load into a fresh template, continue: identical output."""
@@ -776,8 +838,12 @@ def check_batcher(
     ready, masks and `Stats` always):
 
     * Law 1: `jax.jit(step)` and `jax.jit(flush)` (and law 2: each traces once for the whole
-      stream), `jax.lax.scan(step)`, `jb.batch_all`, `jb.feed_of(batcher)` over two chunks,
-      and `jax.vmap` over the stream and its reverse (against two separate runs).
+      stream), `jax.lax.scan(step)`, `jb.batch_all`, and `jax.vmap` over the stream and its
+      reverse (against two separate runs). From a state part-way through the stream, the
+      rest through `jb.consume` and `jb.collect` (the bulk `feed` if the batcher has one,
+      else the step loop), with and without the end-of-stream flush.
+    * The one-call-site rule: `jb.scan` traces the consumer exactly once per program, and
+      continuing a stream from the state it returned (same chunk shape) does not retrace.
     * Law 6: at each of `resume_steps`, the state is saved with `jb.save_state`, loaded with
       `jb.load_state` into a template from `jax.eval_shape(init)`, and the run continued.
     * Law 7: a run whose `Stats` counters all start at `2**32 - 2` emits the same and ends
@@ -803,7 +869,8 @@ def check_batcher(
             flush (`0..n`), an int for that many points spread over `0..n`, or a sequence
             of steps.
         check_vmap: run the `vmap` check.
-        check_jit: run the jitted paths (`jit`, one trace, `scan`, `batch_all`, `feed`);
+        check_jit: run the jitted paths (`jit`, one trace, `scan`, `batch_all`, `feed`, the
+            consumer traces);
             resume, counter and `vmap` runs then step without `jit`.
         check_bad_input: run the law 8 check.
         max_flushes: the most `flush` calls a drain may take.
@@ -879,7 +946,8 @@ def check_batcher(
         checker.check_scan(baseline)
         checker.check_batch_all(baseline)
         checker.check_feed(states, baseline)
-        checks += ["jit", "one trace", "scan", "batch_all", "feed"]
+        checker.check_consumer_traces()
+        checks += ["jit", "one trace", "scan", "batch_all", "feed", "consumer traced once"]
     if resume_at:
         checker.check_resume(resume_at, states, run)
         checks.append("resume")
