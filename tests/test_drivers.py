@@ -1,8 +1,11 @@
 """The drivers `scan`, `batch_all` and `iterate` with `fixed_size`: against the reference,
 exact resume of `iterate`, one trace per shape, errors, and a training loop that converges."""
 
+import collections
 import functools
+import importlib.util
 import math
+import pathlib
 
 import chex
 import jax
@@ -24,6 +27,8 @@ from reference import (
 )
 
 import jaxbatch as jb
+
+EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 
 configs = st.fixed_dictionaries(
     {
@@ -356,3 +361,52 @@ def test_vmap_of_scan_with_different_fill_levels_equals_separate_runs():
     for lane in range(2):
         alone = run(xs[lane], fills[lane])
         chex.assert_trees_all_equal(jax.tree.map(lambda x, k=lane: x[k], together), alone)
+
+
+# --------------------------------------------------------------------------- one call site
+
+
+def _every_other():
+    spec = importlib.util.spec_from_file_location("custom_batcher", EXAMPLES / "custom_batcher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.every_other(3)
+
+
+ONE_SITE_BATCHERS = {
+    "fixed_size (bulk feed)": lambda: jb.fixed_size(3),
+    "fixed_size (stepped)": lambda: jb.fixed_size(3, drop_remainder=True)._replace(feed=None),
+    "every_other (user's, stepped)": _every_other,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_SITE_BATCHERS))
+def test_every_driver_program_traces_the_consumer_once(name):
+    batcher = ONE_SITE_BATCHERS[name]()
+    traces = collections.Counter()
+
+    def consumer(program):
+        def fn(total, batch):
+            traces[program] += 1
+            return total + jnp.sum(jnp.where(batch.valid_mask, batch.data["i"][:, 0], 0))
+
+        return fn
+
+    stream = make_stream("dict", 10, 1)
+    spec = row_spec(stream)
+    zero = jnp.int32(0)
+    flushed = consumer("scan")
+    for seed in (1, 2):  # new values: no retrace either
+        jb.scan(batcher, flushed, zero, make_stream("dict", 10, seed))
+    continued = consumer("scan, flush=False, continued")
+    _, state = jb.scan(batcher, continued, zero, stream, state=batcher.init(spec), flush=False)
+    jb.scan(batcher, continued, zero, make_stream("dict", 10, 3), state=state, flush=False)
+    inner = consumer("consume in the user's jit")
+    jax.jit(lambda s, e: jb.consume(batcher, s, e, inner, zero, flush=True))(
+        batcher.init(spec), stream
+    )
+    assert dict(traces) == {
+        "scan": 1,
+        "scan, flush=False, continued": 1,
+        "consume in the user's jit": 1,
+    }

@@ -9,6 +9,7 @@ import pathlib
 import runpy
 import subprocess
 import sys
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -352,3 +353,49 @@ def test_import_jaxbatch_does_not_import_hypothesis():
         "assert 'hypothesis' not in sys.modules, 'hypothesis imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _LastFed(eqx.Module):
+    """`fixed_size`'s state plus the size of the last chunk `feed` took: None until then."""
+
+    inner: jb.FixedSizeState
+    last_fed: Any
+
+    @property
+    def stats(self):
+        return self.inner.stats
+
+
+def test_a_bulk_feed_whose_state_drifts_recompiles_the_consumer():
+    # The batches are right, but the state `feed` returns has another tree structure than
+    # `init`'s (None became an array): every chunk of a continued stream recompiles the
+    # program, train step included.
+    def init(spec, key=None):
+        return _LastFed(BASE.init(spec), None)
+
+    def step(state, element):
+        inner, emit = BASE.step(state.inner, element)
+        return _LastFed(inner, state.last_fed), emit
+
+    def flush(state):
+        inner, emit = BASE.flush(state.inner)
+        return _LastFed(inner, state.last_fed), emit
+
+    def feed(state, elements, flush=False):
+        inner, emissions = BASE.feed(state.inner, elements, flush)
+        return _LastFed(inner, jnp.int32(len(jax.tree.leaves(elements)[0]))), emissions
+
+    drifting = jb.Batcher(init, step, flush, feed)
+    with pytest.raises(AssertionError, match=r"Law 2 .*traced the consumer 2 times \(once is"):
+        check_batcher(drifting, STREAM, check_vmap=False, resume_steps=())
+
+
+def test_old_style_feed_that_calls_the_consumer_fails_loudly():
+    # A bulk path written against the old protocol, `feed(state, elements, fn, carry)`,
+    # calling the consumer at two sites: the protocol no longer hands it the consumer.
+    def feed(state, elements, fn, carry):
+        carry = fn(carry, BASE.step(state, jax.tree.map(lambda x: x[0], elements))[1].batch)
+        return state, fn(carry, BASE.flush(state)[1].batch)
+
+    with pytest.raises(AssertionError, match=r"bulk path .*`feed\(state, elements, flush"):
+        check_batcher(BASE._replace(feed=feed), STREAM, **QUICK)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._src.base import Batcher, Counter, Stats, row_spec
+from .._src.base import Batcher, Counter, Emissions, Stats, row_spec
 from .._src.batch import Batch
 from .._src.checkpoint import load_state, save_state
 from .._src.drivers import batch_all, collect, consume, scan
@@ -38,6 +38,7 @@ _LAWS = {
     7: "Law 7 (counters never wrap)",
     8: "Law 8 (loud on bad input)",
     0: "Reference",
+    9: "The bulk path's protocol",
 }
 _COUNTERS = tuple(f.name for f in dataclasses.fields(Stats))
 # Law 7: a second run starts every counter here, so counts cross the 32-bit boundary.
@@ -547,6 +548,34 @@ class _Checker:
                     f"step loop: {difference}.",
                 )
 
+    def check_feed_protocol(self) -> None:
+        """A bulk `feed` has the signature and return type of `jb.FeedFn` (checked on
+        shapes only, with `jax.eval_shape`)."""
+        if self.batcher.feed is None:
+            return
+        elements = jax.tree.map(lambda x: x[:2], self.elements)
+        returned = []
+
+        def probe(state, elements):  # shapes only; the Emissions never leave the trace
+            result = self.batcher.feed(state, elements, False)
+            returned.append(result[1] if isinstance(result, tuple) and len(result) == 2 else result)
+            return None
+
+        try:
+            jax.eval_shape(probe, self.init(), elements)
+            kind = returned[0]
+            problem = None if isinstance(kind, Emissions) else f"it returned {type(kind).__name__}"
+        except TypeError as e:
+            problem = f"calling it raised TypeError: {e}"
+        if problem is not None:
+            _fail(
+                9,
+                "the bulk path must be `feed(state, elements, flush=False) -> (state, "
+                f"jb.Emissions)` (got: {problem}). It never sees the consumer: it says how many "
+                "batches are ready and how to build batch k, and the driver calls the consumer "
+                "at one site, so a train step is compiled once. See `jb.FeedFn`.",
+            )
+
     def check_feed(self, states: list, want: list[_Record]) -> None:
         """Law 1 for the bulk path, from a partly filled state (`states[split]` of the jitted
         run): the rest of the stream through `jb.consume` (the consumer at its one site)
@@ -928,6 +957,7 @@ def check_batcher(
     checker = _Checker(batcher, elements, key, max_flushes)
     resume_at = _resume_points(resume_steps, checker.n)
     checks = ["shapes", "mask", "flush"]
+    checker.check_feed_protocol()
     baseline, states = checker.drive(
         batcher.step, batcher.flush, checker.init(), "without jit", keep_states=True
     )
