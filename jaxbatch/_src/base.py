@@ -1,9 +1,18 @@
-"""The batcher protocol: `Batcher`, its `init / step / flush / feed` functions, `Emit`, `Stats`.
+"""The batcher protocol: `Batcher`, its `init / step / flush / feed` functions, `Emit`,
+`Emissions`, `Stats`.
 
 A batcher is a `NamedTuple` of pure functions threading an explicit state, the way
 `optax.GradientTransformation` is. Everything a batcher knows lives in its state (an
 `eqx.Module`), so the state is also the checkpoint. Every state carries a `stats: Stats`
 field, the counters behind `operation_stats`.
+
+The one-call-site rule: a driver program calls the consumer (the user's train step, which
+XLA compiles once per call site) at exactly one place. So a batcher never calls it. `step`
+and `flush` return an `Emit`; the optional bulk path `feed` returns `Emissions`: how many
+batches are ready and how to build batch `k`, planned on small scalars. The drivers
+(`drivers.consume`) loop over `k` with the consumer at one site, and fold the end-of-stream
+drain into that same loop (`feed(..., flush=True)`, or one loop that steps, then flushes).
+`jaxbatch.testing.check_batcher` counts the consumer's traces to hold every batcher to it.
 """
 
 import dataclasses
