@@ -11,9 +11,10 @@ with the law that broke ("Law 4 (nothing lost, nothing invented): ...") and says
 """
 
 import dataclasses
+import functools
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
 
 import equinox as eqx
@@ -27,6 +28,7 @@ from .._src.checkpoint import load_state, save_state
 from .._src.drivers import batch_all, collect, consume, scan
 from .._src.element import Element, as_element
 from .._src.spec import batch_spec
+from ._packing import check_packed
 
 _LAWS = {
     1: "Law 1 (pure)",
@@ -165,7 +167,7 @@ def _split_at(n: int, batch_size: int) -> int:
 class _Checker:
     """The context of one `check_batcher` call: the stream, the specs, the runs."""
 
-    def __init__(self, batcher, elements, key, max_flushes):
+    def __init__(self, batcher, elements, key, max_flushes, lengths=None):
         self.batcher = batcher
         self.key = key
         self.max_flushes = max_flushes
@@ -189,7 +191,8 @@ class _Checker:
         self.expected = batch_spec(batcher, self.spec, key=key)
         self.batch_size = self.expected.valid_mask.shape[0]
         self.like = jax.eval_shape(lambda: batcher.init(self.spec, key=key))
-        self.input_keys = self._input_keys(host)
+        self.lengths = lengths
+        self.input_keys = None if lengths else self._input_keys(host)
         self.jitted = None
 
     def init(self) -> Any:
@@ -407,17 +410,20 @@ class _Checker:
             )
         return emitted
 
-    def check_counters(self, records: list[_Record]) -> None:
-        """Law 4: the Stats agree with what was seen, after every call."""
+    def check_counters(self, records: list[_Record], emitted: list[int] | None = None) -> None:
+        """Law 4: the Stats agree with what was seen, after every call. `emitted`: for
+        packed output, the sequences emitted so far after each record (else valid rows)."""
         seen = dict.fromkeys(_COUNTERS, 0)
         steps = 0
-        for record in records:
+        for i, record in enumerate(records):
             steps += record.where.startswith("step")
             if record.ready:
                 valid = int(np.asarray(record.batch.valid_mask).sum())
                 seen["batches"] += 1
                 seen["emitted"] += valid
                 seen["padded"] += record.batch.valid_mask.shape[0] - valid
+            if emitted is not None:
+                seen["emitted"] = emitted[i]
             stats = record.stats
             expected = {k: seen[k] for k in ("batches", "emitted", "padded")}
             got = {k: stats[k] for k in expected}
@@ -425,7 +431,8 @@ class _Checker:
                 _fail(
                     4,
                     f"after {record.where}, the Stats say {got} but the ready batches so far "
-                    f"hold {expected} (batches, valid rows, padding rows).",
+                    f"hold {expected} (batches, "
+                    f"{'sequences' if emitted is not None else 'valid rows'}, padding rows).",
                 )
             if stats["accepted"] + stats["skipped"] != steps:
                 _fail(
@@ -846,6 +853,8 @@ def check_batcher(
     check_jit: bool = True,
     check_bad_input: bool = True,
     max_flushes: int = 100,
+    lengths: Mapping[str, str] | None = None,
+    split_sequences: bool = False,
 ) -> CheckReport:
     """Check a batcher against the laws of jaxbatch on a small stream; raise if one breaks.
 
@@ -861,6 +870,16 @@ def check_batcher(
       agree with the batches seen (`batches`, `emitted`, `padded`, `accepted + skipped`), and
       once drained `accepted == emitted + dropped`.
     * Law 5 (if `fifo`): the valid rows come out in input order.
+
+    With `lengths` (packing batchers such as `jb.pack` and `jb.concat_and_split`), law 4
+    follows tokens instead of rows: each packed feature `k` comes out as `k`,
+    `k_segment_ids` and `k_positions`; rows must be well formed (segment ids 1, 2, ... then
+    0 padding; positions counting up within a segment, 0 on padding); every input sequence
+    (its first `length` tokens) comes out exactly once — whole in one segment, cut to the
+    row length if longer, or with `split_sequences=True` in order across rows, cut only
+    where a row ends — or is counted as skipped or dropped; the Stats' `emitted` counts the
+    sequences that came out whole. Law 5 (if `fifo`) then means every batch holds only
+    sequences that came after the previous batch's.
     * `reference` (if given): the ready batches equal its batches exactly (padding included).
 
     Then every other path must give the baseline's emissions bit for bit (whole batches when
@@ -903,6 +922,10 @@ def check_batcher(
             resume, counter and `vmap` runs then step without `jit`.
         check_bad_input: run the law 8 check.
         max_flushes: the most `flush` calls a drain may take.
+        lengths: for a packing batcher, `{packed feature: length leaf}` (keys of the
+            element's data dict): check conservation of tokens instead of rows.
+        split_sequences: with `lengths`, sequences may continue from one row to the next
+            (concat-and-split) instead of staying whole in one segment.
 
     Returns:
         A `CheckReport` of what ran and what the stream produced.
@@ -954,19 +977,34 @@ def check_batcher(
     if isinstance(max_flushes, bool) or not isinstance(max_flushes, int) or max_flushes < 1:
         raise ValueError(f"`max_flushes` must be a positive int, got {max_flushes!r}.")
 
-    checker = _Checker(batcher, elements, key, max_flushes)
+    if lengths is not None and (
+        not isinstance(lengths, Mapping)
+        or not lengths
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in lengths.items())
+    ):
+        raise ValueError(
+            "`lengths` must be a non-empty dict {packed feature: its length leaf}, both keys "
+            f"of the element's data, e.g. {{'tokens': 'length'}}; got {lengths!r}."
+        )
+    if not isinstance(split_sequences, bool):
+        raise ValueError(f"`split_sequences` must be a bool, got {split_sequences!r}.")
+    checker = _Checker(batcher, elements, key, max_flushes, lengths)
     resume_at = _resume_points(resume_steps, checker.n)
     checks = ["shapes", "mask", "flush"]
     checker.check_feed_protocol()
     baseline, states = checker.drive(
         batcher.step, batcher.flush, checker.init(), "without jit", keep_states=True
     )
-    emitted = checker.check_conservation(baseline)
-    checker.check_counters(baseline)
-    checks += ["conservation", "counters"]
-    if fifo:
-        checker.check_order(emitted)
-        checks.append("order")
+    if lengths is None:
+        emitted = checker.check_conservation(baseline)
+        checker.check_counters(baseline)
+        if fifo:
+            checker.check_order(emitted)
+    else:  # packed output: follow tokens, not rows
+        fail = functools.partial(_fail, 4)
+        sequences = check_packed(fail, baseline, checker.host_rows, lengths, split_sequences, fifo)
+        checker.check_counters(baseline, sequences)
+    checks += ["conservation", "counters"] + (["order"] if fifo else [])
     if reference is not None:
         checker.check_reference(baseline, reference)
         checks.append("reference")
