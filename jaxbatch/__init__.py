@@ -15,6 +15,13 @@ from ._src.base import (
     when_ready as when_ready,
 )
 from ._src.batch import Batch as Batch, create_batch_from_arrays as create_batch_from_arrays
+from ._src.batchers.bucket import (
+    Bucketed as Bucketed,
+    BucketState as BucketState,
+    bucket_by as bucket_by,
+    bucket_by_length as bucket_by_length,
+    by_bucket as by_bucket,
+)
 from ._src.batchers.fixed_size import FixedSizeState as FixedSizeState, fixed_size as fixed_size
 from ._src.checkpoint import load_state as load_state, save_state as save_state
 from ._src.drivers import (

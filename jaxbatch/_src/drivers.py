@@ -152,7 +152,7 @@ def drain(
 
 def collect(
     batcher: Batcher, state: State, elements: Any, capacity: int, *, flush: bool = False
-) -> tuple[State, Batch, Int[Array, ""]]:
+) -> tuple[State, PyTree, Int[Array, ""]]:
     """Feed a stack of elements and return every ready batch, stacked: `consume` that
     materialises, for `batch_all` and `iterate` (call it inside `jit`).
 
@@ -290,7 +290,7 @@ def _batch_all(batcher, elements, key, capacity):
 
 def batch_all(
     batcher: Batcher, elements: Any, *, max_batches: int | None = None, key: Any = None
-) -> tuple[Batch, Int[Array, ""]]:
+) -> tuple[PyTree, Int[Array, ""]]:
     """Materialise every batch of a stacked stream (flush drained at the end).
 
     Args:
@@ -352,9 +352,10 @@ def _feed_chunk(batcher, state, elements, flush, capacity):
 
 
 @jax.jit
-def _unstack(batches: Batch) -> list[Batch]:
+def _unstack(batches: PyTree) -> list[PyTree]:
     # One dispatch for all slots, instead of one per leaf and slot.
-    return [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(batches.valid_mask.shape[0])]
+    slots = jax.tree.leaves(batches)[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(slots)]
 
 
 class BatchIterator(Iterator[Batch]):

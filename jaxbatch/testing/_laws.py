@@ -153,6 +153,27 @@ def _batch_parts(batch: Batch) -> tuple[Any, Any, Any]:
     return batch.data, batch.states, batch.metadata
 
 
+def _batches(tree: Any) -> list[Batch]:
+    """The `Batch`es of an emission: itself, or those in a tree (one per output shape, as
+    bucketing batchers emit)."""
+    if isinstance(tree, Batch):
+        return [tree]
+    return [
+        b
+        for b in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Batch))
+        if isinstance(b, Batch)
+    ]
+
+
+def _masks(tree: Any) -> list[np.ndarray]:
+    return [np.asarray(b.valid_mask) for b in _batches(tree)]
+
+
+def _cut(leaf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`leaf` (rows first) cut to rows of `shape`: a bucket pads rows only to its bound."""
+    return leaf[(slice(None), *(slice(0, d) for d in shape))]
+
+
 def _split_at(n: int, batch_size: int) -> int:
     """A chunk boundary near the middle that leaves a partial batch buffered, if any does."""
     for a in range(max(1, n // 2), n):
@@ -189,7 +210,7 @@ class _Checker:
         self.rows = [jax.tree.map(jnp.asarray, row) for row in self.host_rows]
         self.spec = row_spec(self.elements)
         self.expected = batch_spec(batcher, self.spec, key=key)
-        self.batch_size = self.expected.valid_mask.shape[0]
+        self.batch_size = _batches(self.expected)[0].valid_mask.shape[0]
         self.like = jax.eval_shape(lambda: batcher.init(self.spec, key=key))
         self.lengths = lengths
         self.input_keys = None if lengths else self._input_keys(host)
@@ -205,19 +226,31 @@ class _Checker:
             )
         return state
 
-    def _input_keys(self, host: Element) -> list[bytes]:
+    def _input_keys(self, host: Element) -> list[list[bytes]]:
+        """Per output batch (one per shape), a key per input row: the row cut to that
+        batch's row shapes (the identity unless a bucket bounds the row)."""
         element_leaves, element_def = jax.tree.flatten(_element_parts(as_element(self.spec)))
-        batch_leaves, batch_def = jax.tree.flatten(_batch_parts(self.expected))
-        element_specs = [(s.shape, s.dtype) for s in element_leaves]
-        row_specs = [(s.shape[1:], s.dtype) for s in batch_leaves]
-        if element_def != batch_def or element_specs != row_specs:
-            raise ValueError(
-                "`check_batcher` follows elements by value, so every batch row must be an "
-                "input element passed through unchanged; this batcher's batch rows "
-                f"(data, states, metadata) are {batch_def} with {row_specs}, its elements "
-                f"{element_def} with {element_specs}."
+        host_leaves = [np.asarray(x) for x in jax.tree.leaves(_element_parts(host))]
+        keys = []
+        for batch in _batches(self.expected):
+            batch_leaves, batch_def = jax.tree.flatten(_batch_parts(batch))
+            element_specs = [(s.shape, s.dtype) for s in element_leaves]
+            row_specs = [(s.shape[1:], s.dtype) for s in batch_leaves]
+            fits = all(
+                len(r) == len(e) and all(a <= b for a, b in zip(r, e)) and rd == ed
+                for (r, rd), (e, ed) in zip(row_specs, element_specs)
             )
-        return _row_keys(*_rows_of(_element_parts(host)))
+            if element_def != batch_def or not fits:
+                raise ValueError(
+                    "`check_batcher` follows elements by value, so every batch row must be an "
+                    "input element passed through unchanged (or cut to a bucket's row shape); "
+                    f"this batcher's batch rows (data, states, metadata) are {batch_def} with "
+                    f"{row_specs}, its elements {element_def} with {element_specs}. For packed "
+                    "sequences pass `lengths`."
+                )
+            cut = [_cut(x, r) for x, (r, _) in zip(host_leaves, row_specs)]
+            keys.append(_row_keys(cut, self.n))
+        return keys
 
     # ------------------------------------------------------------------- running
 
@@ -238,7 +271,7 @@ class _Checker:
                 f"at {where}, {path}, {difference}. Every Emit of a batcher has the one shape "
                 "and dtype tree of `jb.batch_spec`.",
             )
-        mask = np.asarray(emit.batch.valid_mask)
+        mask = np.concatenate([m.ravel() for m in _masks(emit.batch)])
         if not ready and mask.any():
             _fail(
                 4,
@@ -318,7 +351,7 @@ class _Checker:
             if g.ready != w.ready:
                 _fail(law, f"at {w.where}, {what} emitted ready={g.ready}, {ref} ready={w.ready}.")
             if not g.ready:
-                difference = _difference(g.batch.valid_mask, w.batch.valid_mask, "valid_mask")
+                difference = _difference(_masks(g.batch), _masks(w.batch), "valid_mask")
             else:
                 difference = _difference(g.batch, w.batch)
             if difference:
@@ -346,45 +379,48 @@ class _Checker:
 
         Returns the input rows in the order they were emitted, with where they came out.
         """
-        rows_with_value: dict[bytes, list[int]] = {}
-        for i, k in enumerate(self.input_keys):
-            rows_with_value.setdefault(k, []).append(i)
-        unused = {k: list(rows) for k, rows in rows_with_value.items()}
+        candidates = []  # per output batch: key -> the input rows with that value
+        for keys in self.input_keys:
+            candidates.append({})
+            for i, k in enumerate(keys):
+                candidates[-1].setdefault(k, []).append(i)
         places: dict[int, str] = {}
         emitted: list[tuple[int, str]] = []
         ready = [r for r in records if r.ready]
+        several = len(self.input_keys) > 1
         for b, record in enumerate(ready):
-            batch_leaves, size = _rows_of(_batch_parts(record.batch))
-            keys = _row_keys(batch_leaves, size)
-            for r in np.flatnonzero(np.asarray(record.batch.valid_mask)):
-                place = f"batch {b} row {r} (emitted at {record.where.split(' (')[0]})"
-                rows = rows_with_value.get(keys[r])
-                if rows is None:
-                    _fail(
-                        4,
-                        f"{place} is a valid row that matches no input element. Valid rows "
-                        "must be input elements, passed through unchanged (padding rows must "
-                        "have valid_mask False).",
-                    )
-                if not unused[keys[r]]:
-                    which = (
-                        f"element {rows[0]} (input row {rows[0]})"
-                        if len(rows) == 1
-                        else f"the value of input rows {rows}"
-                    )
-                    _fail(
-                        4,
-                        f"{which} was emitted {len(rows) + 1} times: at "
-                        + ", ".join(places[i] for i in rows)
-                        + f" and at {place}. Each element comes out at most once: no "
-                        "wrap-around, no re-reads of stale buffer rows.",
-                    )
-                i = unused[keys[r]].pop(0)
-                places[i] = place
-                emitted.append((i, place))
+            for j, batch in enumerate(_batches(record.batch)):
+                keys = _row_keys(*_rows_of(_batch_parts(batch)))
+                for r in np.flatnonzero(np.asarray(batch.valid_mask)):
+                    where = f"batch {b}" + (f" (output {j})" if several else "")
+                    place = f"{where} row {r} (emitted at {record.where.split(' (')[0]})"
+                    rows = candidates[j].get(keys[r])
+                    if rows is None:
+                        _fail(
+                            4,
+                            f"{place} is a valid row that matches no input element. Valid "
+                            "rows must be input elements, passed through unchanged (padding "
+                            "rows must have valid_mask False).",
+                        )
+                    free = [i for i in rows if i not in places]
+                    if not free:
+                        which = (
+                            f"element {rows[0]} (input row {rows[0]})"
+                            if len(rows) == 1
+                            else f"the value of input rows {rows}"
+                        )
+                        _fail(
+                            4,
+                            f"{which} was emitted {len(rows) + 1} times: at "
+                            + ", ".join(places[i] for i in rows)
+                            + f" and at {place}. Each element comes out at most once: no "
+                            "wrap-around, no re-reads of stale buffer rows.",
+                        )
+                    places[free[0]] = place
+                    emitted.append((free[0], place))
 
         stats = records[-1].stats
-        missing = sorted(i for rows in unused.values() for i in rows)
+        missing = sorted(set(range(self.n)) - set(places))
         accounted = stats["dropped"] + stats["skipped"]
         if len(missing) > accounted:
             buffered = stats["accepted"] - stats["emitted"] - stats["dropped"]
@@ -417,11 +453,11 @@ class _Checker:
         steps = 0
         for i, record in enumerate(records):
             steps += record.where.startswith("step")
-            if record.ready:
-                valid = int(np.asarray(record.batch.valid_mask).sum())
+            if record.ready:  # padding rows: those of the output(s) holding valid rows
                 seen["batches"] += 1
-                seen["emitted"] += valid
-                seen["padded"] += record.batch.valid_mask.shape[0] - valid
+                for mask in _masks(record.batch):
+                    seen["emitted"] += int(mask.sum())
+                    seen["padded"] += mask.size - int(mask.sum()) if mask.any() else 0
             if emitted is not None:
                 seen["emitted"] = emitted[i]
             stats = record.stats
@@ -469,9 +505,12 @@ class _Checker:
             _fail(0, f"the batcher emitted {len(got)} ready batches, `reference` {len(want)}.")
         for k, (g, w) in enumerate(zip(got, want)):
             data, mask = (w.data, w.valid_mask) if hasattr(w, "valid_mask") else w
+            # With several outputs, `reference` gives the one that holds the batch.
+            holding = [b for b in _batches(g.batch) if np.asarray(b.valid_mask).any()]
+            batch = (holding or _batches(g.batch))[0]
             for name, got_part, want_part in (
-                ("valid_mask", g.batch.valid_mask, mask),
-                ("data", g.batch.data, data),
+                ("valid_mask", batch.valid_mask, mask),
+                ("data", batch.data, data),
             ):
                 want_part = jax.tree.map(np.asarray, want_part)
                 difference = _difference(got_part, want_part, name)
@@ -634,7 +673,7 @@ class _Checker:
                 f"{what}: `consume` passed {int(count)} batches to the consumer and "
                 f"`collect` counted {int(count_c)}; the step loop emitted {len(want_ready)}.",
             )
-        if np.asarray(stacked.valid_mask)[len(want_ready) :].any():
+        if any(m[len(want_ready) :].any() for m in _masks(stacked)):
             _fail(4, f"{what}: `collect` left valid rows in a slot past its count.")
         for k, w in enumerate(want_ready):
             for name, got in (("consume", out), ("collect", stacked)):
@@ -665,7 +704,9 @@ class _Checker:
         def consumer(name):
             def fn(carry, batch):
                 traces[name] += 1
-                return carry + jnp.sum(batch.valid_mask.astype(jnp.int32))
+                for b in _batches(batch):
+                    carry = carry + jnp.sum(b.valid_mask.astype(jnp.int32))
+                return carry
 
             return fn
 
