@@ -333,10 +333,14 @@ def test_iterate_takes_float64_and_python_scalar_rows_as_jit_would():
     assert [b.data["n"].tolist() for b in batches] == [[0, 1], [2, 3], [4, 0]]
 
 
-def test_vmap_of_scan_with_different_fill_levels_equals_separate_runs():
-    # Under vmap the bulk feed's cond and dynamic loop bound are batched: each lane must
-    # still see its own batches, in order (the consumer weighs each batch by its position).
+@pytest.mark.parametrize("path", ["bulk feed", "stepped"])
+def test_vmap_of_scan_with_different_fill_levels_equals_separate_runs(path):
+    # Under vmap the bulk feed's cond and dynamic loop bound (or the stepped loop's
+    # step-or-flush cond and its drain) are batched: each lane must still see its own
+    # batches, in order (the consumer weighs each batch by its position).
     batcher = jb.fixed_size(3)
+    if path == "stepped":
+        batcher = batcher._replace(feed=None)
 
     def consume(carry, batch):
         total, n = carry
