@@ -22,7 +22,16 @@ from ._src.batchers.bucket import (
     bucket_by_length as bucket_by_length,
     by_bucket as by_bucket,
 )
+from ._src.batchers.concat_and_split import (
+    ConcatAndSplitState as ConcatAndSplitState,
+    concat_and_split as concat_and_split,
+)
 from ._src.batchers.fixed_size import FixedSizeState as FixedSizeState, fixed_size as fixed_size
+from ._src.batchers.pack import (
+    PackState as PackState,
+    pack as pack,
+    packing_stats as packing_stats,
+)
 from ._src.checkpoint import load_state as load_state, save_state as save_state
 from ._src.drivers import (
     BatchIterator as BatchIterator,

@@ -134,9 +134,9 @@ BROKEN = {
         ),
         r"positions",
     ),
-    "segment ids skip": (
-        lambda e: _edit(e, "tokens_segment_ids", lambda s: jnp.where(s > 1, s + 1, s)),
-        r"must run 1, 2, 3",
+    "segment ids decrease": (
+        lambda e: _edit(e, "tokens_segment_ids", lambda s: jnp.where(s > 0, 10 - s, 0)),
+        r"must increase along the row",
     ),
     "a valid row that holds nothing": (
         lambda e: _edit(

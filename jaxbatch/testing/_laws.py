@@ -536,7 +536,9 @@ class _Checker:
             return self.batcher.flush(state)
 
         self.jitted = (jax.jit(step), jax.jit(flush))
-        got, states = self.drive(*self.jitted, self.init(), "under jax.jit", keep_states=True)
+        got, states = self.drive(
+            *self.jitted, self.init(), "under jax.jit (variant `with_jit`)", keep_states=True
+        )
         for name, count in traces.items():
             if count != 1:
                 changed = next(
@@ -558,7 +560,7 @@ class _Checker:
                     f"changes between calls, or a closure built per call.{hint}",
                 )
         what = "the jitted run (`jax.jit(batcher.step)`, `jax.jit(batcher.flush)`)"
-        self.compare(1, got, want, what, "the run without jit")
+        self.compare(1, got, want, what, "the run without jit (variant `without_jit`)")
         return got, states
 
     def check_scan(self, want: list[_Record]) -> None:
@@ -914,8 +916,8 @@ def check_batcher(
 
     With `lengths` (packing batchers such as `jb.pack` and `jb.concat_and_split`), law 4
     follows tokens instead of rows: each packed feature `k` comes out as `k`,
-    `k_segment_ids` and `k_positions`; rows must be well formed (segment ids 1, 2, ... then
-    0 padding; positions counting up within a segment, 0 on padding); every input sequence
+    `k_segment_ids` and `k_positions`; rows must be well formed (segment ids increasing from
+    1, then 0 padding; positions counting up within a segment, 0 on padding); every input sequence
     (its first `length` tokens) comes out exactly once — whole in one segment, cut to the
     row length if longer, or with `split_sequences=True` in order across rows, cut only
     where a row ends — or is counted as skipped or dropped; the Stats' `emitted` counts the
@@ -924,7 +926,9 @@ def check_batcher(
     * `reference` (if given): the ready batches equal its batches exactly (padding included).
 
     Then every other path must give the baseline's emissions bit for bit (whole batches when
-    ready, masks and `Stats` always):
+    ready, masks and `Stats` always). The baseline and the jitted run are what
+    `chex.variants(without_jit=True, with_jit=True)` would run; they are reported as the
+    checks `"without_jit"` and `"with_jit"`, and messages name the variant:
 
     * Law 1: `jax.jit(step)` and `jax.jit(flush)` (and law 2: each traces once for the whole
       stream), `jax.lax.scan(step)`, `jb.batch_all`, and `jax.vmap` over the stream and its
@@ -1031,10 +1035,14 @@ def check_batcher(
         raise ValueError(f"`split_sequences` must be a bool, got {split_sequences!r}.")
     checker = _Checker(batcher, elements, key, max_flushes, lengths)
     resume_at = _resume_points(resume_steps, checker.n)
-    checks = ["shapes", "mask", "flush"]
+    checks = ["without_jit", "shapes", "mask", "flush"]
     checker.check_feed_protocol()
     baseline, states = checker.drive(
-        batcher.step, batcher.flush, checker.init(), "without jit", keep_states=True
+        batcher.step,
+        batcher.flush,
+        checker.init(),
+        "without jit (variant `without_jit`)",
+        keep_states=True,
     )
     if lengths is None:
         emitted = checker.check_conservation(baseline)
@@ -1056,7 +1064,8 @@ def check_batcher(
         checker.check_batch_all(baseline)
         checker.check_feed(states, baseline)
         checker.check_consumer_traces()
-        checks += ["jit", "one trace", "scan", "batch_all", "feed", "consumer traced once"]
+        checks += ["with_jit", "jit", "one trace", "scan", "batch_all", "feed"]
+        checks += ["consumer traced once"]
     if resume_at:
         checker.check_resume(resume_at, states, run)
         checks.append("resume")

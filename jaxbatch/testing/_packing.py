@@ -5,8 +5,9 @@ elements through: it lays the first `length` tokens of each sequence side by sid
 and describes them with `<feature>_segment_ids` (1, 2, 3... per sequence within a row, 0 on
 padding) and `<feature>_positions`. `check_packed` follows every token:
 
-* every row is well formed: segment ids start at 1, never decrease, grow by at most 1, and
-  once 0 (padding) stay 0; positions count up by one within a segment and are 0 on padding;
+* every row is well formed: segment ids are at least 1 and never decrease (they may skip
+  an id: a sequence empty in one feature keeps its id in the others), and once 0
+  (padding) stay 0; positions count up by one within a segment and are 0 on padding;
 * whole sequences (`split=False`): every segment, read across all packed features, is an
   input sequence (its first `row_length` tokens if it was longer than the row), each input
   sequence comes out at most once, positions run 0..len-1, and those that never come out
@@ -55,11 +56,11 @@ def _check_row(fail, place: str, feature: str, ids: np.ndarray, positions: np.nd
     fill = int(nonzero[-1]) + 1 if len(nonzero) else 0
     if (ids[:fill] == 0).any():
         fail(f"{place}: `{feature}_segment_ids` {ids.tolist()} has padding (0) inside the row.")
-    steps = np.diff(np.concatenate([[0], ids[:fill]]))
-    if (steps < 0).any() or (steps > 1).any():
+    # Ids may skip a number: a sequence empty in this feature keeps its id (as in Grain).
+    if (np.diff(np.concatenate([[0], ids[:fill]])) < 0).any():
         fail(
-            f"{place}: `{feature}_segment_ids` {ids.tolist()} must run 1, 2, 3... in order "
-            "within a row (each new sequence one more than the last)."
+            f"{place}: `{feature}_segment_ids` {ids.tolist()} must increase along the row "
+            "(1, 2, 3... in the order the sequences were placed)."
         )
     if (positions[fill:] != 0).any():
         fail(f"{place}: `{feature}_positions` is not 0 on padding: {positions.tolist()}.")

@@ -1,0 +1,436 @@
+"""`concat_and_split`: concatenate sequences into one token stream, cut it into full rows.
+
+Data flow. An element is a dict: for every packed feature `k`, a leaf `[max_len, *rest]`
+whose first `data[lengths[k]]` entries are the sequence, and the length leaves. The state
+holds, per packed feature, a flat token buffer of `num_rows * row_length + max_len` slots
+and its segment-id and position buffers; every slot past the write frontier holds padding
+(the pad value, segment 0, position 0), so padding is never written separately.
+
+`step` plans on scalars only (the open row, each feature's fill of it, the lengths): the
+part of the sequence that fits in the open row, and the rest, contiguous from the start of
+the next row on. It writes each part with one `dynamic_update_slice` per buffer (the
+slab's tail is padding written over padding). Once the open row moves past the last row,
+the first `num_rows * row_length` slots are a batch: they are emitted and, under
+`lax.cond`, the buffer shifts left by that much, the overflow becoming the start of the
+next batch. `flush` emits the open batch, its empty rows masked off, and resets the buffers.
+
+Rows follow Grain 0.2.18's `ConcatThenSplitIterDataset` (default
+`split_full_length_features=True`, read in its source and compared in the tests):
+
+* One packed feature: the concatenated stream cut every `row_length` tokens. A piece of a
+  sequence cut at a row's end continues at the start of the next row, with positions
+  restarting at 0 (`continue_positions=True` continues them) and segment ids restarting at
+  1 in every row.
+* Several packed features share the rows, and each sequence is one segment id in all of
+  them: a sequence puts into the open row, feature by feature, as many tokens as fit; if
+  any feature does not fit, the row closes and the rest of every feature goes on in the
+  next rows (a feature that ran out has no tokens there, but the piece still takes segment
+  id 1, so the next sequence is segment 2, as in Grain). A row also closes as soon as every
+  feature fills it. Grain re-reads tokens (a bug) when a sequence's rest itself spans more
+  than one row while another feature's rest fits; this batcher does not.
+
+Differences from Grain, by design: a sequence that is empty in every feature is skipped
+(counted in `stats.skipped`; Grain gives it a segment id with no tokens, a gap in the ids
+that changes no attention mask), and the features share one `row_length`.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int
+
+from ..base import Batcher, Counter, Emit, Stats
+from ..batch import Batch, rows_mask
+from ..element import Element, as_element
+from ..spec import check_against_spec, element_spec as spec_of
+from .fixed_size import _check_pad_value
+
+
+class ConcatAndSplitState(eqx.Module):
+    """State of `concat_and_split`.
+
+    Every dict is keyed by packed feature name, except `length_like` (by length key).
+
+    Attributes:
+        buffer: per feature `[num_rows * row_length + max_len, *rest]`: the open batch's
+            tokens, row after row, then room for a sequence's overflow into the next batch.
+            Slots past the write frontier hold `pad_value`.
+        segment_ids: per feature, int32 `[num_rows * row_length + max_len]`, 0 on padding.
+        positions: per feature, int32, like `segment_ids`.
+        length_like: a zero of each length leaf's dtype (with `buffer`, the element spec).
+        row: the open row of the batch, in `[0, num_rows)` between calls.
+        fill: per feature, tokens in the open row, in `[0, row_length]`.
+        segments: sequence pieces in the open row (its last segment id; 0 when empty).
+        pending: sequences whose last token is in the open batch (not yet emitted).
+        stats: the counters (see `Stats`), counted in sequences: `accepted` sequences
+            taken in, `skipped` sequences empty in every feature, `emitted` sequences whose
+            last token has been emitted in a ready batch, `padded` padding rows.
+            `accepted == emitted + pending` (nothing is dropped).
+        tokens: per feature, tokens taken in.
+        padding_tokens: per feature, padding slots in emitted batches.
+    """
+
+    buffer: dict[str, Array]
+    segment_ids: dict[str, Int[Array, " _slots"]]
+    positions: dict[str, Int[Array, " _slots"]]
+    length_like: dict[str, Array]
+    row: Int[Array, ""]
+    fill: dict[str, Int[Array, ""]]
+    segments: Int[Array, ""]
+    pending: Int[Array, ""]
+    stats: Stats
+    tokens: dict[str, Counter]
+    padding_tokens: dict[str, Counter]
+
+
+def _write(buf: Array, parts: tuple, masks: tuple, starts: tuple, fill: Array) -> Array:
+    """`buf` with each part written at its start, its rows outside its mask as `fill`.
+
+    The slabs are written in order; a later slab overwrites the earlier one's tail (which is
+    `fill` there, written over slots that already hold `fill`).
+    """
+    for part, mask, start in zip(parts, masks, starts):
+        part = jnp.where(rows_mask(mask, part), part, fill)
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, part, start, 0)
+    return buf
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return value
+
+
+def _check_lengths(lengths: Any) -> dict[str, str]:
+    if not isinstance(lengths, Mapping) or not lengths:
+        raise ValueError(
+            f"`lengths` must be a non-empty dict `{{packed_feature: length_key}}`, got {lengths!r}."
+        )
+    for key, length_key in lengths.items():
+        if not isinstance(key, str) or not isinstance(length_key, str):
+            raise ValueError(
+                f"`lengths` maps feature names to length key names (str to str), got "
+                f"{key!r}: {length_key!r}."
+            )
+    both = sorted(set(lengths) & set(lengths.values()))
+    if both:
+        raise ValueError(
+            f"`lengths`: {both} are both packed features and length keys; a key is one or "
+            "the other."
+        )
+    outputs = {f"{k}{suffix}" for k in lengths for suffix in ("_segment_ids", "_positions")}
+    clash = sorted(outputs & set(lengths))
+    if clash:
+        raise ValueError(
+            f"`lengths`: packed features {clash} have the names of the `_segment_ids` / "
+            "`_positions` outputs of other packed features; rename them."
+        )
+    return dict(lengths)
+
+
+# Configuration arguments are `Any`: they are validated below, so a bad value raises the
+# documented `ValueError` even under a run-time type checker (jaxtyping's import hook).
+def concat_and_split(
+    row_length: Any,
+    num_rows: Any,
+    *,
+    lengths: Any,
+    pad_value: Any = 0,
+    continue_positions: Any = False,
+) -> Batcher:
+    """Concatenate sequences and cut the stream into full rows of `row_length` tokens.
+
+    Each element is a dict. `lengths` maps each packed feature `k` to the key of its length:
+    `data[k]` is `[max_len, *rest]` and its first `data[lengths[k]]` (a scalar int) entries
+    are the sequence. A sequence cut at a row's end continues in the next row. A batch of
+    `num_rows` rows is emitted the step its last row closes; `flush` emits the open batch,
+    rows without tokens masked off (the only padding). Rows match Grain's
+    `ConcatThenSplitIterDataset` (see the module docstring, also for several features).
+
+    Emitted `Batch.data`, for every packed feature `k`: `k` `[num_rows, row_length,
+    *rest]`, `k_segment_ids` int32 `[num_rows, row_length]` (1, 2, 3... per sequence
+    piece, restarting at 1 in every row, 0 on padding) and `k_positions` int32 (position in
+    the piece, 0 on padding). `valid_mask[i]` is True when row `i` holds a token.
+
+    Args:
+        row_length: tokens per row, a positive int.
+        num_rows: rows per batch, a positive int. Every `max_len` must be at most
+            `row_length * num_rows` (so that a step completes at most one batch).
+        lengths: `{packed_feature: length_key}`; the element's keys must be exactly these
+            features and length keys (several features may share a length key).
+        pad_value: fill for padding tokens, cast to each feature's dtype; `init` raises
+            `ValueError` if an integer or bool feature cannot hold it exactly.
+        continue_positions: positions continue across a cut (a piece in the next row starts
+            where the previous piece stopped) instead of restarting at 0 as Grain's do.
+
+    Returns:
+        A `Batcher` without a bulk `feed` (the drivers step it element by element).
+
+    Raises:
+        ValueError: at the factory for a bad argument; at `init` for an element spec the
+            configuration does not fit (keys, shapes, per-element `state`/`metadata`).
+            A length outside `[0, max_len]` is a run-time error (`eqx.error_if`).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.concat_and_split(4, 1, lengths={"x": "n"})
+        >>> state = batcher.init({"x": jnp.zeros(4, jnp.int32), "n": jnp.int32(0)})
+        >>> for seq in ([1, 2, 3], [4, 5, 6, 7], [8, 9]):
+        ...     x = jnp.zeros(4, jnp.int32).at[: len(seq)].set(jnp.array(seq, jnp.int32))
+        ...     state, emit = batcher.step(state, {"x": x, "n": jnp.int32(len(seq))})
+        ...     if emit.ready:
+        ...         data = emit.batch.data
+        ...         print(data["x"], data["x_segment_ids"], data["x_positions"])
+        [[1 2 3 4]] [[1 1 1 2]] [[0 1 2 0]]
+        [[5 6 7 8]] [[1 1 1 2]] [[0 1 2 0]]
+        >>> state, emit = batcher.flush(state)
+        >>> emit.batch.data["x"], emit.batch.data["x_segment_ids"]
+        (Array([[9, 0, 0, 0]], dtype=int32), Array([[1, 0, 0, 0]], dtype=int32))
+    """
+    row_length = _positive_int(row_length, "row_length")
+    num_rows = _positive_int(num_rows, "num_rows")
+    lengths = _check_lengths(lengths)
+    if not isinstance(pad_value, bool | int | float):
+        raise ValueError(
+            f"`pad_value` must be a Python number (int, float or bool), got {pad_value!r}."
+        )
+    if not isinstance(continue_positions, bool):
+        raise ValueError(f"`continue_positions` must be a bool, got {continue_positions!r}.")
+    features = sorted(lengths)
+    capacity = row_length * num_rows  # token slots of one batch, per feature
+
+    def fresh(max_len: int, rest: tuple[int, ...], dtype: Any) -> tuple[Array, Array, Array]:
+        size = capacity + max_len
+        zeros = jnp.zeros((size,), jnp.int32)
+        return jnp.full((size, *rest), pad_value, dtype), zeros, zeros
+
+    def check_spec(spec: Element) -> None:
+        if jax.tree.leaves(spec.state) or spec.metadata is not None:
+            raise ValueError(
+                "`concat_and_split` mixes sequences within rows, so elements cannot carry a "
+                "per-element `state` or `metadata`; move what you need into `data` as a "
+                "packed feature, or drop it before batching."
+            )
+        if not isinstance(spec.data, Mapping):
+            raise ValueError(
+                f"`concat_and_split` needs elements whose data is a dict, got "
+                f"{type(spec.data).__name__}."
+            )
+        expected = set(lengths) | set(lengths.values())
+        missing, extra = sorted(expected - set(spec.data)), sorted(set(spec.data) - expected)
+        if missing or extra:
+            raise ValueError(
+                f"`lengths` {lengths} does not fit the element: missing keys {missing}, "
+                f"keys neither packed nor lengths {extra}. Every key must be a packed "
+                "feature or a length; drop other keys before batching."
+            )
+        for key in features:
+            leaf = spec.data[key]
+            if len(leaf.shape) < 1 or not 1 <= leaf.shape[0] <= capacity:
+                raise ValueError(
+                    f"Packed feature `element.data[{key!r}]` has shape {leaf.shape}; it needs "
+                    f"a sequence axis of length `max_len` in [1, row_length * num_rows] = "
+                    f"[1, {capacity}]. Raise `row_length` or `num_rows`, or split long "
+                    "sequences before batching."
+                )
+        for length_key in sorted(set(lengths.values())):
+            leaf = spec.data[length_key]
+            if leaf.shape != () or np.dtype(leaf.dtype).kind not in "iu":
+                raise ValueError(
+                    f"Length `element.data[{length_key!r}]` must be a scalar int, got shape "
+                    f"{leaf.shape} dtype {leaf.dtype}."
+                )
+        _check_pad_value(pad_value, Element(data={k: spec.data[k] for k in features}))
+
+    def init_fn(element_spec: Any, key: Any = None) -> ConcatAndSplitState:
+        del key  # deterministic
+        spec = spec_of(element_spec)
+        check_spec(spec)
+        buffers = {k: fresh(spec.data[k].shape[0], spec.data[k].shape[1:], spec.data[k].dtype)
+                   for k in features}  # fmt: skip
+        zero = jnp.zeros((), jnp.int32)
+        return ConcatAndSplitState(
+            buffer={k: b[0] for k, b in buffers.items()},
+            segment_ids={k: b[1] for k, b in buffers.items()},
+            positions={k: b[2] for k, b in buffers.items()},
+            length_like={n: jnp.zeros((), spec.data[n].dtype) for n in set(lengths.values())},
+            row=zero,
+            fill=dict.fromkeys(features, zero),
+            segments=zero,
+            pending=zero,
+            stats=Stats.zeros(),
+            tokens=dict.fromkeys(features, Counter.of(0)),
+            padding_tokens=dict.fromkeys(features, Counter.of(0)),
+        )
+
+    def max_len_of(state: ConcatAndSplitState, key: str) -> int:
+        return state.buffer[key].shape[0] - capacity
+
+    def spec_from(state: ConcatAndSplitState) -> Element:
+        data = {
+            k: jax.ShapeDtypeStruct((max_len_of(state, k), *b.shape[1:]), b.dtype)
+            for k, b in state.buffer.items()
+        }
+        data.update({n: jax.ShapeDtypeStruct((), z.dtype) for n, z in state.length_like.items()})
+        return Element(data=data)
+
+    def length_of(state: ConcatAndSplitState, data: dict, key: str) -> Array:
+        raw, max_len = data[lengths[key]], max_len_of(state, key)
+        n = raw.astype(jnp.int32)  # an unsigned length past 2**31 turns negative: refused
+        bad = (n < 0) | (n > max_len)
+        return eqx.error_if(
+            n,
+            bad,
+            f"concat_and_split: a length `element.data[{lengths[key]!r}]` of packed feature "
+            f"{key!r} is outside [0, max_len = {max_len}].",
+        )
+
+    def rows_valid(segment_ids: dict[str, Array]) -> Array:
+        any_token = [jnp.any(s[:capacity].reshape(num_rows, row_length) > 0, axis=1)
+                     for s in segment_ids.values()]  # fmt: skip
+        return jnp.any(jnp.stack(any_token), axis=0)
+
+    def batch_of(state_parts: tuple, valid_mask: Array) -> Batch:
+        buffer, segment_ids, positions = state_parts
+        data = {}
+        for k in features:
+            tok = buffer[k][:capacity]
+            data[k] = tok.reshape(num_rows, row_length, *tok.shape[1:])
+            data[f"{k}_segment_ids"] = segment_ids[k][:capacity].reshape(num_rows, row_length)
+            data[f"{k}_positions"] = positions[k][:capacity].reshape(num_rows, row_length)
+        return Batch(data=data, valid_mask=valid_mask)
+
+    def padding_of(segment_ids: dict[str, Array]) -> dict[str, Array]:
+        return {k: jnp.sum(s[:capacity] == 0, dtype=jnp.int32) for k, s in segment_ids.items()}
+
+    def step_fn(state: ConcatAndSplitState, element: Any) -> tuple[ConcatAndSplitState, Emit]:
+        element = as_element(element)
+        check_against_spec(spec_from(state), element, what="element")
+        n = {k: length_of(state, element.data, k) for k in features}
+
+        # The plan, on scalars. `first`: tokens that fit in the open row; `rest`: the
+        # others, from the start of the next row on; `more`: rows the rest reaches into.
+        fits = {k: jnp.minimum(n[k], row_length - state.fill[k]) for k in features}
+        rest = {k: n[k] - fits[k] for k in features}
+        max_rest = jnp.max(jnp.stack([rest[k] for k in features]))
+        overflow = max_rest > 0
+        more = (max_rest + row_length - 1) // row_length
+        last_row = state.row + more  # the row the sequence ends in
+        end_fill = {
+            k: jnp.where(
+                overflow,
+                jnp.clip(rest[k] - (more - 1) * row_length, 0, row_length),
+                state.fill[k] + n[k],
+            )
+            for k in features
+        }
+        nonempty = jnp.any(jnp.stack([n[k] > 0 for k in features]))
+        full = jnp.all(jnp.stack([end_fill[k] == row_length for k in features]))
+        next_row = last_row + full.astype(jnp.int32)
+        segments = jnp.where(
+            full, 0, jnp.where(overflow, 1, state.segments + nonempty.astype(jnp.int32))
+        )
+
+        # The payload: two slabs per buffer (the part in the open row, then the rest).
+        buffer, segment_ids, positions = {}, {}, {}
+        for k in features:
+            x = jnp.asarray(element.data[k])
+            t = jnp.arange(x.shape[0], dtype=jnp.int32)
+            pad = jnp.asarray(pad_value, x.dtype)
+            in_first, in_rest = t < fits[k], t < rest[k]
+            source = jnp.minimum(t + fits[k], x.shape[0] - 1)
+            later = jnp.take(x, source, axis=0)
+            if continue_positions:
+                rest_position = t + fits[k]
+            else:
+                rest_position = t % row_length
+            starts = (state.row * row_length + state.fill[k], (state.row + 1) * row_length)
+            masks = (in_first, in_rest)
+            buffer[k] = _write(state.buffer[k], (x, later), masks, starts, pad)
+            segment_ids[k] = _write(
+                state.segment_ids[k],
+                (jnp.broadcast_to(state.segments + 1, t.shape), jnp.ones_like(t)),
+                masks,
+                starts,
+                jnp.zeros((), jnp.int32),
+            )
+            positions[k] = _write(
+                state.positions[k], (t, rest_position), masks, starts, jnp.zeros((), jnp.int32)
+            )
+
+        done = next_row >= num_rows
+        batch = batch_of((buffer, segment_ids, positions), rows_valid(segment_ids) & done)
+        padding = padding_of(segment_ids)
+
+        def shift(parts):  # the overflow becomes the start of the next batch
+            def left(buf, fill):
+                return jnp.concatenate([buf[capacity:], jnp.full_like(buf[:capacity], fill)])
+
+            buffer, segment_ids, positions = parts
+            return (
+                {k: left(b, pad_value) for k, b in buffer.items()},
+                {k: left(b, 0) for k, b in segment_ids.items()},
+                {k: left(b, 0) for k, b in positions.items()},
+            )
+
+        buffer, segment_ids, positions = jax.lax.cond(
+            done, shift, lambda parts: parts, (buffer, segment_ids, positions)
+        )
+        ends_here = nonempty & (last_row < num_rows)
+        emitted = jnp.where(done, state.pending + ends_here.astype(jnp.int32), 0)
+        pending = jnp.where(
+            done,
+            (nonempty & ~ends_here).astype(jnp.int32),
+            state.pending + nonempty.astype(jnp.int32),
+        )
+        new_state = ConcatAndSplitState(
+            buffer=buffer,
+            segment_ids=segment_ids,
+            positions=positions,
+            length_like=state.length_like,
+            row=jnp.where(done, next_row - num_rows, next_row),
+            fill={k: jnp.where(full, 0, end_fill[k]) for k in features},
+            segments=segments,
+            pending=pending,
+            stats=state.stats.add(
+                accepted=nonempty, skipped=~nonempty, emitted=emitted, batches=done
+            ),
+            tokens={k: state.tokens[k].add(n[k]) for k in features},
+            padding_tokens={
+                k: state.padding_tokens[k].add(jnp.where(done, padding[k], 0)) for k in features
+            },
+        )
+        return new_state, Emit(batch, done)
+
+    def flush_fn(state: ConcatAndSplitState) -> tuple[ConcatAndSplitState, Emit]:
+        ready = (state.row > 0) | jnp.any(jnp.stack([state.fill[k] > 0 for k in features]))
+        valid = rows_valid(state.segment_ids) & ready
+        batch = batch_of((state.buffer, state.segment_ids, state.positions), valid)
+        padding = padding_of(state.segment_ids)
+        buffers = {k: fresh(max_len_of(state, k), b.shape[1:], b.dtype)
+                   for k, b in state.buffer.items()}  # fmt: skip
+        zero = jnp.zeros((), jnp.int32)
+        padded_rows = jnp.where(ready, num_rows - jnp.sum(valid, dtype=jnp.int32), 0)
+        new_state = ConcatAndSplitState(
+            buffer={k: b[0] for k, b in buffers.items()},
+            segment_ids={k: b[1] for k, b in buffers.items()},
+            positions={k: b[2] for k, b in buffers.items()},
+            length_like=state.length_like,
+            row=zero,
+            fill=dict.fromkeys(features, zero),
+            segments=zero,
+            pending=zero,
+            stats=state.stats.add(emitted=state.pending, batches=ready, padded=padded_rows),
+            tokens=state.tokens,
+            padding_tokens={
+                k: state.padding_tokens[k].add(jnp.where(ready, padding[k], 0)) for k in features
+            },
+        )
+        return new_state, Emit(batch, ready)
+
+    return Batcher(init=init_fn, step=step_fn, flush=flush_fn)

@@ -1,0 +1,685 @@
+"""`pack`: variable-length sequences packed into fixed `[num_rows, row_length]` rows, inside
+`jit`, with the semantics of Grain 0.2.18's `FirstFitPackIterDataset` /
+`BestFitPackIterDataset` (`shuffle_bins=False`).
+
+Data flow (DESIGN.md, "decide on metadata, move payload in bulk"):
+
+* The state holds the batch being packed, already in its output layout (`state.data`: the
+  token rows, `<feature>_segment_ids`, `<feature>_positions` and the per-segment tables),
+  plus the small placement vectors: `fills[f, j]` (tokens of packed feature `f` in row `j`)
+  and `segments[j]` (sequences in row `j`).
+* `step` decides on those vectors alone: which rows fit the element (every packed feature's
+  `fill + length <= row_length`, and fewer than `max_segments` sequences), then the first
+  fitting row (`first_fit`) or the fullest one (`best_fit`, largest total fill, earliest on
+  a tie). If no row fits, the whole buffer is emitted as one batch and the element starts
+  the next batch in row 0 (the fills are reset; rows are not cleared, see below).
+* The payload moves once per feature: the chosen row is rebuilt from the old row, the
+  sequence gathered to its offset, and padding after it, and written back with one
+  `dynamic_update_slice` (likewise segment ids, positions and one row of each per-segment
+  table). Writing the padding past the new fill is what keeps a reused row clean: a row's
+  first sequence after a reset rewrites the whole row, so rows are never cleared in bulk.
+  Mid-stream emissions always have every row in use (an empty row fits any sequence), so
+  only `flush` masks unused rows (once, at the end of the stream).
+* `feed`, the bulk path, is "plan on metadata, then gather": a `lax.scan` over the lengths
+  alone runs the same placement decision (`decide`) and records, per sequence, its batch
+  number, row, segment slot and offsets. Placed sequences are compacted in stream order,
+  so those of batch `k` are a contiguous window found by `searchsorted`; `batch(k)`
+  scatters that window into a `[num_rows, max_segments]` table of sequences, finds the
+  segment covering each token slot with a scatter-max of segment starts and a `cummax`,
+  and gathers the tokens (batch 0 keeps the state's rows below their old fills). The open
+  batch is built the same way and becomes the new buffer.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int, PyTree
+
+from ..base import Batcher, Counter, Emissions, Emit, Stats, row_spec
+from ..batch import Batch, rows_mask
+from ..element import Element, as_element
+from ..spec import check_against_spec, element_spec as spec_of
+from .fixed_size import _check_pad_value
+
+_STRATEGIES = ("first_fit", "best_fit")
+_TOO_LONG = ("error", "truncate")
+_INT32_MAX = 2**31 - 1
+
+
+class PackState(eqx.Module):
+    """State of `pack`: the batch being packed, its fills, and the counters.
+
+    Attributes:
+        data: the batch being packed, in the layout of the emitted `Batch.data`: for every
+            packed feature `k`, `k` `[num_rows, row_length, ...]`, `k_segment_ids` and
+            `k_positions` `[num_rows, row_length]`; for every other key, its per-segment
+            table `[num_rows, max_segments, ...]`. Rows with no sequence are unspecified.
+        fills: `[num_features, num_rows]` int32, tokens of each packed feature (sorted by
+            name) in each row.
+        segments: `[num_rows]` int32, sequences in each row.
+        stats: the `Stats` counters; an "element" is one sequence (one `step` call).
+        sequences: sequences emitted in ready batches.
+        rows: rows holding at least one sequence, emitted in ready batches.
+        tokens: real token slots emitted (all packed features together).
+        padding_tokens: padding token slots emitted, padding rows included.
+        truncated: sequences truncated (`too_long="truncate"`).
+        truncated_tokens: tokens cut off by truncation (never emitted).
+        max_lens: static `((feature, max_len), ...)`, the element's packed shapes.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.pack(4, 2, lengths={"x": "n"})
+        >>> state = batcher.init({"x": jnp.zeros(6, jnp.int32), "n": jnp.int32(0)})
+        >>> state.data["x"].shape, state.data["n"].shape, state.fills.shape
+        ((2, 4), (2, 4), (1, 2))
+    """
+
+    data: PyTree
+    fills: Int[Array, "features rows"]
+    segments: Int[Array, " rows"]
+    stats: Stats
+    sequences: Counter
+    rows: Counter
+    tokens: Counter
+    padding_tokens: Counter
+    truncated: Counter
+    truncated_tokens: Counter
+    max_lens: tuple[tuple[str, int], ...] = eqx.field(static=True)
+
+
+def packing_stats(state: PackState) -> dict[str, Counter]:
+    """The packing counters of a `pack` state, by name; read each with `int()`.
+
+    Keys: `sequences` (sequences emitted in ready batches), `rows` (non-padding rows
+    emitted), `tokens` (real token slots emitted, all packed features together),
+    `padding_tokens` (padding slots emitted, padding rows included), `truncated` (sequences
+    cut to `row_length`) and `truncated_tokens` (tokens cut off). Derived figures: packing
+    efficiency `tokens / (tokens + padding_tokens)`, sequences per row `sequences / rows`.
+    Works under `jit` (returns `Counter`s of arrays), like `jb.operation_stats`.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.pack(4, 1, lengths={"x": "n"})
+        >>> state = batcher.init({"x": jnp.zeros(4, jnp.int32), "n": jnp.int32(0)})
+        >>> for n in (3, 2):
+        ...     state, _ = batcher.step(state, {"x": jnp.ones(4, jnp.int32), "n": jnp.int32(n)})
+        >>> state, _ = batcher.flush(state)
+        >>> stats = {k: int(v) for k, v in jb.packing_stats(state).items()}
+        >>> stats["tokens"], stats["padding_tokens"], stats["rows"]
+        (5, 3, 2)
+        >>> stats["tokens"] / (stats["tokens"] + stats["padding_tokens"])
+        0.625
+    """
+    return {
+        "sequences": state.sequences,
+        "rows": state.rows,
+        "tokens": state.tokens,
+        "padding_tokens": state.padding_tokens,
+        "truncated": state.truncated,
+        "truncated_tokens": state.truncated_tokens,
+    }
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def _output_keys(feature: str) -> tuple[str, str]:
+    return f"{feature}_segment_ids", f"{feature}_positions"
+
+
+# The arguments are `Any`: they are validated below, so a bad value raises the documented
+# `ValueError` even under a run-time type checker (jaxtyping's import hook).
+def pack(
+    row_length: Any,
+    num_rows: Any,
+    *,
+    lengths: Any,
+    strategy: Any = "first_fit",
+    too_long: Any = "error",
+    pad_value: Any = 0,
+    max_segments: Any = None,
+) -> Batcher:
+    """Pack variable-length sequences into `num_rows` rows of `row_length` tokens, as Grain.
+
+    Each element is one sequence: a dict whose packed features (the keys of `lengths`) are
+    arrays `[max_len, ...]` (static `max_len`, may exceed `row_length`) holding the sequence
+    in their first `data[lengths[k]]` entries. The element goes into a row where *every*
+    packed feature fits (`fill + length <= row_length` per feature, and the row holds fewer
+    than `max_segments` sequences): the first such row (`"first_fit"`), or the fullest one,
+    its fills summed over features, earliest on a tie (`"best_fit"`). When it fits in no row,
+    the current rows are emitted as one batch and the element starts the next batch in row
+    0. So a batch is emitted only when a sequence does not fit (not when the rows happen to
+    become exactly full), and `flush` emits the last rows at the end of the stream.
+
+    This is Grain 0.2.18's `FirstFitPackIterDataset` / `BestFitPackIterDataset` with
+    `shuffle_bins=False`, `num_packing_bins=num_rows`, the same length for every packed
+    feature, `max_sequences_per_bin=max_segments` and the other keys as `meta_features`
+    (checked in the tests against Grain itself): the valid rows of the emitted batches,
+    concatenated, are the rows Grain yields, token for token, with the same segment ids and
+    positions. Differences: Grain drops the empty trailing rows of its last batch, here they
+    are padding rows (`valid_mask` False); Grain gives a sequence of length 0 a segment id
+    of its own, here an element whose every packed feature has length 0 is skipped
+    (counted in `Stats.skipped`, never placed); Grain raises on a too-long sequence,
+    `too_long="truncate"` is an option here.
+
+    Output `Batch.data`, for every packed feature `k`: `k` `[num_rows, row_length, ...]`
+    (the tokens; `pad_value` past each row's fill), `k_segment_ids` int32
+    `[num_rows, row_length]` (1, 2, 3... per sequence within a row, 0 on padding) and
+    `k_positions` int32 (0..len-1 within each sequence, 0 on padding). Every other key of
+    the element (the length keys included) is a per-sequence feature and becomes a
+    per-segment table `[num_rows, max_segments, ...]`: entry `[j, s - 1]` belongs to segment
+    id `s` of row `j`, unused entries hold `pad_value`. The stored lengths are as given (not
+    truncated). `valid_mask` `[num_rows]` is True for rows holding at least one sequence.
+
+    Stats (one "element" is one sequence): `accepted` sequences placed, `skipped` empty
+    sequences, `emitted` sequences in ready batches, `batches`, `padded` padding rows;
+    `packing_stats` has the token counters.
+
+    Args:
+        row_length: tokens per row, a positive int (every packed feature).
+        num_rows: rows per batch, a positive int.
+        lengths: dict `{packed_feature_key: length_key}`, both top-level keys of the
+            element's data; the length is a scalar int. Several features may share a length
+            key; a length key may not be a packed feature.
+        strategy: `"first_fit"` or `"best_fit"`.
+        too_long: for a sequence longer than `row_length`: `"error"` raises at run time
+            (`eqx.error_if`), `"truncate"` keeps its first `row_length` tokens and counts
+            it in `packing_stats` (`truncated`, `truncated_tokens`). A length below 0 or
+            above the feature's `max_len` is always a run-time error.
+        pad_value: fill for padding tokens and unused table entries (a Python number),
+            cast to each leaf's dtype; `init` raises `ValueError` if an integer leaf cannot
+            hold it. Segment ids and positions are 0 on padding.
+        max_segments: sequences per row at most, a positive int; default `row_length` (as
+            many as can fit, every placed sequence having a token). It sizes the tables.
+
+    Returns:
+        A `Batcher` with a bulk `feed` (batches and `Stats` identical to stepping; rows of
+        the buffer past their fills may differ, as `FeedFn` allows). Every mid-stream
+        batch has all `num_rows` rows in use, so `batch_all`'s default room
+        (`ceil(n / num_rows)` batches) and `iterate`'s default are enough.
+
+    Raises:
+        ValueError: at the factory, an argument of the wrong type or value (named); at
+            `init`, a key of `lengths` missing from the element, a packed feature that is not
+            an array of rank >= 1, a length that is not an integer scalar, an output key
+            (`k_segment_ids`, `k_positions`) that the element already has, or a
+            `pad_value` a leaf cannot hold.
+        TypeError: at `init`, an element that is not a dict or carries an `Element.state`
+            or `Element.metadata` (put per-sequence values in `data`: they become tables);
+            at `step`, an element unlike the spec (naming the leaf).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> batcher = jb.pack(4, 2, lengths={"x": "n"})
+        >>> state = batcher.init({"x": jnp.zeros(4, jnp.int32), "n": jnp.int32(0)})
+        >>> for n in (3, 2, 1, 3):
+        ...     x = jnp.arange(4, dtype=jnp.int32) + 10 * n
+        ...     state, emit = batcher.step(state, {"x": x, "n": jnp.int32(n)})
+        ...     if emit.ready:
+        ...         print(emit.batch.data["x"])
+        ...         print(emit.batch.data["x_segment_ids"])
+        [[30 31 32 10]
+         [20 21  0  0]]
+        [[1 1 1 2]
+         [1 1 0 0]]
+        >>> state, emit = batcher.flush(state)
+        >>> emit.batch.data["x"], emit.batch.valid_mask
+        (Array([[30, 31, 32,  0],
+               [ 0,  0,  0,  0]], dtype=int32), Array([ True, False], dtype=bool))
+        >>> emit.batch.data["n"]  # the per-segment table of the length key
+        Array([[3, 0, 0, 0],
+               [0, 0, 0, 0]], dtype=int32)
+    """
+    _positive_int(row_length, "row_length")
+    _positive_int(num_rows, "num_rows")
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {_STRATEGIES}, got {strategy!r}.")
+    if too_long not in _TOO_LONG:
+        raise ValueError(f"`too_long` must be one of {_TOO_LONG}, got {too_long!r}.")
+    if isinstance(pad_value, bool) or not isinstance(pad_value, int | float):
+        raise ValueError(f"`pad_value` must be a Python int or float, got {pad_value!r}.")
+    if max_segments is None:
+        max_segments = row_length
+    _positive_int(max_segments, "max_segments")
+    if (
+        not isinstance(lengths, Mapping)
+        or not lengths
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in lengths.items())
+    ):
+        raise ValueError(
+            "`lengths` must be a non-empty dict `{packed_feature_key: length_key}` of str "
+            f"keys, got {lengths!r}."
+        )
+    features = tuple(sorted(lengths))
+    lengths = {k: lengths[k] for k in features}
+    clash = sorted(set(features) & set(lengths.values()))
+    if clash:
+        raise ValueError(
+            f"`lengths` uses {clash} both as a packed feature and as a length key; a length "
+            "is a scalar per sequence, so give each packed feature its own length key."
+        )
+    if len(features) * num_rows * row_length > _INT32_MAX:
+        raise ValueError(
+            f"`num_rows` * `row_length` * (packed features) must be below 2**31 (int32 "
+            f"counts), got {num_rows} * {row_length} * {len(features)}."
+        )
+    num_features = len(features)
+    all_tokens = num_features * num_rows * row_length
+    derived = {key for k in features for key in _output_keys(k)}
+
+    def check_spec(spec: Element) -> dict[str, Any]:
+        if spec.metadata is not None or jax.tree.leaves(spec.state):
+            raise TypeError(
+                "`pack` packs `Element.data` only, got an element with a `state` or "
+                "`metadata`; move per-sequence values into `data` (each other key becomes "
+                "a per-segment table)."
+            )
+        data = spec.data
+        if not isinstance(data, Mapping):
+            raise TypeError(f"`pack` needs the element's data to be a dict, got {data!r}.")
+        missing = sorted({*features, *lengths.values()} - set(data))
+        if missing:
+            raise ValueError(
+                f"`lengths` names keys {missing} that the element does not have (its keys "
+                f"are {sorted(data)}); pass `lengths` as `{{feature: length_key}}` of "
+                "top-level keys of the element's data."
+            )
+        taken = sorted(derived & set(data))
+        if taken:
+            raise ValueError(
+                f"The element already has keys {taken}, which `pack` writes (the segment ids "
+                "and positions of `lengths`' features); rename them."
+            )
+        for k in features:
+            leaf = data[k]
+            if not isinstance(leaf, jax.ShapeDtypeStruct) or len(leaf.shape) < 1:
+                raise ValueError(
+                    f"Packed feature `data['{k}']` (in `lengths`) must be an array "
+                    f"`[max_len, ...]`, got {leaf!r}."
+                )
+            if leaf.shape[0] < 1:
+                raise ValueError(f"Packed feature `data['{k}']` has max_len 0; it needs >= 1.")
+        for key in set(lengths.values()):
+            leaf = data[key]
+            if (
+                not isinstance(leaf, jax.ShapeDtypeStruct)
+                or leaf.shape != ()
+                or not jnp.issubdtype(leaf.dtype, jnp.integer)
+            ):
+                raise ValueError(
+                    f"Length `data['{key}']` (in `lengths`) must be an integer scalar, got "
+                    f"{leaf!r}."
+                )
+        _check_pad_value(pad_value, spec)
+        return data
+
+    def init_fn(element_spec: Any, key: Any = None) -> PackState:
+        del key  # deterministic
+        data = check_spec(spec_of(element_spec))
+        buffer = {}
+        for name, leaf in data.items():
+            if name in lengths:
+                shape = (num_rows, row_length, *leaf.shape[1:])
+                buffer[name] = jnp.full(shape, pad_value, leaf.dtype)
+                for out in _output_keys(name):
+                    buffer[out] = jnp.zeros((num_rows, row_length), jnp.int32)
+            else:
+                buffer[name] = jax.tree.map(
+                    lambda s: jnp.full((num_rows, max_segments, *s.shape), pad_value, s.dtype),
+                    leaf,
+                )
+        zero = Counter.of(0)
+        return PackState(
+            data=buffer,
+            fills=jnp.zeros((num_features, num_rows), jnp.int32),
+            segments=jnp.zeros((num_rows,), jnp.int32),
+            stats=Stats.zeros(),
+            sequences=zero,
+            rows=zero,
+            tokens=zero,
+            padding_tokens=zero,
+            truncated=zero,
+            truncated_tokens=zero,
+            max_lens=tuple((k, data[k].shape[0]) for k in features),
+        )
+
+    def spec_from_state(state: PackState) -> Element:
+        """The element spec `init` was given, rebuilt from the buffer shapes."""
+        max_lens = dict(state.max_lens)
+        data = {}
+        for name, leaf in state.data.items():
+            if name in derived:
+                continue
+            if name in max_lens:
+                data[name] = jax.ShapeDtypeStruct((max_lens[name], *leaf.shape[2:]), leaf.dtype)
+            else:
+                data[name] = jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), leaf
+                )
+        return Element(data=data)
+
+    def read_lengths(data: dict, max_lens: dict[str, int]) -> tuple[Array, Array]:
+        """The lengths `[num_features]` as given (checked) and as placed (maybe cut)."""
+        out_of_range = jnp.zeros((), bool)
+        for k in features:
+            # Checked in the length's own dtype, so a huge uint or int64 cannot wrap to fit.
+            raw = data[lengths[k]]
+            limit = min(max_lens[k], int(jnp.iinfo(raw.dtype).max))
+            too_big = raw > jnp.asarray(limit, raw.dtype)
+            out_of_range = out_of_range | too_big | (raw < jnp.zeros((), raw.dtype))
+        given = jnp.stack([data[lengths[k]].astype(jnp.int32) for k in features])
+        given = eqx.error_if(
+            given,
+            jnp.any(out_of_range),
+            "`pack`: a sequence length is negative or larger than its feature's max_len "
+            f"(max_lens {dict(max_lens)}).",
+        )
+        if too_long == "error":
+            given = eqx.error_if(
+                given,
+                jnp.any(given > row_length),
+                f"`pack`: a sequence is longer than `row_length`={row_length}; truncate it "
+                "first or pass `too_long='truncate'`.",
+            )
+        return given, jnp.minimum(given, row_length)
+
+    def decide(fills: Array, segments: Array, given: Array, lens: Array) -> tuple[Array, ...]:
+        """Placement of one sequence, on scalars only (shared by `step` and `feed`).
+
+        Returns `(full, skip, row, offsets, slot, fills, segments)`: whether the rows are
+        emitted first, whether the sequence is skipped (all lengths 0), its row, its
+        offset per feature, its segment index in the row (id `slot + 1`), and the fills
+        and segment counts after it.
+        """
+        skip = jnp.all(given == 0)
+
+        def fitting(fills, segments):
+            fit = jnp.all(fills + lens[:, None] <= row_length, axis=0)
+            return fit & (segments < max_segments)
+
+        full = ~jnp.any(fitting(fills, segments)) & ~skip
+        fills = jnp.where(full, 0, fills)
+        segments = jnp.where(full, 0, segments)
+        fit = fitting(fills, segments)
+        if strategy == "first_fit":
+            row = jnp.argmax(fit)
+        else:  # fullest row (fills summed over features, as Grain), earliest on a tie
+            row = jnp.argmax(jnp.where(fit, jnp.sum(fills, axis=0), -1))
+        offsets, slot = fills[:, row], segments[row]
+        place = ~skip
+        fills = fills.at[:, row].add(jnp.where(place, lens, 0))
+        segments = segments.at[row].add(place.astype(jnp.int32))
+        return full, skip, row, offsets, slot, fills, segments
+
+    def emission(fills: Array, segments: Array, ready: Array) -> dict[str, Array]:
+        """What emitting rows with these fills counts (all zero unless `ready`)."""
+        used = segments > 0
+        filled = jnp.sum(fills)
+        counts = {
+            "sequences": jnp.sum(segments),
+            "rows": jnp.sum(used.astype(jnp.int32)),
+            "tokens": filled,
+            "padding_tokens": all_tokens - filled,
+            "padded": jnp.sum((~used).astype(jnp.int32)),
+        }
+        return {k: jnp.where(ready, v, 0) for k, v in counts.items()}
+
+    def advanced(
+        state: PackState,
+        data: PyTree,
+        fills: Array,
+        segments: Array,
+        *,
+        accepted: Array,
+        skipped: Array,
+        batches: Array,
+        emitted: dict[str, Array],
+        cut: Array,
+    ) -> PackState:
+        stats = state.stats.add(
+            accepted=accepted,
+            skipped=skipped,
+            emitted=emitted["sequences"],
+            batches=batches,
+            padded=emitted["padded"],
+        )
+        return PackState(
+            data=data,
+            fills=fills,
+            segments=segments,
+            stats=stats,
+            sequences=state.sequences.add(emitted["sequences"]),
+            rows=state.rows.add(emitted["rows"]),
+            tokens=state.tokens.add(emitted["tokens"]),
+            padding_tokens=state.padding_tokens.add(emitted["padding_tokens"]),
+            truncated=state.truncated.add(jnp.sum(jnp.any(cut > 0, axis=-1).astype(jnp.int32))),
+            truncated_tokens=state.truncated_tokens.add(jnp.sum(cut)),
+            max_lens=state.max_lens,
+        )
+
+    def step_fn(state: PackState, element: Any) -> tuple[PackState, Emit]:
+        element = as_element(element)
+        check_against_spec(spec_from_state(state), element, what="element")
+        data = element.data
+        given, lens = read_lengths(data, dict(state.max_lens))
+        full, skip, row, offsets, slot, fills, segments = decide(
+            state.fills, state.segments, given, lens
+        )
+
+        buffer = dict(state.data)
+        index = jnp.arange(row_length, dtype=jnp.int32)
+        for f, k in enumerate(features):
+            at = index - offsets[f]  # position within the new sequence
+            before, inside = at < 0, (at >= 0) & (at < lens[f])
+            x = data[k]
+            shifted = jnp.take(x, jnp.clip(at, 0, x.shape[0] - 1), axis=0)
+            old = buffer[k][row]
+            pad = jnp.asarray(pad_value, x.dtype)
+            tokens = jnp.where(
+                rows_mask(before, old), old, jnp.where(rows_mask(inside, shifted), shifted, pad)
+            )
+            seg_key, pos_key = _output_keys(k)
+            zero = jnp.zeros((), jnp.int32)
+            segment_ids = jnp.where(before, buffer[seg_key][row], jnp.where(inside, slot + 1, zero))
+            positions = jnp.where(before, buffer[pos_key][row], jnp.where(inside, at, zero))
+            for name, new in ((k, tokens), (seg_key, segment_ids), (pos_key, positions)):
+                buffer[name] = jax.lax.dynamic_update_index_in_dim(buffer[name], new, row, 0)
+        entry = jnp.arange(max_segments, dtype=jnp.int32)
+        for name in tables(buffer):
+
+            def write_table(table, value):
+                old = table[row]
+                keep, put = entry < slot, (entry == slot) & ~skip
+                pad = jnp.asarray(pad_value, table.dtype)
+                new = jnp.where(
+                    rows_mask(keep, old), old, jnp.where(rows_mask(put, old), value[None], pad)
+                )
+                return jax.lax.dynamic_update_index_in_dim(table, new, row, 0)
+
+            buffer[name] = jax.tree.map(write_table, buffer[name], data[name])
+
+        batch = Batch(data=state.data, valid_mask=(state.segments > 0) & full)
+        new_state = advanced(
+            state,
+            buffer,
+            fills,
+            segments,
+            accepted=~skip,
+            skipped=skip,
+            batches=full,
+            emitted=emission(state.fills, state.segments, full),
+            cut=given - lens,
+        )
+        return new_state, Emit(batch, full)
+
+    def flush_fn(state: PackState) -> tuple[PackState, Emit]:
+        used = state.segments > 0
+        ready = jnp.any(used)
+
+        def clean(name: str, leaf: Array) -> Array:
+            pad = jnp.asarray(0 if name in derived else pad_value, leaf.dtype)
+            return jnp.where(rows_mask(used, leaf), leaf, pad)
+
+        data = {
+            name: jax.tree.map(lambda x, name=name: clean(name, x), tree)
+            for name, tree in state.data.items()
+        }
+        no = jnp.zeros((), jnp.int32)
+        new_state = advanced(
+            state,
+            state.data,
+            jnp.zeros_like(state.fills),
+            jnp.zeros_like(state.segments),
+            accepted=no,
+            skipped=no,
+            batches=ready,
+            emitted=emission(state.fills, state.segments, ready),
+            cut=jnp.zeros((num_features,), jnp.int32),
+        )
+        return new_state, Emit(Batch(data=data, valid_mask=used), ready)
+
+    def tables(buffer: dict) -> list[str]:
+        return [name for name in buffer if name not in lengths and name not in derived]
+
+    def feed_fn(
+        state: PackState, elements: Any, flush: bool = False
+    ) -> tuple[PackState, Emissions]:
+        elements = as_element(elements)
+        check_against_spec(spec_from_state(state), row_spec(elements), what="elements[i]")
+        data = elements.data
+        n = jnp.shape(data[features[0]])[0]
+        max_lens = dict(state.max_lens)
+        length_keys = sorted(set(lengths.values()))
+        if n:
+            given, lens = jax.vmap(lambda d: read_lengths(d, max_lens))(
+                {key: data[key] for key in length_keys}
+            )
+        else:
+            given = lens = jnp.zeros((0, num_features), jnp.int32)
+
+        # The plan, on scalars: the step's placement decision for every sequence in turn.
+        def plan(carry, x):
+            fills, segments = carry
+            full, skip, row, offsets, slot, new_fills, new_segments = decide(fills, segments, *x)
+            counts = emission(fills, segments, full)
+            return (new_fills, new_segments), (full, skip, row, offsets, slot, counts)
+
+        (fills, segments), (full, skip, row, offsets, slot, counts) = jax.lax.scan(
+            plan, (state.fills, state.segments), (given, lens)
+        )
+        group = jnp.cumsum(full.astype(jnp.int32))  # the batch each sequence goes into
+        whole = group[-1] if n else jnp.zeros((), jnp.int32)  # batches emitted mid-stream
+        tail = jnp.array(flush) & jnp.any(segments > 0)
+        count = whole + tail.astype(jnp.int32)
+        # The placed sequences, compacted in order: those of batch `k` are contiguous.
+        placed = ~skip
+        order = jnp.cumsum(placed.astype(jnp.int32)) - 1
+        at = jnp.where(placed, order, n)  # index `n`: dropped by the scatters
+        big = jnp.iinfo(jnp.int32).max
+
+        size = max(n, 1)  # one spare entry, so that an empty chunk still indexes
+
+        def compact(values, fill):
+            out = jnp.full((size, *values.shape[1:]), fill, values.dtype)
+            return out.at[at].set(values, mode="drop")
+
+        c_elem = compact(jnp.arange(n, dtype=jnp.int32), 0)
+        c_group = compact(group, big)
+        c_row, c_slot = compact(row.astype(jnp.int32), 0), compact(slot, 0)
+        c_offsets, c_lens = compact(offsets, 0), compact(lens, 0)
+        window = min(num_rows * max_segments, size)
+        fill0, segments0 = state.fills, state.segments
+
+        def build(k):
+            """Batch `k`'s data and its used rows: batch 0 continues the state's rows."""
+            first = k == 0
+            start = jnp.searchsorted(c_group, k, side="left").astype(jnp.int32)
+            q = jnp.clip(start + jnp.arange(window, dtype=jnp.int32), 0, max(n - 1, 0))
+            mine = (c_group[q] == k) & (start + jnp.arange(window) < n)
+            target = (jnp.where(mine, c_row[q], num_rows), c_slot[q])
+            # Window entry of each (row, segment slot), -1 where no new sequence.
+            entry = jnp.full((num_rows, max_segments), -1, jnp.int32)
+            entry = entry.at[target].set(jnp.arange(window, dtype=jnp.int32), mode="drop")
+            present = entry >= 0
+            w = jnp.maximum(entry, 0)
+            elem = c_elem[q][w]  # [rows, segments]
+            old_segment = first & (jnp.arange(max_segments)[None, :] < segments0[:, None])
+            out = {}
+            position = jnp.arange(row_length, dtype=jnp.int32)[None, :]
+            for f, key in enumerate(features):
+                off, length = c_offsets[q][w][..., f], c_lens[q][w][..., f]
+                # The segment covering each position: the last one starting at or before it.
+                marks = jnp.zeros((num_rows, row_length + 1), jnp.int32)
+                rows_index = jnp.broadcast_to(jnp.arange(num_rows)[:, None], off.shape)
+                ids = jnp.broadcast_to(jnp.arange(1, max_segments + 1), off.shape)
+                marks = marks.at[jnp.where(present, rows_index, num_rows), off].max(
+                    ids, mode="drop"
+                )
+                seg = jax.lax.cummax(marks[:, :row_length], axis=1)
+                s = jnp.maximum(seg - 1, 0)
+                start_at = jnp.take_along_axis(off, s, axis=1)
+                inside = (seg > 0) & (position < start_at + jnp.take_along_axis(length, s, axis=1))
+                source = jnp.take_along_axis(elem, s, axis=1)
+                x = data[key]
+                src = jnp.clip(position - start_at, 0, x.shape[1] - 1)
+                tokens = (
+                    x[source, src]
+                    if n
+                    else jnp.zeros((num_rows, row_length, *x.shape[2:]), x.dtype)
+                )
+                old = first & (position < fill0[f][:, None])
+                seg_key, pos_key = _output_keys(key)
+                zero, pad = jnp.zeros((), jnp.int32), jnp.asarray(pad_value, x.dtype)
+                new_tokens = jnp.where(rows_mask_2d(inside, tokens), tokens, pad)
+                out[key] = jnp.where(rows_mask_2d(old, tokens), state.data[key], new_tokens)
+                out[seg_key] = jnp.where(old, state.data[seg_key], jnp.where(inside, seg, zero))
+                out[pos_key] = jnp.where(
+                    old, state.data[pos_key], jnp.where(inside, position - start_at, zero)
+                )
+            for name in tables(state.data):
+
+                def table(buf, x):
+                    new = x[elem] if n else jnp.zeros(buf.shape, buf.dtype)
+                    pad = jnp.asarray(pad_value, buf.dtype)
+                    new = jnp.where(rows_mask_2d(present, new), new, pad)
+                    return jnp.where(rows_mask_2d(old_segment, new), buf, new)
+
+                out[name] = jax.tree.map(table, state.data[name], data[name])
+            used = jnp.any(present, axis=1) | (first & (segments0 > 0))
+            return out, used
+
+        def batch_fn(k):
+            out, used = build(k)
+            return Batch(data=out, valid_mask=used & (k < count))
+
+        at_end = emission(fills, segments, tail)  # what a final flush emits
+        emitted = {name: jnp.sum(counts[name]) + at_end[name] for name in at_end}
+        buffer, _ = build(whole)
+        cut = given - lens
+        new_state = advanced(
+            state,
+            buffer,
+            jnp.where(flush, 0, fills),
+            jnp.where(flush, 0, segments),
+            accepted=jnp.sum(placed.astype(jnp.int32)),
+            skipped=jnp.sum(skip.astype(jnp.int32)),
+            batches=count,
+            emitted=emitted,
+            cut=cut,
+        )
+        return new_state, Emissions(count=count, batch=batch_fn)
+
+    return Batcher(init=init_fn, step=step_fn, flush=flush_fn, feed=feed_fn)
+
+
+def rows_mask_2d(mask: Array, leaf: Array) -> Array:
+    """`mask` `[a, b]` reshaped to broadcast against `leaf` `[a, b, ...]`."""
+    return mask.reshape(mask.shape + (1,) * (jnp.ndim(leaf) - 2))

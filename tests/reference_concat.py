@@ -1,0 +1,160 @@
+"""A tiny pure-Python reference `concat_and_split`, and test streams for it.
+
+Sequences are plain lists of tokens, rows are lists of `(token, segment_id, position)`
+triples per feature; NumPy appears only to stack the result for comparison. It shares no
+code with `jaxbatch`: it is the obvious loop of Grain's rule (fill the open row feature by
+feature; when a feature does not fit, close the row and go on in the next one; close a row
+as soon as every feature fills it), written with lists.
+"""
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+class ReferenceRun(NamedTuple):
+    """What `concat_and_split` does to a whole stream.
+
+    Attributes:
+        batches: every ready batch, in order, as `(data, valid_mask)`: from `step`, then the
+            one `flush` emits (if any).
+        ready: for each element, whether its `step` emitted a batch.
+        stats_before_flush: the `Stats` counters after the last `step`.
+        stats: the `Stats` counters after `flush`.
+        tokens: per feature, tokens taken in.
+        padding_tokens: per feature, padding slots in the emitted batches.
+    """
+
+    batches: list[tuple[dict[str, np.ndarray], np.ndarray]]
+    ready: list[bool]
+    stats_before_flush: dict[str, int]
+    stats: dict[str, int]
+    tokens: dict[str, int]
+    padding_tokens: dict[str, int]
+
+
+def concat_and_split(
+    sequences: list[dict[str, list[Any]]],
+    row_length: int,
+    num_rows: int,
+    *,
+    like: dict[str, np.ndarray],
+    pad_value: Any = 0,
+    continue_positions: bool = False,
+) -> ReferenceRun:
+    """Pack `sequences` (`{feature: list of tokens}` each) into batches of rows.
+
+    `like` maps each feature to an example token (its shape and dtype shape the padding).
+    """
+    features = sorted(like)
+    closed: list[dict[str, list]] = []  # closed rows, emitted or not
+    open_row: dict[str, list] = {k: [] for k in features}
+    segment = 0  # pieces in the open row
+    ends: list[int] = []  # for each accepted sequence, the row its last piece is in
+    batches, ready = [], []
+    stats = dict.fromkeys(("accepted", "skipped", "dropped", "emitted", "batches", "padded"), 0)
+    tokens = dict.fromkeys(features, 0)
+
+    def make_batch(rows):
+        rows = rows + [{k: [] for k in features}] * (num_rows - len(rows))
+        data = {}
+        for k in features:
+            pad = (np.full_like(like[k], pad_value), 0, 0)
+            cells = [row[k] + [pad] * (row_length - len(row[k])) for row in rows]
+            data[k] = np.array([[c[0] for c in r] for r in cells], like[k].dtype)
+            data[f"{k}_segment_ids"] = np.array([[c[1] for c in r] for r in cells], np.int32)
+            data[f"{k}_positions"] = np.array([[c[2] for c in r] for r in cells], np.int32)
+        valid = np.array([any(row[k] for k in features) for row in rows])
+        return data, valid
+
+    for sequence in sequences:
+        if all(len(sequence[k]) == 0 for k in features):
+            stats["skipped"] += 1
+            ready.append(False)
+            continue
+        stats["accepted"] += 1
+        rest = {k: list(enumerate(sequence[k])) for k in features}
+        for k in features:
+            tokens[k] += len(sequence[k])
+        while True:
+            room = {k: row_length - len(open_row[k]) for k in features}
+            overflow = any(len(rest[k]) > room[k] for k in features)
+            segment += 1
+            for k in features:
+                piece, rest[k] = rest[k][: room[k]], rest[k][room[k] :]
+                for j, (i, token) in enumerate(piece):
+                    open_row[k].append((token, segment, i if continue_positions else j))
+            if not overflow:
+                break
+            closed.append(open_row)
+            open_row, segment = {k: [] for k in features}, 0
+        ends.append(len(closed))
+        if all(len(open_row[k]) == row_length for k in features):
+            closed.append(open_row)
+            open_row, segment = {k: [] for k in features}, 0
+        emitted_rows = stats["batches"] * num_rows
+        new = (len(closed) - emitted_rows) // num_rows
+        assert new <= 1, "a step completed two batches"
+        if new:
+            batches.append(make_batch(closed[emitted_rows : emitted_rows + num_rows]))
+            stats["batches"] += 1
+        ready.append(bool(new))
+        stats["emitted"] = sum(end < stats["batches"] * num_rows for end in ends)
+
+    before = dict(stats)
+    left = closed[stats["batches"] * num_rows :]
+    if any(open_row[k] for k in features):
+        left.append(open_row)
+    if left:
+        assert len(left) <= num_rows
+        batches.append(make_batch(left))
+        stats["batches"] += 1
+        stats["padded"] += num_rows - len(left)
+        stats["emitted"] = stats["accepted"]
+    padding = {k: sum(int((b[f"{k}_segment_ids"] == 0).sum()) for b, _ in batches) for k in like}
+    return ReferenceRun(batches, ready, before, stats, tokens, padding)
+
+
+# --------------------------------------------------------------------------- test streams
+
+
+def make_stream(lengths: dict[str, list[int]], max_len: dict[str, int], seed: int) -> dict:
+    """Stacked elements: feature `k` (length key `k + "_len"`) with `lengths[k][i]` tokens.
+
+    Feature `"x"` is int32 `[max_len]`, any other is float32 `[max_len, 2]`. Tokens are
+    distinct (`1000 * (i + 1) + position`); the slots past a sequence's length hold junk
+    (`-7`), so a token read past its length shows.
+    """
+    rng = np.random.default_rng(seed)
+    data = {}
+    for k, ns in lengths.items():
+        n = len(ns)
+        base = 1000 * np.arange(1, n + 1)[:, None] + np.arange(max_len[k])[None, :]
+        keep = np.arange(max_len[k])[None, :] < np.array(ns, dtype=np.int64).reshape(n, 1)
+        values = np.where(keep, base, -7)
+        if k == "x":
+            data[k] = values.astype(np.int32)
+        else:
+            noise = rng.integers(0, 9, size=(n, max_len[k], 1))
+            data[k] = np.concatenate([values[..., None], noise], axis=-1).astype(np.float32)
+        data[f"{k}_len"] = np.array(ns, dtype=np.int32).reshape(n)
+    return data
+
+
+def sequences_of(stream: dict) -> list[dict[str, list]]:
+    """The stream's sequences as reference input: the first `length` tokens of each."""
+    features = sorted(k for k in stream if not k.endswith("_len"))
+    n = len(stream[f"{features[0]}_len"])
+    return [
+        {k: list(np.asarray(stream[k])[i][: int(stream[f"{k}_len"][i])]) for k in features}
+        for i in range(n)
+    ]
+
+
+def like_of(stream: dict) -> dict[str, np.ndarray]:
+    """An example token per feature (shape and dtype of padding)."""
+    return {
+        k: np.zeros(np.shape(v)[2:], np.asarray(v).dtype)
+        for k, v in stream.items()
+        if not k.endswith("_len")
+    }

@@ -1,0 +1,128 @@
+"""A tiny reference packer: plain Python lists and NumPy, no jaxbatch and no JAX.
+
+It follows Grain 0.2.18's `FirstFitPackedBatch` / `BestFitPackedBatch` loop as written (rows
+are lists of sequences; a sequence that fits in no row emits every row and starts the next
+batch), with `jaxbatch.pack`'s documented choices: an element whose every packed feature
+has length 0 is skipped, and `too_long="truncate"` keeps the first `row_length` tokens.
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+Elem = dict[str, Any]
+
+
+@dataclasses.dataclass
+class PackRun:
+    """What the reference packer did with a stream.
+
+    Attributes:
+        emitted: per element, the batch emitted by its step (a dict of arrays plus
+            `"valid_mask"`), or None.
+        flushed: the batches of the final flush (zero or one).
+        stats: `Stats` counter values by field name.
+        packing: `packing_stats` values by name.
+        buffered: sequences waiting in the rows before the flush.
+    """
+
+    emitted: list[dict[str, np.ndarray] | None]
+    flushed: list[dict[str, np.ndarray]]
+    stats: dict[str, int]
+    packing: dict[str, int]
+    buffered: int
+
+
+def pack(
+    elements: list[Elem],
+    *,
+    row_length: int,
+    num_rows: int,
+    lengths: dict[str, str],
+    strategy: str = "first_fit",
+    too_long: str = "error",
+    pad_value: int | float = 0,
+    max_segments: int | None = None,
+) -> PackRun:
+    """Pack `elements` (dicts of NumPy arrays/scalars) the way `jaxbatch.pack` documents."""
+    max_segments = row_length if max_segments is None else max_segments
+    features = sorted(lengths)
+    like = elements[0] if elements else None
+    rows: list[list[tuple[Elem, dict[str, int]]]] = [[] for _ in range(num_rows)]
+    stats = dict.fromkeys(("accepted", "skipped", "dropped", "emitted", "batches", "padded"), 0)
+    packing = dict.fromkeys(
+        ("sequences", "rows", "tokens", "padding_tokens", "truncated", "truncated_tokens"), 0
+    )
+
+    def fill(row, k):
+        return sum(lens[k] for _, lens in row)
+
+    def fits(row, lens):
+        room = all(fill(row, k) + lens[k] <= row_length for k in features)
+        return room and len(row) < max_segments
+
+    def build(rows) -> dict[str, np.ndarray]:
+        out = {}
+        for key, value in like.items():
+            value = np.asarray(value)
+            if key in lengths:
+                tokens = np.full((num_rows, row_length, *value.shape[1:]), pad_value, value.dtype)
+                seg = np.zeros((num_rows, row_length), np.int32)
+                pos = np.zeros((num_rows, row_length), np.int32)
+                for j, row in enumerate(rows):
+                    start = 0
+                    for s, (e, lens) in enumerate(row):
+                        n = lens[key]
+                        tokens[j, start : start + n] = np.asarray(e[key])[:n]
+                        seg[j, start : start + n] = s + 1
+                        pos[j, start : start + n] = np.arange(n)
+                        start += n
+                out[key], out[f"{key}_segment_ids"], out[f"{key}_positions"] = tokens, seg, pos
+            else:
+                table = np.full((num_rows, max_segments, *value.shape), pad_value, value.dtype)
+                for j, row in enumerate(rows):
+                    for s, (e, _) in enumerate(row):
+                        table[j, s] = e[key]
+                out[key] = table
+        out["valid_mask"] = np.array([len(row) > 0 for row in rows])
+        in_rows = sum(len(row) for row in rows)
+        tokens = sum(fill(row, k) for row in rows for k in features)
+        used = sum(len(row) > 0 for row in rows)
+        stats["emitted"] += in_rows
+        stats["batches"] += 1
+        stats["padded"] += num_rows - used
+        packing["sequences"] += in_rows
+        packing["rows"] += used
+        packing["tokens"] += tokens
+        packing["padding_tokens"] += len(features) * num_rows * row_length - tokens
+        return out
+
+    emitted: list[dict[str, np.ndarray] | None] = []
+    for e in elements:
+        given = {k: int(e[lengths[k]]) for k in features}
+        if any(n > row_length for n in given.values()):
+            if too_long == "error":
+                raise ValueError(f"sequence longer than row_length: {given}")
+            packing["truncated"] += 1
+        lens = {k: min(n, row_length) for k, n in given.items()}
+        packing["truncated_tokens"] += sum(given[k] - lens[k] for k in features)
+        if all(n == 0 for n in given.values()):
+            stats["skipped"] += 1
+            emitted.append(None)
+            continue
+        stats["accepted"] += 1
+        batch = None
+        if not any(fits(row, lens) for row in rows):
+            batch = build(rows)
+            rows = [[] for _ in range(num_rows)]
+        candidates = [j for j, row in enumerate(rows) if fits(row, lens)]
+        if strategy == "first_fit":
+            j = candidates[0]
+        else:  # the fullest (fills summed over features), the earliest on a tie
+            j = max(candidates, key=lambda j: (sum(fill(rows[j], k) for k in features), -j))
+        rows[j].append((e, lens))
+        emitted.append(batch)
+    buffered = sum(len(row) for row in rows)
+    flushed = [build(rows)] if buffered else []
+    return PackRun(emitted, flushed, stats, packing, buffered)

@@ -1,0 +1,545 @@
+"""`pack`: against the reference packer (and Grain itself when installed), and the batcher
+laws (jit vs no jit, exact resume, one trace, vmap, errors, counters, the `scan` driver)."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference_pack as ref
+from hypothesis import given, settings, strategies as st
+
+import jaxbatch as jb
+
+LENGTHS = {"inputs": "n_in", "targets": "n_tg"}
+# (row_length, num_rows, strategy, too_long, max_segments, max_len): a few fixed
+# configurations, so each is compiled once; hypothesis varies the streams.
+CONFIGS = [
+    (4, 2, "first_fit", "error", None, 4),
+    (5, 3, "best_fit", "truncate", None, 7),
+    (3, 1, "best_fit", "error", 2, 3),
+    (6, 2, "first_fit", "truncate", 2, 8),
+    (1, 2, "first_fit", "error", None, 2),
+]
+
+
+@functools.cache
+def batcher_for(row_length, num_rows, strategy, too_long, max_segments, pad_value=0):
+    return jb.pack(
+        row_length,
+        num_rows,
+        lengths=LENGTHS,
+        strategy=strategy,
+        too_long=too_long,
+        pad_value=pad_value,
+        max_segments=max_segments,
+    )
+
+
+@functools.cache
+def jitted(batcher):
+    return jax.jit(batcher.step), jax.jit(batcher.flush)
+
+
+def make_elements(lengths, max_len, seed=0):
+    """One element per `(n_in, n_tg)`: recognisable tokens, garbage past each length."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (n_in, n_tg) in enumerate(lengths):
+        inputs = rng.integers(-9, 0, size=max_len, dtype=np.int32)
+        inputs[:n_in] = 1000 * (i + 1) + np.arange(n_in)
+        targets = rng.standard_normal((max_len, 2)).astype(np.float32)
+        targets[:n_tg] = -(1000 * (i + 1) + np.arange(2 * n_tg).reshape(n_tg, 2))
+        out.append(
+            {
+                "inputs": inputs,
+                "targets": targets,
+                "n_in": np.asarray(n_in, np.int32),
+                "n_tg": np.asarray(n_tg, np.int32),
+                "id": np.asarray(i, np.int32),
+                "w": rng.standard_normal(2).astype(np.float32),
+            }
+        )
+    return out
+
+
+def spec_for(max_len):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_elements([(1, 1)], max_len)[0]
+    )
+
+
+def stack(elements):
+    return jax.tree.map(lambda *xs: np.stack(xs), *elements)
+
+
+def as_reference(emit):
+    """An `Emit` as the reference does: None if not ready, else its data and mask."""
+    mask = np.asarray(emit.batch.valid_mask)
+    if not bool(emit.ready):
+        assert not mask.any()
+        return None
+    out = {k: np.asarray(v) for k, v in jax.device_get(emit.batch.data).items()}
+    out["valid_mask"] = mask
+    return out
+
+
+def run(batcher, elements, spec, *, use_jit=True, state=None):
+    """Step every element, then flush until nothing is ready."""
+    step, flush = jitted(batcher) if use_jit else (batcher.step, batcher.flush)
+    state = batcher.init(spec) if state is None else state
+    emitted = []
+    for element in elements:
+        state, emit = step(state, element)
+        emitted.append(as_reference(emit))
+    before_flush = state
+    flushed = []
+    while True:
+        state, emit = flush(state)
+        if not bool(emit.ready):
+            assert not np.asarray(emit.batch.valid_mask).any()
+            break
+        flushed.append(as_reference(emit))
+        assert len(flushed) == 1  # law 3: one buffer, one batch
+    return before_flush, emitted, flushed, state
+
+
+def counters(named):
+    return {k: int(v) for k, v in named.items()}
+
+
+def stats_of(state):
+    names = ("accepted", "skipped", "dropped", "emitted", "batches", "padded")
+    return {name: int(getattr(state.stats, name)) for name in names}
+
+
+def expected(elements, config):
+    row_length, num_rows, strategy, too_long, max_segments, _ = config
+    return ref.pack(
+        elements,
+        row_length=row_length,
+        num_rows=num_rows,
+        lengths=LENGTHS,
+        strategy=strategy,
+        too_long=too_long,
+        max_segments=max_segments,
+    )
+
+
+def assert_batches_equal(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if w is None or g is None:
+            assert g is None and w is None
+        else:
+            chex.assert_trees_all_equal(g, w)
+
+
+@st.composite
+def streams(draw):
+    config = draw(st.sampled_from(CONFIGS))
+    row_length, _, _, too_long, _, max_len = config
+    top = max_len if too_long == "truncate" else min(max_len, row_length)
+    length = st.integers(0, top)
+    lengths = draw(st.lists(st.tuples(length, length), max_size=14))
+    return config, lengths, draw(st.integers(0, 2**16))
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@settings(max_examples=20)
+@given(case=streams())
+def test_step_and_flush_match_reference(case):
+    config, lengths, seed = case
+    batcher = batcher_for(*config[:5])
+    elements = make_elements(lengths, config[5], seed)
+    want = expected(elements, config)
+    before_flush, emitted, flushed, state = run(batcher, elements, spec_for(config[5]))
+    assert_batches_equal(emitted, want.emitted)
+    assert_batches_equal(flushed, want.flushed)
+    assert int(jnp.sum(before_flush.segments)) == want.buffered
+    assert stats_of(state) == want.stats
+    assert counters(jb.packing_stats(state)) == want.packing
+    # Conservation: every sequence taken is emitted (the flush drained the rest).
+    s = want.stats
+    assert s["accepted"] + s["skipped"] == len(elements)
+    assert s["accepted"] == s["emitted"]
+    assert int(jnp.sum(state.segments)) == 0
+
+
+def test_exact_fit_waits_for_the_next_sequence_like_grain():
+    """Rows that become exactly full are not emitted until a sequence does not fit."""
+    batcher = batcher_for(4, 2, "first_fit", "error", None)
+    elements = make_elements([(4, 4), (4, 4), (2, 2), (2, 2), (1, 1)], 4)
+    _, emitted, flushed, _ = run(batcher, elements, spec_for(4))
+    assert [e is not None for e in emitted] == [False, False, True, False, False]
+    np.testing.assert_array_equal(
+        emitted[2]["inputs"], [[1000, 1001, 1002, 1003], [2000, 2001, 2002, 2003]]
+    )
+    np.testing.assert_array_equal(flushed[0]["inputs"], [[3000, 3001, 4000, 4001], [5000, 0, 0, 0]])
+    np.testing.assert_array_equal(flushed[0]["inputs_segment_ids"], [[1, 1, 2, 2], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(flushed[0]["id"], [[2, 3, 0, 0], [4, 0, 0, 0]])
+
+
+def test_best_fit_picks_the_fullest_row():
+    batcher = batcher_for(5, 3, "best_fit", "truncate", None)
+    # Rows: [3], [4] -> a 1 goes to the fuller row 1, a 2 to row 0.
+    elements = make_elements([(3, 3), (4, 4), (1, 1), (2, 2)], 7)
+    _, _, flushed, _ = run(batcher, elements, spec_for(7))
+    np.testing.assert_array_equal(flushed[0]["id"][:, :2], [[0, 3], [1, 2], [0, 0]])
+    np.testing.assert_array_equal(flushed[0]["valid_mask"], [True, True, False])
+
+
+def test_empty_sequences_are_skipped_and_counted():
+    batcher = batcher_for(4, 2, "first_fit", "error", None)
+    elements = make_elements([(2, 1), (0, 0), (0, 3)], 4)
+    _, _, flushed, state = run(batcher, elements, spec_for(4))
+    np.testing.assert_array_equal(flushed[0]["id"][0, :3], [0, 2, 0])
+    np.testing.assert_array_equal(flushed[0]["inputs_segment_ids"][0], [1, 1, 0, 0])
+    np.testing.assert_array_equal(flushed[0]["targets_segment_ids"][0], [1, 2, 2, 2])
+    assert stats_of(state)["skipped"] == 1 and stats_of(state)["accepted"] == 2
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_jit_and_no_jit_agree(use_jit):
+    config = CONFIGS[1]
+    batcher = batcher_for(*config[:5])
+    elements = make_elements([(3, 2), (7, 1), (0, 0), (2, 5), (5, 5), (1, 0)], config[5], 7)
+    want = expected(elements, config)
+    _, emitted, flushed, state = run(batcher, elements, spec_for(config[5]), use_jit=use_jit)
+    assert_batches_equal(emitted, want.emitted)
+    assert_batches_equal(flushed, want.flushed)
+    assert counters(jb.packing_stats(state)) == want.packing
+    assert want.packing["truncated"] == 1 and want.packing["truncated_tokens"] == 2
+
+
+# --------------------------------------------------------------------------- laws
+
+
+@settings(max_examples=6)
+@given(case=streams(), data=st.data())
+def test_resume_mid_row_is_bit_identical(tmp_path_factory, case, data):
+    config, lengths, seed = case
+    batcher, spec = batcher_for(*config[:5]), spec_for(config[5])
+    elements = make_elements(lengths, config[5], seed)
+    k = data.draw(st.integers(0, len(elements)), label="save after k steps")
+    _, emitted, flushed, final = run(batcher, elements, spec)
+
+    saved, emitted_a, _, _ = run(batcher, elements[:k], spec)
+    path = tmp_path_factory.mktemp("pack") / "state.ckpt"
+    jb.save_state(path, saved)
+    loaded = jb.load_state(path, like=jax.eval_shape(batcher.init, spec))
+    _, emitted_b, resumed_flushed, resumed = run(batcher, elements[k:], spec, state=loaded)
+    assert_batches_equal(emitted_a + emitted_b, emitted)
+    assert_batches_equal(resumed_flushed, flushed)
+    chex.assert_trees_all_equal(resumed, final)
+
+
+def test_one_trace_for_any_values():
+    batcher = jb.pack(4, 2, lengths=LENGTHS, strategy="best_fit")
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state, element):
+        return batcher.step(state, element)
+
+    state = batcher.init(spec_for(4))
+    for element in make_elements([(1, 2), (4, 4), (0, 0), (3, 1), (2, 2)], 4):
+        state, _ = step(state, element)
+    assert int(state.stats.accepted) == 4
+
+
+@functools.cache
+def _vmapped(batcher):
+    def run_one(state, elements):
+        state, emits = jax.lax.scan(batcher.step, state, elements)
+        state, last = batcher.flush(state)
+        return state, emits, last
+
+    return jax.jit(run_one), jax.jit(jax.vmap(run_one))
+
+
+def test_vmap_over_two_streams_equals_separate_runs():
+    config = CONFIGS[1]
+    batcher, spec = batcher_for(*config[:5]), spec_for(config[5])
+    streams_ = [
+        stack(make_elements(lengths, config[5], seed))
+        for seed, lengths in ((1, [(3, 3), (5, 1), (2, 2), (6, 4)]), (2, [(1, 1)] * 3 + [(5, 5)]))
+    ]
+    one, both = _vmapped(batcher)
+    starts = [batcher.init(spec), batcher.init(spec)]
+    together = both(stack(jax.device_get(starts)), stack(streams_))
+    for i, stream in enumerate(streams_):
+        chex.assert_trees_all_equal(
+            jax.tree.map(lambda x, i=i: x[i], together), one(starts[i], stream)
+        )
+
+
+def test_scan_consumer_sees_every_token_exactly_once():
+    config = CONFIGS[3]  # truncating
+    batcher = batcher_for(*config[:5])
+    lengths = [(3, 2), (8, 1), (1, 6), (6, 6), (0, 0), (2, 3), (5, 1), (4, 4), (1, 1)]
+    elements = make_elements(lengths, config[5], 3)
+
+    def consume(carry, batch):
+        total, count, seen = carry
+        keep = (batch.data["inputs_segment_ids"] > 0) & batch.valid_mask[:, None]
+        tokens = jnp.where(keep, batch.data["inputs"], 0)
+        # Segment `s` of row `j` has per-segment id `batch.data["id"][j, s - 1]`.
+        ids = jnp.take_along_axis(
+            batch.data["id"], jnp.maximum(batch.data["inputs_segment_ids"] - 1, 0), axis=1
+        )
+        seen = seen.at[jnp.where(keep, ids, len(lengths))].add(1, mode="drop")
+        return total + jnp.sum(tokens), count + jnp.sum(keep.astype(jnp.int32)), seen
+
+    carry = (jnp.int32(0), jnp.int32(0), jnp.zeros(len(lengths), jnp.int32))
+    (total, count, seen), state = jb.scan(batcher, consume, carry, stack(elements))
+    kept = [(e, min(int(e["n_in"]), config[0])) for e in elements]
+    assert int(total) == sum(int(e["inputs"][:n].sum()) for e, n in kept)
+    assert int(count) == sum(n for _, n in kept)
+    np.testing.assert_array_equal(seen, [n for _, n in kept])  # each token under its own id
+    stats = counters(jb.packing_stats(state))
+    assert stats["truncated"] == 1 and stats["truncated_tokens"] == 2
+    assert stats["tokens"] == sum(
+        min(int(e[key]), config[0]) for e in elements for key in ("n_in", "n_tg")
+    )
+    efficiency = stats["tokens"] / (stats["tokens"] + stats["padding_tokens"])
+    assert 0 < efficiency <= 1
+
+
+def test_batch_all_default_room_is_enough():
+    config = CONFIGS[0]
+    batcher = batcher_for(*config[:5])
+    elements = make_elements([(1, 1)] * 5 + [(4, 4)] * 3, config[5])
+    batches, count = jb.batch_all(batcher, stack(elements))
+    want = expected(elements, config)
+    got = [
+        {k: np.asarray(v)[i] for k, v in {**batches.data, "valid_mask": batches.valid_mask}.items()}
+        for i in range(int(count))
+    ]
+    assert_batches_equal(got, [b for b in want.emitted if b is not None] + want.flushed)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"row_length": 0}, "row_length"),
+        ({"row_length": 2.0}, "row_length"),
+        ({"row_length": True}, "row_length"),
+        ({"num_rows": -1}, "num_rows"),
+        ({"strategy": "worst_fit"}, "strategy"),
+        ({"too_long": "drop"}, "too_long"),
+        ({"pad_value": "x"}, "pad_value"),
+        ({"max_segments": 0}, "max_segments"),
+        ({"lengths": {}}, "lengths"),
+        ({"lengths": {"inputs": 3}}, "lengths"),
+        ({"lengths": ["inputs"]}, "lengths"),
+        ({"lengths": {"inputs": "n_in", "n_in": "n_tg"}}, "lengths"),
+        ({"row_length": 2**16, "num_rows": 2**16}, "num_rows"),
+    ],
+)
+def test_bad_configuration_raises_naming_the_argument(kwargs, argument):
+    args = {"row_length": 4, "num_rows": 2, "lengths": LENGTHS, **kwargs}
+    row_length, num_rows = args.pop("row_length"), args.pop("num_rows")
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        jb.pack(row_length, num_rows, **args)
+
+
+def test_bad_element_spec_raises_at_init():
+    batcher = jb.pack(4, 2, lengths=LENGTHS)
+    spec = spec_for(4)
+    with pytest.raises(ValueError, match="`lengths`.*n_tg"):
+        batcher.init({k: v for k, v in spec.items() if k != "n_tg"})
+    with pytest.raises(ValueError, match="data\\['inputs'\\]"):
+        batcher.init({**spec, "inputs": jax.ShapeDtypeStruct((), jnp.int32)})
+    with pytest.raises(ValueError, match="data\\['n_in'\\]"):
+        batcher.init({**spec, "n_in": jax.ShapeDtypeStruct((), jnp.float32)})
+    with pytest.raises(ValueError, match="inputs_segment_ids"):
+        batcher.init({**spec, "inputs_segment_ids": jax.ShapeDtypeStruct((), jnp.int32)})
+    with pytest.raises(ValueError, match="`pad_value`"):
+        jb.pack(4, 2, lengths=LENGTHS, pad_value=0.5).init(spec)
+    with pytest.raises(TypeError, match="metadata"):
+        batcher.init(jb.Element(data=spec, metadata=jb.Metadata(index=0)))
+
+
+def test_element_unlike_the_spec_raises_naming_the_leaf():
+    batcher = batcher_for(*CONFIGS[0][:5])
+    state = batcher.init(spec_for(4))
+    element = make_elements([(1, 1)], 4)[0]
+    with pytest.raises(TypeError, match="element.data\\['inputs'\\]"):
+        batcher.step(state, {**element, "inputs": element["inputs"].astype(np.float32)})
+    with pytest.raises(TypeError, match="element.data\\['targets'\\]"):
+        batcher.step(state, {**element, "targets": element["targets"][:3]})
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_too_long_and_bad_lengths_raise_at_run_time(use_jit):
+    config = (3, 2, "first_fit", "error", None, 5)
+    batcher = batcher_for(*config[:5])
+    step = jitted(batcher)[0] if use_jit else batcher.step
+    state = batcher.init(spec_for(5))
+    (element,) = make_elements([(4, 1)], 5)
+    with pytest.raises(Exception, match="longer than `row_length`"):
+        jax.block_until_ready(step(state, element))
+    for bad in (-1, 6):
+        with pytest.raises(Exception, match="negative or larger than"):
+            jax.block_until_ready(step(state, {**element, "n_in": np.asarray(bad, np.int32)}))
+    (fine,) = make_elements([(3, 1)], 5)
+    assert int(step(state, fine)[0].stats.accepted) == 1
+
+
+# --------------------------------------------------------------------------- Grain
+
+
+@pytest.mark.parametrize("strategy", ["first_fit", "best_fit"])
+@pytest.mark.parametrize("max_segments", [None, 2])
+def test_rows_equal_grain(strategy, max_segments):
+    grain = pytest.importorskip("grain", reason="compared with Grain only where it is installed")
+    from grain import experimental
+
+    row_length, num_rows, max_len = 6, 3, 6
+    batcher = batcher_for(row_length, num_rows, strategy, "error", max_segments)
+    packer = {
+        "first_fit": experimental.FirstFitPackIterDataset,
+        "best_fit": experimental.BestFitPackIterDataset,
+    }[strategy]
+    rng = np.random.default_rng(0)
+    for trial in range(4):
+        lengths = rng.integers(1, row_length + 1, size=(25, 2)).tolist()
+        elements = make_elements(lengths, max_len, trial)
+        sliced = [
+            {
+                "inputs": e["inputs"][: int(e["n_in"])],
+                "targets": e["targets"][: int(e["n_tg"])],
+                "id": e["id"],
+            }
+            for e in elements
+        ]
+        dataset = packer(
+            grain.MapDataset.source(sliced).to_iter_dataset(),
+            length_struct={"inputs": row_length, "targets": row_length},
+            num_packing_bins=num_rows,
+            shuffle_bins=False,
+            meta_features=("id",),
+            max_sequences_per_bin=max_segments,
+        )
+        grain_rows = list(dataset)
+
+        _, emitted, flushed, _ = run(batcher, elements, spec_for(max_len))
+        ours = []
+        for batch in [b for b in emitted if b is not None] + flushed:
+            for j in np.flatnonzero(batch["valid_mask"]):
+                ours.append({k: v[j] for k, v in batch.items() if k != "valid_mask"})
+        assert len(ours) == len(grain_rows)
+        for mine, theirs in zip(ours, grain_rows):
+            for key in ("inputs", "targets"):
+                for suffix in ("", "_segment_ids", "_positions"):
+                    np.testing.assert_array_equal(mine[key + suffix], theirs[key + suffix])
+            ids = [int(i) for i in theirs["id"]]
+            np.testing.assert_array_equal(mine["id"][: len(ids)], ids)
+            assert (mine["id"][len(ids) :] == 0).all()
+
+
+# --------------------------------------------------------------------------- bulk feed
+
+
+CHUNK = 8  # one chunk length, so each configuration compiles its bulk program once
+
+
+@functools.cache
+def _bulk(batcher, flush, n=CHUNK):
+    """Jitted: one chunk through the bulk `feed`, via `collect` (materialised) and via
+    `consume` (the consumer's single call site)."""
+
+    def append(carry, batch):
+        out, count = carry
+        out = jax.tree.map(
+            lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, count, 0), out, batch
+        )
+        return out, count + 1
+
+    def go(state, chunk):
+        collected = jb.collect(batcher, state, chunk, n + 1, flush=flush)
+        empty = jax.tree.map(jnp.zeros_like, collected[1])
+        consumed = jb.consume(batcher, state, chunk, append, (empty, jnp.int32(0)), flush=flush)
+        return collected, consumed
+
+    return jax.jit(go)
+
+
+def _slots(batches, count):
+    batches = jax.device_get(batches)
+    return [
+        {**{k: v[i] for k, v in batches.data.items()}, "valid_mask": batches.valid_mask[i]}
+        for i in range(count)
+    ]
+
+
+def check_bulk_equals_stepping(batcher, spec, state, chunk, flush):
+    """The bulk path from `state` over `chunk` gives exactly stepping's batches and state."""
+    before, emitted, flushed, after = run(batcher, chunk, spec, state=state)
+    want = [b for b in emitted if b is not None] + (flushed if flush else [])
+    s_step = after if flush else before
+    if chunk:
+        tree = stack(chunk)
+    else:
+        tree = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), spec)
+    (s_bulk, out_bulk, n_bulk), (s_cons, (out_cons, n_cons)) = _bulk(batcher, flush, len(chunk))(
+        state, tree
+    )
+    assert int(n_bulk) == int(n_cons) == len(want)
+    assert_batches_equal(_slots(out_bulk, len(want)), want)
+    assert_batches_equal(_slots(out_cons, len(want)), want)
+    assert not np.asarray(out_bulk.valid_mask)[len(want) :].any()
+    for s in (s_bulk, s_cons):
+        assert stats_of(s) == stats_of(s_step)
+        assert counters(jb.packing_stats(s)) == counters(jb.packing_stats(s_step))
+        chex.assert_trees_all_equal((s.fills, s.segments), (s_step.fills, s_step.segments))
+        # The buffered rows (the specified part of the buffer) flush the same.
+        assert_batches_equal(run(batcher, [], spec, state=s)[2], flushed if not flush else [])
+
+
+@settings(max_examples=7)
+@given(case=streams(), flush=st.booleans(), data=st.data())
+def test_bulk_feed_equals_stepping(case, flush, data):
+    config, _, seed = case
+    row_length, _, _, too_long, _, max_len = config
+    top = max_len if too_long == "truncate" else min(max_len, row_length)
+    length = st.integers(0, top)
+    pairs = data.draw(st.lists(st.tuples(length, length), min_size=CHUNK + 6, max_size=CHUNK + 6))
+    k = data.draw(st.integers(0, 6), label="elements stepped before the chunk")
+    batcher, spec = batcher_for(*config[:5]), spec_for(max_len)
+    elements = make_elements(pairs, max_len, seed)
+    state = run(batcher, elements[:k], spec)[0]
+    check_bulk_equals_stepping(batcher, spec, state, elements[k : k + CHUNK], flush)
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_bulk_feed_of_an_empty_chunk(flush):
+    config = CONFIGS[1]
+    batcher, spec = batcher_for(*config[:5]), spec_for(config[5])
+    state = run(batcher, make_elements([(3, 2), (5, 5)], config[5]), spec)[0]
+    check_bulk_equals_stepping(batcher, spec, state, [], flush)
+
+
+# --------------------------------------------------------------------------- the law checker
+
+
+@pytest.mark.parametrize("strategy, too_long", [("first_fit", "error"), ("best_fit", "truncate")])
+def test_pack_passes_check_batcher(strategy, too_long):
+    from jaxbatch.testing import check_batcher
+
+    lengths = [(3, 1), (1, 2), (5, 5), (2, 0), (4, 3), (1, 1), (0, 0), (5, 2)]
+    if too_long == "truncate":
+        lengths[2] = (7, 6)  # longer than the row: its first 5 tokens come out, counted
+    stream = stack(make_elements(lengths, 7, seed=3))
+    batcher = jb.pack(5, 2, lengths=LENGTHS, strategy=strategy, too_long=too_long)
+    report = check_batcher(batcher, stream, lengths=LENGTHS, resume_steps=3, check_vmap=False)
+    assert report.stats["skipped"] == 1  # the all-empty sequence
+    assert report.stats["emitted"] == len(lengths) - 1
