@@ -33,6 +33,10 @@ from ._src.batchers.pack import (
     packing_stats as packing_stats,
 )
 from ._src.checkpoint import load_state as load_state, save_state as save_state
+from ._src.distributed_checkpoint import (
+    load_distributed as load_distributed,
+    save_distributed as save_distributed,
+)
 from ._src.drivers import (
     BatchIterator as BatchIterator,
     IterateCheckpoint as IterateCheckpoint,
@@ -56,6 +60,15 @@ from ._src.ops import (
     select_rows_compact as select_rows_compact,
     update as update,
     while_transform as while_transform,
+)
+from ._src.sharding import (
+    batch_sharding as batch_sharding,
+    device_streams as device_streams,
+    global_batch as global_batch,
+    init_per_device as init_per_device,
+    scan_per_device as scan_per_device,
+    shard as shard,
+    stream_indices as stream_indices,
 )
 from ._src.spec import batch_spec as batch_spec, element_spec as element_spec
 

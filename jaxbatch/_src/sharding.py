@@ -1,0 +1,601 @@
+"""Scale out: batches on a `jax.sharding.Mesh`, one batcher per device, many hosts.
+
+Everything here is JAX's own distributed engine, nothing home-made:
+
+* `shard` places a `Batch` so that its batch axis is split across a mesh axis
+  (`NamedSharding`), `batch_sharding` says where each leaf goes (for `jit`'s
+  `in_shardings` / `out_shardings`), and `global_batch` builds one global batch from each
+  process's local rows (`jax.make_array_from_process_local_data`).
+* Per-device streams: the stream is dealt out like cards, element `i` to stream `i % S` for
+  the `S` devices of the mesh axis (`stream_indices` says which elements a process reads,
+  `device_streams` assembles the global `[S, n, ...]` array from each process's rows). One
+  batcher state per stream, with a leading stream axis sharded over the mesh, is stepped
+  under `jax.shard_map` (`scan_per_device`), so every device batches its own elements with
+  no cross-device traffic. The consumer sees one *global* batch (the devices' batches side
+  by side, still sharded, never gathered) at one call site, so a data-parallel train step is
+  an ordinary function that XLA partitions.
+
+Dealing elements round-robin makes the global batch of `S` streams of `fixed_size(b)` hold
+exactly the elements of the single-device `fixed_size(S * b)` batch (rows in another order).
+"""
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxtyping import PyTree
+
+from .base import Batcher, Carry, Emit, State, when_ready
+from .batch import Batch, rows_mask
+from .element import as_element
+
+_WHOLE_BATCH_FIELDS = ("batch_state", "batch_metadata")
+
+
+def _is_batch(x: Any) -> bool:
+    return isinstance(x, Batch)
+
+
+def _check_mesh(mesh: Any, axis: Any) -> None:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"`mesh` must be a `jax.sharding.Mesh`, got {type(mesh).__name__}; build one with "
+            '`jax.make_mesh((jax.device_count(),), ("data",))`.'
+        )
+    names = axis if isinstance(axis, tuple) else (axis,)
+    unknown = [a for a in names if a not in mesh.shape]
+    if unknown:
+        raise ValueError(
+            f"`axis` {axis!r} is not an axis of the mesh, whose axes are "
+            f"{tuple(mesh.axis_names)}; pass one of them."
+        )
+
+
+def _mesh_and_axis(mesh_or_sharding: Any, axis: Any) -> tuple[Mesh, Any]:
+    """The mesh and the batch axis' spec entry (a name, or a tuple of names)."""
+    if isinstance(mesh_or_sharding, NamedSharding):
+        spec = mesh_or_sharding.spec
+        entry = spec[0] if len(spec) else None
+        if entry is None:
+            raise ValueError(
+                f"The sharding's spec {spec} does not split axis 0, the batch axis; pass a "
+                'sharding such as `NamedSharding(mesh, P("data"))`, or a mesh and `axis`.'
+            )
+        if axis is not None and axis != entry:
+            raise ValueError(
+                f"`axis` {axis!r} differs from the sharding's batch axis {entry!r}; give "
+                "either a mesh and `axis`, or a sharding alone."
+            )
+        mesh, axis = mesh_or_sharding.mesh, entry
+    else:
+        mesh, axis = mesh_or_sharding, "data" if axis is None else axis
+    _check_mesh(mesh, axis)
+    return mesh, axis
+
+
+def _constrain(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    """Pin `tree` (under `jit`) to `sharding`: `reshard` on Explicit mesh axes (the default
+    of `jax.make_mesh`), `with_sharding_constraint` on Auto ones."""
+    mesh = sharding.mesh
+    names = [n for entry in sharding.spec if entry is not None for n in np.atleast_1d(entry)]
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if any(types[n] == jax.sharding.AxisType.Explicit for n in names):
+        return jax.sharding.reshard(tree, sharding)
+    return jax.lax.with_sharding_constraint(tree, sharding)
+
+
+def _on(mesh: Mesh) -> Any:
+    """`jax.set_mesh(mesh)`, unless it is already the mesh in context (as it must be when the
+    caller traces us inside its own `jit`: `set_mesh` only works outside)."""
+    if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+        return contextlib.nullcontext()
+    try:
+        return jax.set_mesh(mesh)
+    except ValueError as e:
+        raise ValueError(
+            f"{e} To call this inside your own `jit`, enter the mesh first: "
+            "`with jax.set_mesh(mesh): jax.jit(...)(...)`."
+        ) from None
+
+
+def _axis_size(mesh: Mesh, axis: Any) -> int:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def _sizes_that_work(size: int, parts: int) -> str:
+    below, above = (size // parts) * parts, (size // parts + 1) * parts
+    near = f"{above}" if below == 0 else f"{below} or {above}"
+    return f"a multiple of {parts}, such as {near}"
+
+
+def _check_divisible(size: int, parts: int, what: str, axis: Any) -> None:
+    if size % parts:
+        raise ValueError(
+            f"{what} is {size}, which mesh axis {axis!r} ({parts} devices) cannot split "
+            f"evenly; use {_sizes_that_work(size, parts)} (padding rows are masked, so a "
+            "batcher may round its batch size up)."
+        )
+
+
+def _shardings(batch: PyTree, mesh: Mesh, axis: Any, check: bool = True) -> PyTree:
+    parts = _axis_size(mesh, axis)
+    rows, whole = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
+
+    def one(b: Any) -> Any:
+        if not isinstance(b, Batch):
+            return jax.tree.map(lambda _: whole, b)
+        if check:
+            _check_divisible(b.batch_size, parts, "The batch size", axis)
+
+        def place(path: Any, _: Any) -> NamedSharding:
+            field = getattr(path[0], "name", None) if path else None
+            return whole if field in _WHOLE_BATCH_FIELDS else rows
+
+        return jax.tree_util.tree_map_with_path(place, b)
+
+    return jax.tree.map(one, batch, is_leaf=_is_batch)
+
+
+def batch_sharding(batch: PyTree, mesh_or_sharding: Any, axis: Any = None) -> PyTree:
+    """Where `shard` puts each leaf: the tree of `batch` with a `NamedSharding` per leaf.
+
+    Rows (data, states, metadata, `valid_mask`) are split along `axis`; `batch_state` and
+    `batch_metadata` are replicated. Use it for `jax.jit(..., in_shardings=...,
+    out_shardings=...)` or `jax.make_array_from_process_local_data`.
+
+    Args:
+        batch: a `Batch`, a tree of `Batch`es, or their `jax.eval_shape`.
+        mesh_or_sharding: a `jax.sharding.Mesh`, or a `NamedSharding` whose spec's first
+            entry names the batch axis (then leave `axis` out).
+        axis: the mesh axis (or tuple of axes) that splits the batch axis; default
+            `"data"` with a mesh.
+
+    Raises:
+        ValueError: `axis` not in the mesh, or a batch size the axis cannot split evenly
+            (the message says which sizes would work).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        >>> batch = jb.Batch.from_parts({"x": jnp.zeros((8, 3))})
+        >>> jb.batch_sharding(batch, mesh).data["x"].spec
+        P('data',)
+    """
+    mesh, axis = _mesh_and_axis(mesh_or_sharding, axis)
+    return _shardings(batch, mesh, axis)
+
+
+def shard(batch: PyTree, mesh_or_sharding: Any, axis: Any = None) -> PyTree:
+    """Place a `Batch` so that its batch axis is split across a mesh axis.
+
+    Every row leaf (data, states, metadata, `valid_mask`) gets
+    `NamedSharding(mesh, P(axis))`: device `d` of the axis holds rows
+    `d * b / D : (d + 1) * b / D` for a batch of `b` rows on `D` devices, exactly the
+    `split_for_devices(D)[d]` part. `batch_state` and `batch_metadata` are replicated.
+    Outside `jit` this is `jax.device_put` (in several processes, every process must pass
+    the same batch: use `global_batch` for process-local rows); under `jit` it is
+    `jax.lax.with_sharding_constraint`.
+
+    Args:
+        batch: a `Batch` or a tree of `Batch`es.
+        mesh_or_sharding: a `jax.sharding.Mesh`, or a `NamedSharding` for the batch axis.
+        axis: the mesh axis (or tuple of axes) for the batch axis; default `"data"`.
+
+    Returns:
+        The same batch, placed.
+
+    Raises:
+        ValueError: the batch size is not divisible by the axis size (the message lists
+            sizes that would work), or `axis` is not a mesh axis.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        >>> batch = jb.shard(jb.Batch.from_parts({"x": jnp.arange(8.0)}), mesh)
+        >>> batch.data["x"].sharding.spec
+        P('data',)
+        >>> jb.shard(batch, mesh, axis="batch")
+        Traceback (most recent call last):
+        ...
+        ValueError: `axis` 'batch' is not an axis of the mesh, whose axes are ('data',); ...
+    """
+    shardings = batch_sharding(batch, mesh_or_sharding, axis)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(batch)):  # pyright: ignore
+        return jax.tree.map(_constrain, batch, shardings)
+    return jax.device_put(batch, shardings)
+
+
+def _row_blocks_here(mesh: Mesh, axis: Any) -> int:
+    """How many of the axis' row blocks this process's devices hold."""
+    parts = _axis_size(mesh, axis)
+    where = NamedSharding(mesh, P(axis)).addressable_devices_indices_map((parts,))
+    return len({index[0].start for index in where.values()})
+
+
+def global_batch(local_batch: PyTree, mesh_or_sharding: Any, axis: Any = None) -> PyTree:
+    """One global batch from each process's local rows (`make_array_from_process_local_data`).
+
+    Every process passes the rows that its own devices on `axis` hold, in mesh order; the
+    global batch has `local batch size * (axis devices / this process's axis devices)` rows,
+    sharded like `shard`'s output. `batch_state` and `batch_metadata` must be the same on
+    every process (they are replicated). In one process, this is `shard`.
+
+    Args:
+        local_batch: this process's `Batch` (or tree of `Batch`es), on the host or a device.
+        mesh_or_sharding: a `jax.sharding.Mesh` spanning the processes, or a `NamedSharding`.
+        axis: the mesh axis for the batch axis; default `"data"`.
+
+    Raises:
+        ValueError: the local batch size is not divisible by this process's devices on
+            the axis, or `axis` is not a mesh axis.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        >>> local = jb.Batch.from_parts({"x": jnp.arange(8.0)})  # one process: local == global
+        >>> jb.global_batch(local, mesh).batch_size
+        8
+    """
+    mesh, axis = _mesh_and_axis(mesh_or_sharding, axis)
+    here, parts = _row_blocks_here(mesh, axis), _axis_size(mesh, axis)
+
+    def one(b: Any) -> Any:
+        if not isinstance(b, Batch):
+            return b
+        _check_divisible(
+            b.batch_size, here, f"Process {jax.process_index()}'s local batch size", axis
+        )
+        size = b.batch_size // here * parts
+        rows = NamedSharding(mesh, P(axis))
+
+        def put(x: Any, s: NamedSharding) -> jax.Array:
+            x = np.asarray(x)
+            shape = (size, *x.shape[1:]) if s == rows else x.shape
+            return jax.make_array_from_process_local_data(s, x, shape)
+
+        return jax.tree.map(put, b, _shardings(b, mesh, axis, check=False))
+
+    return jax.tree.map(one, local_batch, is_leaf=_is_batch)
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def _local_positions(mesh: Mesh, axis: str) -> list[int]:
+    """The positions along `axis` whose devices include one of this process's devices."""
+    devices = np.moveaxis(mesh.devices, list(mesh.axis_names).index(axis), 0)
+    me = jax.process_index()
+    owners = [{d.process_index for d in devices[a : a + 1].flat} for a in range(len(devices))]
+    here = [a for a, processes in enumerate(owners) if me in processes]
+    if not here:
+        raise ValueError(
+            f"Process {me} has no device on mesh axis {axis!r}: build the mesh from all "
+            "processes' devices (`jax.make_mesh` after `jax.distributed.initialize`)."
+        )
+    if here != list(range(here[0], here[0] + len(here))):
+        raise ValueError(
+            f"Process {me}'s devices sit at positions {here} of mesh axis {axis!r}, not one "
+            "contiguous run; build the mesh with `jax.make_mesh`, which keeps each process's "
+            "devices together."
+        )
+    return here
+
+
+def stream_indices(num_elements: int, mesh: Mesh, axis: str = "data") -> np.ndarray:
+    """Which stream elements this process reads: element sharding by process index.
+
+    The stream is dealt out like cards: element `i` goes to stream `i % S`, one stream per
+    device along `axis` (`S` of them). This process reads the streams of its own devices.
+    Read those elements (`stream[indices]`, or the records from storage) and pass them to
+    `device_streams`.
+
+    Args:
+        num_elements: the length of the whole stream (all processes together).
+        mesh: the global mesh.
+        axis: the mesh axis whose devices each batch their own stream.
+
+    Returns:
+        int64 array `[local streams, num_elements // S]`: row `r` lists, in order, the
+        elements of this process's `r`-th stream.
+
+    Raises:
+        ValueError: `num_elements` not divisible by `S` (the message says which lengths
+            work), `axis` not in the mesh, or this process has no device on it.
+
+    Examples:
+        >>> import jax
+        >>> import jaxbatch as jb
+        >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        >>> idx = jb.stream_indices(8 * jax.device_count(), mesh)
+        >>> idx.shape == (jax.device_count(), 8), idx[0, :2].tolist() == [0, jax.device_count()]
+        (True, True)
+    """
+    _check_mesh(mesh, axis)
+    streams = mesh.shape[axis]
+    if isinstance(num_elements, bool) or not isinstance(num_elements, int) or num_elements < 0:
+        raise ValueError(f"`num_elements` must be a non-negative int, got {num_elements!r}.")
+    _check_divisible(num_elements, streams, "`num_elements`", axis)
+    positions = np.asarray(_local_positions(mesh, axis), dtype=np.int64)
+    return positions[:, None] + streams * np.arange(num_elements // streams, dtype=np.int64)
+
+
+def device_streams(local_streams: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
+    """The global array of per-device streams, built from this process's streams.
+
+    Args:
+        local_streams: a PyTree (or `Element`) of host or device arrays with leaves
+            `[local streams, n, ...]`: this process's streams, in mesh order (e.g. the
+            stream's elements at `stream_indices(...)`).
+        mesh: the global mesh.
+        axis: the mesh axis with one stream per device.
+
+    Returns:
+        The same tree with leaves `[S, n, ...]`, sharded `P(axis)`: device `d` holds stream
+        `d`. Feed it to `scan_per_device`.
+
+    Raises:
+        ValueError: the leading size is not the number of this process's devices on `axis`
+            (a mismatch of processes or devices), or the leaves disagree on `n`.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        >>> stream = {"x": jnp.arange(4.0 * jax.device_count())}
+        >>> idx = jb.stream_indices(4 * jax.device_count(), mesh)
+        >>> streams = jb.device_streams(jax.tree.map(lambda x: x[idx], stream), mesh)
+        >>> streams["x"].shape == (jax.device_count(), 4)
+        True
+    """
+    _check_mesh(mesh, axis)
+    here = _local_positions(mesh, axis)
+    sharding = NamedSharding(mesh, P(axis))
+    leaves = jax.tree.leaves(local_streams)
+    for path, x in jax.tree_util.tree_flatten_with_path(local_streams)[0]:
+        shape = np.shape(x)
+        if len(shape) < 2 or shape[0] != len(here) or shape[1] != np.shape(leaves[0])[1]:
+            raise ValueError(
+                f"`local_streams` leaf `{jax.tree_util.keystr(path)}` has shape {shape}, but "
+                f"process {jax.process_index()} of {jax.process_count()} holds "
+                f"{len(here)} of the {mesh.shape[axis]} devices on mesh axis {axis!r}, so "
+                f"every leaf needs shape ({len(here)}, n, ...) with one n: one stream per "
+                "local device (see `stream_indices`). Check that every process started with "
+                "the same number of devices."
+            )
+
+    def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        shape = (mesh.shape[axis], *np.shape(x)[1:])
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x), shape)
+
+    return jax.tree.map(put, local_streams)
+
+
+def _streams_of(streams: Any, mesh: Mesh, axis: str) -> tuple[Any, int, int]:
+    streams = as_element(streams)
+    leaves = jax.tree.leaves(streams)
+    if not leaves or any(jnp.ndim(x) < 2 for x in leaves):
+        raise ValueError(
+            "`streams` needs array leaves of shape [streams, n, ...] (see `device_streams`)."
+        )
+    count, length = jnp.shape(leaves[0])[:2]
+    for path, x in jax.tree_util.tree_flatten_with_path(streams)[0]:
+        if jnp.shape(x)[:2] != (count, length):
+            raise ValueError(
+                f"`streams` leaf `{jax.tree_util.keystr(path)}` has shape {jnp.shape(x)}; "
+                f"every leaf needs the leading shape ({count}, {length}) of the first."
+            )
+    _check_divisible(count, mesh.shape[axis], "The number of streams", axis)
+    return streams, count, length
+
+
+def _init_states(batcher: Batcher, spec: Any, count: int, key: Any) -> State:
+    if key is None:
+        return jax.vmap(lambda _: batcher.init(spec))(jnp.arange(count))
+    return jax.vmap(lambda k: batcher.init(spec, key=k))(jax.random.split(key, count))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_jit(batcher, streams, mesh, axis, key):
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
+    states = _init_states(batcher, spec, jax.tree.leaves(streams)[0].shape[0], key)
+    return _constrain(states, NamedSharding(mesh, P(axis)))
+
+
+def init_per_device(
+    batcher: Batcher, streams: Any, mesh: Mesh, axis: str = "data", *, key: Any = None
+) -> State:
+    """One batcher state per stream, stacked on a leading axis sharded over `axis`.
+
+    Args:
+        batcher: the batcher.
+        streams: the per-device streams, leaves `[S, n, ...]` (`device_streams`), or their
+            `jax.ShapeDtypeStruct`s.
+        mesh: the mesh; `axis` must divide `S`.
+        axis: the mesh axis the streams are split over.
+        key: for a stochastic batcher: split into one key per stream.
+
+    Returns:
+        The stacked states, leaves `[S, ...]`, device `d` holding its streams' states.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        >>> streams = {"x": jnp.zeros((jax.device_count(), 6))}
+        >>> states = jb.init_per_device(jb.fixed_size(2), streams, mesh)
+        >>> states.count.shape == (jax.device_count(),)
+        True
+    """
+    _check_mesh(mesh, axis)
+    streams, _, _ = _streams_of(streams, mesh, axis)
+    streams = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), streams)
+    with _on(mesh):
+        return _init_jit(batcher, streams, mesh, axis, key)
+
+
+def _merge(batch: Any, ready: jax.Array) -> Any:
+    """The devices' batches `[S, b, ...]` side by side as one `[S * b, ...]` batch.
+
+    Rows of a stream whose emission is not ready are masked off (the protocol already
+    makes their mask all False; this keeps the consumer safe from a batcher that does
+    not). `batch_state` and `batch_metadata` keep their leading stream axis.
+    """
+    if not isinstance(batch, Batch):
+        raise TypeError(
+            "Per-device streams need a batcher whose `Emit.batch` is one `Batch`, got "
+            f"{type(batch).__name__}: a batcher whose emission picks a shape (such as "
+            "`bucket_by`) would pick differently on each device. Use it per host instead."
+        )
+    mask = batch.valid_mask & rows_mask(ready, batch.valid_mask)
+    batch = eqx.tree_at(lambda b: b.valid_mask, batch, mask)
+    return batch.map_rows(lambda x: x.reshape((-1, *x.shape[2:])))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key):
+    count, length = jax.tree.leaves(streams)[0].shape[:2]
+    per_stream = NamedSharding(mesh, P(axis))
+    streams = _constrain(streams, per_stream)
+    if states is None:
+        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
+        states = _init_states(batcher, spec, count, key)
+    states = _constrain(states, per_stream)
+    everyone = _constrain(jnp.ones(count, bool), per_stream)
+
+    # Each device steps its own streams' states on its own elements: no communication.
+    # Every value inside is per device, so the varying-axes check has nothing to find (and
+    # it would refuse batchers whose `eqx.error_if` mixes per-device and constant values).
+    def local(f):
+        return jax.shard_map(
+            jax.vmap(f), mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False
+        )
+
+    step_all, flush_all = local(batcher.step), local(batcher.flush)
+
+    def column(i):
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, False), streams)
+
+    def consume(carry, emit, live):
+        ready = emit.ready & live
+        batch = _merge(emit.batch, ready)
+        # Only the tiny `ready` vector is reduced across devices (the cond needs one answer).
+        go = jnp.any(ready)
+        return when_ready(Emit(batch, go), fn, carry), ready
+
+    if not flush:
+        if not length:
+            return carry, states
+
+        def body(c, i):
+            states, carry = c
+            states, emit = step_all(states, column(i))
+            carry, _ = consume(carry, emit, everyone)
+            return (states, carry), None
+
+        (states, carry), _ = jax.lax.scan(body, (states, carry), jnp.arange(length))
+        return carry, states
+
+    def body(c):
+        i, states, carry, live = c
+
+        def stepped(states, live):
+            states, emit = step_all(states, column(jnp.minimum(i, max(length - 1, 0))))
+            return states, emit, live
+
+        def flushed(states, live):
+            new, emit = flush_all(states)
+            # A stream is drained once its flush emits nothing; its state then stays put.
+            new = jax.tree.map(lambda a, b: jnp.where(rows_mask(live, a), a, b), new, states)
+            return new, emit, live
+
+        if length:
+            states, emit, live = jax.lax.cond(i < length, stepped, flushed, states, live)
+        else:
+            states, emit, live = flushed(states, live)
+        carry, ready = consume(carry, emit, live)
+        live = jnp.where(i < length, live, ready)
+        return i + 1, states, carry, live
+
+    start = (jnp.zeros((), jnp.int32), states, carry, everyone)
+    _, states, carry, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]), body, start)
+    return carry, states
+
+
+def scan_per_device(
+    batcher: Batcher,
+    fn: Callable[[Carry, Batch], Carry],
+    carry: Carry,
+    streams: Any,
+    mesh: Mesh,
+    axis: str = "data",
+    *,
+    states: State | None = None,
+    key: Any = None,
+    flush: bool = True,
+) -> tuple[Carry, State]:
+    """`scan` with one batcher per device: each device batches its own stream.
+
+    The `S` streams (leaves `[S, n, ...]`, `device_streams`) are split over the mesh axis;
+    one batcher state per stream (leading axis `S`, sharded the same way) is stepped under
+    `jax.shard_map`, so batching moves no data between devices. Step `t` of every stream
+    makes one *global* batch: the streams' batches side by side (`[S * b, ...]`, still
+    sharded over `axis`, never gathered), rows of a stream that emitted nothing masked off.
+    `carry = fn(carry, batch)` runs, at one call site, whenever some stream's batch is ready,
+    so `fn` is an ordinary (global-view) train step that XLA partitions: data parallelism.
+    The only cross-device value batching adds is the `[S]` ready vector's `any`.
+
+    At the end, every stream is flushed until it emits nothing (unless `flush=False`; pass
+    the returned states back to continue). Each stream's batches, order and `Stats` are
+    exactly those of `jb.scan` on that stream alone.
+
+    Args:
+        batcher: a batcher whose `Emit.batch` is one `Batch` (static: build it once).
+        fn: the consumer (static: build it once).
+        carry: the consumer's carry, e.g. replicated parameters. In several processes every
+            input must be a global `jax.Array` (e.g. `jax.device_put` with a replicated
+            `NamedSharding`).
+        streams: per-device streams, leaves `[S, n, ...]`; `S` a multiple of the axis size.
+        mesh: the mesh (static).
+        axis: the mesh axis the streams and batches are split over.
+        states: stacked states to continue from (`init_per_device`, or a previous call).
+        key: PRNG key for a stochastic batcher, split into one per stream.
+        flush: drain every stream at the end.
+
+    Returns:
+        `(carry, states)`.
+
+    Raises:
+        ValueError: `S` not divisible by the axis size, or leaves of different `[S, n]`.
+        TypeError: a batcher that emits a tree of batches (such as `bucket_by`).
+
+    Examples:
+        Count the valid rows of every global batch:
+
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        >>> n = 5 * jax.device_count()
+        >>> idx = jb.stream_indices(n, mesh)
+        >>> streams = jb.device_streams({"x": jnp.arange(n)[idx]}, mesh)
+        >>> count = lambda total, batch: total + batch.num_valid
+        >>> total, states = jb.scan_per_device(jb.fixed_size(2), count, jnp.int32(0), streams, mesh)
+        >>> int(total) == n
+        True
+    """
+    _check_mesh(mesh, axis)
+    streams, _, _ = _streams_of(streams, mesh, axis)
+    with _on(mesh):
+        return _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key)
