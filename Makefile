@@ -1,4 +1,5 @@
-# Thin targets: each is the command CI (or a new user) runs. `.venv` is made on first use.
+# Thin targets: each is the command CI (or a new user) runs. `.venv` is made on first use,
+# with every extra: tests compare against Grain and orbax where they are installed.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,distributed,demo]'
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -26,10 +27,10 @@ test: lint
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# Peers (Grain) are optional: the benchmark prints what it could not compare against.
+# Peers (Grain; tf.data where TensorFlow is installed) are compared against where present.
 bench: $(STAMP)
-	-$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/bench_fixed_size.py
+	$(BIN)/python benchmarks/bench_pack.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
