@@ -27,12 +27,28 @@ from ._src.batchers.concat_and_split import (
     concat_and_split as concat_and_split,
 )
 from ._src.batchers.fixed_size import FixedSizeState as FixedSizeState, fixed_size as fixed_size
+from ._src.batchers.multi_rate import MultiRateState as MultiRateState, multi_rate as multi_rate
 from ._src.batchers.pack import (
     PackState as PackState,
     pack as pack,
     packing_stats as packing_stats,
 )
 from ._src.checkpoint import load_state as load_state, save_state as save_state
+from ._src.combinators import (
+    FilterState as FilterState,
+    MapState as MapState,
+    Moments as Moments,
+    StatisticsState as StatisticsState,
+    StatsFn as StatsFn,
+    filter_elements as filter_elements,
+    get_statistics as get_statistics,
+    has_statistics as has_statistics,
+    map_elements as map_elements,
+    reset_statistics as reset_statistics,
+    running_moments as running_moments,
+    set_statistics as set_statistics,
+    with_statistics as with_statistics,
+)
 from ._src.distributed_checkpoint import (
     load_distributed as load_distributed,
     save_distributed as save_distributed,
