@@ -21,8 +21,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/pyright
 
+# Two workers (one per core: JAX compile time dominates and is single-threaded); a test
+# module stays on one worker, so the compiled functions it shares are compiled once.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
