@@ -414,3 +414,55 @@ def test_every_driver_program_traces_the_consumer_once(name):
         "scan, flush=False, continued": 1,
         "consume in the user's jit": 1,
     }
+
+
+# --------------------------------------------------------------------------- ragged input
+
+
+def _documents(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {"tokens": rng.integers(1, 99, size=int(k), dtype=np.int32), "doc": np.int32(i)}
+        for i, k in enumerate(rng.integers(1, 9, size=n))
+    ]
+
+
+@functools.cache
+def _packer():
+    return jb.pack(8, 2, lengths={"tokens": "length"})
+
+
+def test_iterate_pads_ragged_arrays_for_pack_like_a_padded_stream():
+    docs = _documents(23)
+    ragged = {"tokens": (8, "length")}
+    got = list(jb.iterate(_packer(), iter(docs), chunk_size=8, ragged=ragged))
+    padded = {
+        "tokens": np.stack([np.pad(d["tokens"], (0, 8 - len(d["tokens"]))) for d in docs]),
+        "doc": np.array([d["doc"] for d in docs]),
+        "length": np.array([len(d["tokens"]) for d in docs], np.int32),
+    }
+    batches, count = jb.batch_all(_packer(), padded, max_batches=23)
+    assert len(got) == int(count)
+    for k, batch in enumerate(got):
+        chex.assert_trees_all_equal(batch, jax.tree.map(lambda x, k=k: x[k], batches))
+
+
+def test_iterate_ragged_resumes_exactly():
+    docs, ragged = _documents(17, 1), {"tokens": (8, "length")}
+    whole = list(jb.iterate(_packer(), docs, chunk_size=4, ragged=ragged))
+    it = jb.iterate(_packer(), docs, chunk_size=4, ragged=ragged)
+    first = [next(it) for _ in range(2)]
+    rest = list(jb.iterate(_packer(), docs, chunk_size=4, ragged=ragged, resume=it.checkpoint()))
+    chex.assert_trees_all_equal(first + rest, whole)
+
+
+def test_iterate_ragged_errors():
+    docs = _documents(5)
+    docs[3] = {"tokens": np.arange(12, dtype=np.int32), "doc": np.int32(3)}
+    with pytest.raises(ValueError, match=r"source\[3\]\['tokens'\] has shape \(12,\)"):
+        list(jb.iterate(_packer(), docs, chunk_size=2, ragged={"tokens": (8, "length")}))
+    with pytest.raises(TypeError, match=r"source\[0\] is not a dict holding it"):
+        list(jb.iterate(_packer(), [np.zeros(3)], ragged={"tokens": (8, "length")}))
+    for bad in ({"tokens": 8}, {"tokens": (0, "length")}, {"tokens": (8, 3)}, [("tokens", 8)]):
+        with pytest.raises(ValueError, match="`ragged`"):
+            jb.iterate(_packer(), docs, ragged=bad)

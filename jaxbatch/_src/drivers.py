@@ -15,7 +15,7 @@ import collections
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -361,8 +361,9 @@ def _unstack(batches: PyTree) -> list[PyTree]:
 class BatchIterator(Iterator[Batch]):
     """The iterator `iterate` returns; `checkpoint()` says where it stands."""
 
-    def __init__(self, batcher, source, chunk_size, max_batches_per_chunk, resume, key):
+    def __init__(self, batcher, source, chunk_size, max_batches_per_chunk, resume, key, ragged):
         self._batcher = batcher
+        self._ragged = ragged or {}
         self._source = iter(source)
         self._chunk_size = chunk_size
         self._max_batches = max_batches_per_chunk
@@ -396,10 +397,41 @@ class BatchIterator(Iterator[Batch]):
         self._skip += 1
         return self._pending.popleft()
 
+    def _pad_ragged(self, rows: list[Any]) -> tuple[dict[str, np.ndarray], list[Any]]:
+        """The `ragged` features of `rows` padded into one chunk array each (the payload's
+        only copy) with their lengths; and the rows without those features."""
+        padded = {}
+        for name, (max_len, length_key) in self._ragged.items():
+            arrays = []
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict) or name not in row:
+                    raise TypeError(
+                        f"`ragged` names feature {name!r}, but source[{self._position + i}] is "
+                        f"not a dict holding it (got {type(row).__name__})."
+                    )
+                arrays.append(np.asarray(row[name]))
+                if arrays[-1].ndim == 0 or len(arrays[-1]) > max_len:
+                    raise ValueError(
+                        f"source[{self._position + i}][{name!r}] has shape "
+                        f"{arrays[-1].shape}; `ragged` pads {name!r} to at most {max_len} "
+                        "entries along its first axis: raise that bound or cut it on the host."
+                    )
+            like = arrays[0]
+            chunk = np.zeros((len(rows), max_len, *like.shape[1:]), like.dtype)
+            for i, array in enumerate(arrays):
+                chunk[i, : len(array)] = array
+            padded[name] = chunk
+            padded[length_key] = np.array([len(a) for a in arrays], np.int32)
+        rest = [{k: v for k, v in row.items() if k not in self._ragged} for row in rows]
+        return padded, (rest if self._ragged else rows)
+
     def _stack(self, rows: list[Any]) -> Element:
         """Stack host rows leaf by leaf (numpy); on any mismatch, name the row that differs."""
+        padded, rows = self._pad_ragged(rows)
         try:
             stacked = jax.tree.map(lambda *xs: np.stack(xs), *rows)
+            if padded:
+                stacked = {**stacked, **padded}
             consistent = jax.tree.all(
                 jax.tree.map(
                     lambda s, x: x.dtype == s.dtype and x.shape[1:] == s.shape,
@@ -410,7 +442,7 @@ class BatchIterator(Iterator[Batch]):
         except (ValueError, TypeError):
             consistent = False
         if not consistent:  # the slow path: raises naming the first row that differs
-            first = tree_spec(as_element(self._first))
+            first = tree_spec(as_element(self._pad_ragged([self._first])[1][0]))
             for i, row in enumerate(rows):
                 where = f"source[{self._position + i}]"
                 check_against_spec(first, as_element(row), what=where)
@@ -418,11 +450,13 @@ class BatchIterator(Iterator[Batch]):
         return jax.tree.map(lambda x, s: x.astype(s.dtype, copy=False), element, self._spec)
 
     def _start(self, first: Any) -> None:
-        self._first, self._row_spec = first, tree_spec(first)
+        padded, rest = self._pad_ragged([first])
+        row = {**rest[0], **{k: v[0] for k, v in padded.items()}} if padded else first
+        self._first, self._row_spec = first, tree_spec(row)
         # Canonical dtypes (float64 rows become float32 without x64), as `jit` would see them.
         self._spec = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, jax.dtypes.canonicalize_dtype(s.dtype)),
-            tree_spec(as_element(first)),
+            tree_spec(as_element(row)),
         )
         if self._state is None:
             self._state = self._batcher.init(self._spec, key=self._key)
@@ -466,6 +500,7 @@ def iterate(
     max_batches_per_chunk: int | None = None,
     resume: IterateCheckpoint | None = None,
     key: Any = None,
+    ragged: Any = None,  # Mapping[str, tuple[int, str]]: validated below, with a ValueError
 ) -> BatchIterator:
     """Stream batches from any Python iterable of elements (numpy or jax PyTrees).
 
@@ -483,6 +518,12 @@ def iterate(
         resume: a checkpoint from `BatchIterator.checkpoint()`; `source` must then yield the
             same elements from the start (the first `position` are skipped).
         key: PRNG key for a stochastic batcher's `init`.
+        ragged: variable-length features of dict elements (tokenised text as numpy arrays
+            of different lengths), `{feature: (max_len, length_key)}`: each chunk pads
+            `feature` to `max_len` along its first axis (zeros; the payload is copied once,
+            straight into the chunk) and records its true length under `length_key`, the
+            layout `jb.pack(..., lengths={feature: length_key})` reads. A longer array
+            raises `ValueError` naming its source index.
 
     Returns:
         A `BatchIterator` of `Batch`es.
@@ -493,7 +534,32 @@ def iterate(
         >>> source = ({"x": np.float32(i)} for i in range(7))
         >>> [b.data["x"].tolist() for b in jb.iterate(jb.fixed_size(3), source, chunk_size=4)]
         [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0], [6.0, 0.0, 0.0]]
+
+        Token arrays of different lengths, padded on the host and packed under `jit`:
+
+        >>> docs = ({"tokens": np.arange(1, n + 1, dtype=np.int32)} for n in (3, 2, 4))
+        >>> packer = jb.pack(4, 2, lengths={"tokens": "length"})
+        >>> for b in jb.iterate(packer, docs, ragged={"tokens": (4, "length")}):
+        ...     print(b.data["tokens"].tolist(), b.data["tokens_segment_ids"].tolist())
+        [[1, 2, 3, 0], [1, 2, 0, 0]] [[1, 1, 1, 0], [1, 1, 0, 0]]
+        [[1, 2, 3, 4], [0, 0, 0, 0]] [[1, 1, 1, 1], [0, 0, 0, 0]]
     """
+    if ragged is not None and (
+        not isinstance(ragged, Mapping)
+        or not all(
+            isinstance(v, tuple)
+            and len(v) == 2
+            and isinstance(v[0], int)
+            and not isinstance(v[0], bool)
+            and v[0] > 0
+            and isinstance(v[1], str)
+            for v in ragged.values()
+        )
+    ):
+        raise ValueError(
+            "`ragged` must map each variable-length feature to `(max_len, length_key)`, a "
+            f"positive int and a key name, e.g. {{'tokens': (512, 'length')}}; got {ragged!r}."
+        )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
-    return BatchIterator(batcher, source, chunk_size, max_batches_per_chunk, resume, key)
+    return BatchIterator(batcher, source, chunk_size, max_batches_per_chunk, resume, key, ragged)
