@@ -379,7 +379,14 @@ class BatchIterator(Iterator[Batch]):
             pass
 
     def checkpoint(self) -> IterateCheckpoint:
-        """The exact resume point: pass it back as `iterate(..., resume=checkpoint)`."""
+        """The exact resume point: pass it back as `iterate(..., resume=checkpoint)`.
+
+        It stands after every batch yielded so far, including the one you may still be
+        holding: take it after that batch's train step, so a resumed run starts with the
+        next batch. To load one in a new process, `jb.load_state(path, like)` needs a
+        template of the same structure, e.g. `jb.IterateCheckpoint(state=batcher.init(spec),
+        position=jb.Counter.of(0), skip=jnp.int32(0))`.
+        """
         if self._state is None:
             raise ValueError("Nothing has been consumed yet: there is no state to save.")
         return IterateCheckpoint(
