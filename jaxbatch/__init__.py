@@ -33,6 +33,12 @@ from ._src.batchers.pack import (
     pack as pack,
     packing_stats as packing_stats,
 )
+from ._src.batchers.rebatch import (
+    RebatchState as RebatchState,
+    rebatch as rebatch,
+    unbatch as unbatch,
+)
+from ._src.batchers.shuffle import ShuffleState as ShuffleState, shuffle as shuffle
 from ._src.checkpoint import load_state as load_state, save_state as save_state
 from ._src.combinators import (
     FilterState as FilterState,

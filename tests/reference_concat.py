@@ -41,10 +41,16 @@ def concat_and_split(
     like: dict[str, np.ndarray],
     pad_value: Any = 0,
     continue_positions: bool = False,
+    split_full_length_features: bool = True,
+    bos_features: tuple[str, ...] = (),
+    bos_token_id: int | None = None,
 ) -> ReferenceRun:
     """Pack `sequences` (`{feature: list of tokens}` each) into batches of rows.
 
     `like` maps each feature to an example token (its shape and dtype shape the padding).
+    `split_full_length_features=False`: a sequence with a feature of exactly `row_length`
+    tokens (none longer) is a row of its own, closed at once, before the open row.
+    `bos_features`: their token at every position 0 (a piece's start) is `bos_token_id`.
     """
     features = sorted(like)
     closed: list[dict[str, list]] = []  # closed rows, emitted or not
@@ -61,6 +67,11 @@ def concat_and_split(
         for k in features:
             pad = (np.full_like(like[k], pad_value), 0, 0)
             cells = [row[k] + [pad] * (row_length - len(row[k])) for row in rows]
+            if k in bos_features:
+                bos = np.full_like(like[k], bos_token_id)
+                cells = [
+                    [(bos, s, p) if s and p == 0 else (x, s, p) for x, s, p in r] for r in cells
+                ]
             data[k] = np.array([[c[0] for c in r] for r in cells], like[k].dtype)
             data[f"{k}_segment_ids"] = np.array([[c[1] for c in r] for r in cells], np.int32)
             data[f"{k}_positions"] = np.array([[c[2] for c in r] for r in cells], np.int32)
@@ -73,25 +84,32 @@ def concat_and_split(
             ready.append(False)
             continue
         stats["accepted"] += 1
-        rest = {k: list(enumerate(sequence[k])) for k in features}
         for k in features:
             tokens[k] += len(sequence[k])
-        while True:
-            room = {k: row_length - len(open_row[k]) for k in features}
-            overflow = any(len(rest[k]) > room[k] for k in features)
-            segment += 1
-            for k in features:
-                piece, rest[k] = rest[k][: room[k]], rest[k][room[k] :]
-                for j, (i, token) in enumerate(piece):
-                    open_row[k].append((token, segment, i if continue_positions else j))
-            if not overflow:
-                break
-            closed.append(open_row)
-            open_row, segment = {k: [] for k in features}, 0
-        ends.append(len(closed))
-        if all(len(open_row[k]) == row_length for k in features):
-            closed.append(open_row)
-            open_row, segment = {k: [] for k in features}, 0
+        sizes = [len(sequence[k]) for k in features]
+        if not split_full_length_features and max(sizes) == row_length:
+            # A row of its own, before the open row (whose sequences end one row later).
+            ends = [e + 1 if e == len(closed) else e for e in ends]
+            ends.append(len(closed))
+            closed.append({k: [(x, 1, i) for i, x in enumerate(sequence[k])] for k in features})
+        else:
+            rest = {k: list(enumerate(sequence[k])) for k in features}
+            while True:
+                room = {k: row_length - len(open_row[k]) for k in features}
+                overflow = any(len(rest[k]) > room[k] for k in features)
+                segment += 1
+                for k in features:
+                    piece, rest[k] = rest[k][: room[k]], rest[k][room[k] :]
+                    for j, (i, token) in enumerate(piece):
+                        open_row[k].append((token, segment, i if continue_positions else j))
+                if not overflow:
+                    break
+                closed.append(open_row)
+                open_row, segment = {k: [] for k in features}, 0
+            ends.append(len(closed))
+            if all(len(open_row[k]) == row_length for k in features):
+                closed.append(open_row)
+                open_row, segment = {k: [] for k in features}, 0
         emitted_rows = stats["batches"] * num_rows
         new = (len(closed) - emitted_rows) // num_rows
         assert new <= 1, "a step completed two batches"

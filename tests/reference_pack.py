@@ -42,12 +42,24 @@ def pack(
     lengths: dict[str, str],
     strategy: str = "first_fit",
     too_long: str = "error",
-    pad_value: int | float = 0,
+    pad_value: int | float | dict = 0,
     max_segments: int | None = None,
+    alignment: int | dict = 1,
 ) -> PackRun:
-    """Pack `elements` (dicts of NumPy arrays/scalars) the way `jaxbatch.pack` documents."""
+    """Pack `elements` (dicts of NumPy arrays/scalars) the way `jaxbatch.pack` documents.
+
+    `alignment` (Grain's `pack_alignment_struct`): after a sequence, the feature's next
+    free slot is rounded up to a multiple of it. `pad_value` may be a dict per key (others 0).
+    """
     max_segments = row_length if max_segments is None else max_segments
     features = sorted(lengths)
+
+    def align(k):
+        return alignment.get(k, 1) if isinstance(alignment, dict) else alignment
+
+    def pad(key):
+        return pad_value.get(key, 0) if isinstance(pad_value, dict) else pad_value
+
     like = elements[0] if elements else None
     rows: list[list[tuple[Elem, dict[str, int]]]] = [[] for _ in range(num_rows)]
     stats = dict.fromkeys(("accepted", "skipped", "dropped", "emitted", "batches", "padded"), 0)
@@ -55,7 +67,13 @@ def pack(
         ("sequences", "rows", "tokens", "padding_tokens", "truncated", "truncated_tokens"), 0
     )
 
-    def fill(row, k):
+    def fill(row, k):  # the first free slot: each sequence's end rounded up to the alignment
+        end = 0
+        for _, lens in row:
+            end = -(-(end + lens[k]) // align(k)) * align(k)
+        return end
+
+    def real(row, k):
         return sum(lens[k] for _, lens in row)
 
     def fits(row, lens):
@@ -67,7 +85,7 @@ def pack(
         for key, value in like.items():
             value = np.asarray(value)
             if key in lengths:
-                tokens = np.full((num_rows, row_length, *value.shape[1:]), pad_value, value.dtype)
+                tokens = np.full((num_rows, row_length, *value.shape[1:]), pad(key), value.dtype)
                 seg = np.zeros((num_rows, row_length), np.int32)
                 pos = np.zeros((num_rows, row_length), np.int32)
                 for j, row in enumerate(rows):
@@ -77,17 +95,17 @@ def pack(
                         tokens[j, start : start + n] = np.asarray(e[key])[:n]
                         seg[j, start : start + n] = s + 1
                         pos[j, start : start + n] = np.arange(n)
-                        start += n
+                        start = -(-(start + n) // align(key)) * align(key)
                 out[key], out[f"{key}_segment_ids"], out[f"{key}_positions"] = tokens, seg, pos
             else:
-                table = np.full((num_rows, max_segments, *value.shape), pad_value, value.dtype)
+                table = np.full((num_rows, max_segments, *value.shape), pad(key), value.dtype)
                 for j, row in enumerate(rows):
                     for s, (e, _) in enumerate(row):
                         table[j, s] = e[key]
                 out[key] = table
         out["valid_mask"] = np.array([len(row) > 0 for row in rows])
         in_rows = sum(len(row) for row in rows)
-        tokens = sum(fill(row, k) for row in rows for k in features)
+        tokens = sum(real(row, k) for row in rows for k in features)
         used = sum(len(row) > 0 for row in rows)
         stats["emitted"] += in_rows
         stats["batches"] += 1

@@ -60,17 +60,66 @@ def _by_step(batcher: Batcher, state: State, elements: Element, flush: bool, fn,
         (state, carry), _ = jax.lax.scan(body, (state, carry), jnp.arange(n))
         return state, carry
 
+    # With the drain: an outer loop whose body calls `fn` once, on the next emission: the
+    # next ready batch of the elements (an inner loop of steps) or, once they are used up,
+    # the next `flush`. The branch is taken once per batch, not once per element (a `cond`
+    # hands the whole state through, which can cost a copy of it). Emit leaves that *are*
+    # leaves of the new state (a batcher emitting its own buffer) are not carried through
+    # the inner loop but read back from the state after it: two loop-carried copies of one
+    # buffer would cost a copy of it per element.
+    def split_emit(state, i):
+        new, emit = feed_one(state, i)
+        where = {id(x): k for k, x in enumerate(jax.tree.leaves(new))}
+        leaves, treedef = jax.tree.flatten(emit)
+        shared = tuple(where.get(id(x)) for x in leaves)
+        own = [x for x, k in zip(leaves, shared) if k is None]
+        return new, own, shared, treedef
+
+    shared_at: dict[str, Any] = {}
+
+    def probe(state, i):
+        new, own, shared, treedef = split_emit(state, i)
+        shared_at.update(shared=shared, treedef=treedef)
+        return own
+
+    def steps_until_ready(i, state):
+        not_ready = jax.tree.map(jnp.zeros_like, jax.eval_shape(probe, state, i))
+        shared, treedef = shared_at["shared"], shared_at["treedef"]
+
+        def rebuild(state, own):
+            state_leaves, own = jax.tree.leaves(state), iter(own)
+            leaves = [next(own) if k is None else state_leaves[k] for k in shared]
+            return jax.tree.unflatten(treedef, leaves)
+
+        def more(c):
+            i, state, own = c
+            return (i < n) & ~rebuild(state, own).ready
+
+        def step_one(c):
+            i, state, _ = c
+            state, own, again, _ = split_emit(state, i)
+            if again != shared:
+                raise TypeError(
+                    "`batcher.step` traced twice gave emissions that share different leaves "
+                    "with its state: a step must be the same pure function on every call."
+                )
+            return i + 1, state, own
+
+        i, state, own = jax.lax.while_loop(more, step_one, (i, state, not_ready))
+        return i, state, rebuild(state, own)
+
+    def flush_once(i, state):
+        return (i, *batcher.flush(state))
+
     def body(c):
         i, state, carry, _ = c
+        stepping = i < n
         if n:
-            state, emit = jax.lax.cond(
-                i < n, feed_one, lambda s, _: batcher.flush(s), state, jnp.minimum(i, n - 1)
-            )
+            i, state, emit = jax.lax.cond(stepping, steps_until_ready, flush_once, i, state)
         else:
-            state, emit = batcher.flush(state)
-        # Go on while elements remain, and after them while `flush` still emits.
-        go = (i < n) | emit.ready
-        return i + 1, state, when_ready(emit, fn, carry), go
+            i, state, emit = flush_once(i, state)
+        # Go on after steps (a flush follows the last), and after a flush that emitted.
+        return i, state, when_ready(emit, fn, carry), stepping | emit.ready
 
     start = (jnp.zeros((), jnp.int32), state, carry, jnp.array(True))
     _, state, carry, _ = jax.lax.while_loop(lambda c: c[3], body, start)
@@ -407,6 +456,8 @@ class BatchIterator(Iterator[Batch]):
     def _pad_ragged(self, rows: list[Any]) -> tuple[dict[str, np.ndarray], list[Any]]:
         """The `ragged` features of `rows` padded into one chunk array each (the payload's
         only copy) with their lengths; and the rows without those features."""
+        if not self._ragged:
+            return {}, rows
         padded = {}
         for name, (max_len, length_key) in self._ragged.items():
             arrays = []
@@ -429,8 +480,7 @@ class BatchIterator(Iterator[Batch]):
                 chunk[i, : len(array)] = array
             padded[name] = chunk
             padded[length_key] = np.array([len(a) for a in arrays], np.int32)
-        rest = [{k: v for k, v in row.items() if k not in self._ragged} for row in rows]
-        return padded, (rest if self._ragged else rows)
+        return padded, [{k: v for k, v in row.items() if k not in self._ragged} for row in rows]
 
     def _stack(self, rows: list[Any]) -> Element:
         """Stack host rows leaf by leaf (numpy); on any mismatch, name the row that differs."""

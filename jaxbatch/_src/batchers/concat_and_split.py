@@ -29,6 +29,19 @@ Rows follow Grain 0.2.18's `ConcatThenSplitIterDataset` (default
   feature fills it. Grain re-reads tokens (a bug) when a sequence's rest itself spans more
   than one row while another feature's rest fits; this batcher does not.
 
+Grain's options: `split_full_length_features=False` makes a sequence that has a feature
+of exactly `row_length` tokens (none longer) a row of its own, unsplit. Grain emits it
+after the row that was open when it arrived (holding it back until that row closes, which
+needs unbounded buffering); here it takes the open row's place and the open row, still
+filling, moves one row on: the same rows, such a row possibly earlier. BOS handling
+(`bos_handling="replace_first_token_with_bos"`, `bos_features`, `bos_token_id`) replaces
+the token at every position 0 of those features: the first token of every piece, as
+Grain does (each piece starts a sequence for the model; with `continue_positions=True`,
+only a sequence's very first token). Grain also writes a BOS for a piece that is empty in
+a feature, into that row's padding (a bug); this batcher does not. Grain's
+`meta_features` (never split, copied into every row a sequence spans, no segment ids or
+positions) are not offered here.
+
 Differences from Grain, by design: a sequence that is empty in every feature is skipped
 (counted in `stats.skipped`; Grain gives it a segment id with no tokens, a gap in the ids
 that changes no attention mask), and the features share one `row_length`.
@@ -99,6 +112,39 @@ def _write(buf: Array, parts: tuple, masks: tuple, starts: tuple, fill: Array) -
     return buf
 
 
+def rows_mask_2d(mask: Array, leaf: Array) -> Array:
+    """`mask` `[a, b]` reshaped to broadcast against `leaf` `[a, b, ...]`."""
+    return mask.reshape(mask.shape + (1,) * (jnp.ndim(leaf) - 2))
+
+
+_BOS = ("do_nothing", "replace_first_token_with_bos")
+
+
+def _check_bos(handling: Any, bos_features: Any, token: Any, lengths: dict) -> frozenset:
+    """Grain's BOS options, validated as Grain does; the features that get a BOS."""
+    name = getattr(handling, "name", handling)  # also Grain's own `BOSHandling` enum
+    name = name.lower() if isinstance(name, str) else name
+    if name not in _BOS:
+        raise ValueError(f"`bos_handling` must be one of {_BOS}, got {handling!r}.")
+    if isinstance(bos_features, str) or not all(isinstance(k, str) for k in bos_features):
+        raise ValueError(f"`bos_features` must be a collection of str, got {bos_features!r}.")
+    unknown = sorted(set(bos_features) - set(lengths))
+    if unknown:
+        raise ValueError(f"`bos_features` {unknown} are not packed features (keys of `lengths`).")
+    if name == "do_nothing":
+        if token is not None or bos_features:
+            raise ValueError(
+                "`bos_handling` is 'do_nothing' (no BOS), so `bos_token_id` and `bos_features` "
+                f"must be left unset, got {token!r} and {bos_features!r}."
+            )
+        return frozenset()
+    if isinstance(token, bool) or not isinstance(token, int):
+        raise ValueError(
+            f"`bos_token_id` must be an int when `bos_handling={name!r}`, got {token!r}."
+        )
+    return frozenset(bos_features)
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
@@ -141,6 +187,10 @@ def concat_and_split(
     lengths: Any,
     pad_value: Any = 0,
     continue_positions: Any = False,
+    split_full_length_features: Any = True,
+    bos_handling: Any = "do_nothing",
+    bos_features: Any = (),
+    bos_token_id: Any = None,
 ) -> Batcher:
     """Concatenate sequences and cut the stream into full rows of `row_length` tokens.
 
@@ -166,6 +216,13 @@ def concat_and_split(
             `ValueError` if an integer or bool feature cannot hold it exactly.
         continue_positions: positions continue across a cut (a piece in the next row starts
             where the previous piece stopped) instead of restarting at 0 as Grain's do.
+        split_full_length_features: Grain's option: False passes a sequence with a
+            feature of exactly `row_length` tokens (none longer) through as a row of its
+            own (see the module docstring for the row order).
+        bos_handling: `"do_nothing"` (default) or `"replace_first_token_with_bos"` (Grain's
+            `BOSHandling` members are accepted too).
+        bos_features: packed features whose token at every position 0 becomes the BOS.
+        bos_token_id: the BOS token, an int (set it exactly when BOS handling is on).
 
     Returns:
         A `Batcher` without a bulk `feed` (the drivers step it element by element).
@@ -201,11 +258,19 @@ def concat_and_split(
         )
     if not isinstance(continue_positions, bool):
         raise ValueError(f"`continue_positions` must be a bool, got {continue_positions!r}.")
+    if not isinstance(split_full_length_features, bool):
+        raise ValueError(
+            f"`split_full_length_features` must be a bool, got {split_full_length_features!r}."
+        )
+    bos_features = _check_bos(bos_handling, bos_features, bos_token_id, lengths)
     features = sorted(lengths)
     capacity = row_length * num_rows  # token slots of one batch, per feature
+    # Room past the batch: a sequence's overflow (`max_len`), and with full-length
+    # sequences passed through, the open row pushed one row on.
+    extra = 0 if split_full_length_features else row_length
 
     def fresh(max_len: int, rest: tuple[int, ...], dtype: Any) -> tuple[Array, Array, Array]:
-        size = capacity + max_len
+        size = capacity + max_len + extra
         zeros = jnp.zeros((size,), jnp.int32)
         return jnp.full((size, *rest), pad_value, dtype), zeros, zeros
 
@@ -246,6 +311,16 @@ def concat_and_split(
                     f"{leaf.shape} dtype {leaf.dtype}."
                 )
         _check_pad_value(pad_value, Element(data={k: spec.data[k] for k in features}))
+        for k in bos_features:
+            dtype = np.dtype(spec.data[k].dtype)
+            if (
+                dtype.kind in "iu"
+                and not np.iinfo(dtype).min <= bos_token_id <= np.iinfo(dtype).max
+            ):
+                raise ValueError(
+                    f"`bos_token_id` {bos_token_id} cannot be stored in `element.data[{k!r}]` "
+                    f"of dtype {dtype}."
+                )
 
     def init_fn(element_spec: Any, key: Any = None) -> ConcatAndSplitState:
         del key  # deterministic
@@ -269,7 +344,7 @@ def concat_and_split(
         )
 
     def max_len_of(state: ConcatAndSplitState, key: str) -> int:
-        return state.buffer[key].shape[0] - capacity
+        return state.buffer[key].shape[0] - capacity - extra
 
     def spec_from(state: ConcatAndSplitState) -> Element:
         data = {
@@ -300,9 +375,15 @@ def concat_and_split(
         data = {}
         for k in features:
             tok = buffer[k][:capacity]
-            data[k] = tok.reshape(num_rows, row_length, *tok.shape[1:])
-            data[f"{k}_segment_ids"] = segment_ids[k][:capacity].reshape(num_rows, row_length)
-            data[f"{k}_positions"] = positions[k][:capacity].reshape(num_rows, row_length)
+            tok = tok.reshape(num_rows, row_length, *tok.shape[1:])
+            ids = segment_ids[k][:capacity].reshape(num_rows, row_length)
+            pos = positions[k][:capacity].reshape(num_rows, row_length)
+            if k in bos_features:  # Grain's REPLACE_FIRST_TOKEN_WITH_BOS: every piece's start
+                starts = (ids > 0) & (pos == 0)
+                tok = jnp.where(
+                    rows_mask_2d(starts, tok), jnp.asarray(bos_token_id, tok.dtype), tok
+                )
+            data[k], data[f"{k}_segment_ids"], data[f"{k}_positions"] = tok, ids, pos
         return Batch(data=data, valid_mask=valid_mask)
 
     def padding_of(segment_ids: dict[str, Array]) -> dict[str, Array]:
@@ -364,8 +445,64 @@ def concat_and_split(
             )
 
         done = next_row >= num_rows
-        batch = batch_of((buffer, segment_ids, positions), rows_valid(segment_ids) & done)
-        padding = padding_of(segment_ids)
+        ends_here = nonempty & (last_row < num_rows)
+        emitted = jnp.where(done, state.pending + ends_here.astype(jnp.int32), 0)
+        pending = jnp.where(
+            done,
+            (nonempty & ~ends_here).astype(jnp.int32),
+            state.pending + nonempty.astype(jnp.int32),
+        )
+        new_row = jnp.where(done, next_row - num_rows, next_row)
+        fill = {k: jnp.where(full, 0, end_fill[k]) for k in features}
+        parts = (buffer, segment_ids, positions)
+
+        if not split_full_length_features:
+            # Grain's `split_full_length_features=False`: a sequence that has a feature of
+            # exactly `row_length` tokens (and none longer) is a row of its own. It takes
+            # the open row's place and pushes the open row (still filling) one row on.
+            whole = jnp.stack([n[k] <= row_length for k in features])
+            exact = jnp.stack([n[k] == row_length for k in features])
+            through = jnp.all(whole) & jnp.any(exact)
+            start = state.row * row_length
+            t = jnp.arange(row_length, dtype=jnp.int32)
+
+            def pass_through(_):
+                out = ({}, {}, {})
+                for k in features:
+                    x = jnp.asarray(element.data[k])
+                    inside = t < n[k]
+                    tokens = jnp.take(x, jnp.minimum(t, x.shape[0] - 1), axis=0)
+                    row_parts = (
+                        jnp.where(
+                            rows_mask(inside, tokens), tokens, jnp.asarray(pad_value, x.dtype)
+                        ),
+                        inside.astype(jnp.int32),
+                        jnp.where(inside, t, 0),
+                    )
+                    olds = (state.buffer[k], state.segment_ids[k], state.positions[k])
+                    for i, (old, new) in enumerate(zip(olds, row_parts)):
+                        open_row = jax.lax.dynamic_slice_in_dim(old, start, row_length)
+                        old = jax.lax.dynamic_update_slice_in_dim(
+                            old, open_row, start + row_length, 0
+                        )
+                        out[i][k] = jax.lax.dynamic_update_slice_in_dim(old, new, start, 0)
+                return out
+
+            parts = jax.lax.cond(through, pass_through, lambda p: p, parts)
+            through_done = state.row + 1 >= num_rows
+            done = jnp.where(through, through_done, done)
+            emitted = jnp.where(
+                through, jnp.where(through_done, state.pending - state.segments + 1, 0), emitted
+            )
+            pending = jnp.where(
+                through, jnp.where(through_done, state.segments, state.pending + 1), pending
+            )
+            new_row = jnp.where(through, jnp.where(through_done, 0, state.row + 1), new_row)
+            fill = {k: jnp.where(through, state.fill[k], fill[k]) for k in features}
+            segments = jnp.where(through, state.segments, segments)
+
+        batch = batch_of(parts, rows_valid(parts[1]) & done)
+        padding = padding_of(parts[1])
 
         def shift(parts):  # the overflow becomes the start of the next batch
             def left(buf, fill):
@@ -378,23 +515,14 @@ def concat_and_split(
                 {k: left(b, 0) for k, b in positions.items()},
             )
 
-        buffer, segment_ids, positions = jax.lax.cond(
-            done, shift, lambda parts: parts, (buffer, segment_ids, positions)
-        )
-        ends_here = nonempty & (last_row < num_rows)
-        emitted = jnp.where(done, state.pending + ends_here.astype(jnp.int32), 0)
-        pending = jnp.where(
-            done,
-            (nonempty & ~ends_here).astype(jnp.int32),
-            state.pending + nonempty.astype(jnp.int32),
-        )
+        buffer, segment_ids, positions = jax.lax.cond(done, shift, lambda parts: parts, parts)
         new_state = ConcatAndSplitState(
             buffer=buffer,
             segment_ids=segment_ids,
             positions=positions,
             length_like=state.length_like,
-            row=jnp.where(done, next_row - num_rows, next_row),
-            fill={k: jnp.where(full, 0, end_fill[k]) for k in features},
+            row=new_row,
+            fill=fill,
             segments=segments,
             pending=pending,
             stats=state.stats.add(

@@ -9,8 +9,8 @@ Data flow (DESIGN.md, "decide on metadata, move payload in bulk"):
   plus the small placement vectors: `fills[f, j]` (tokens of packed feature `f` in row `j`)
   and `segments[j]` (sequences in row `j`).
 * `step` decides on those vectors alone: which rows fit the element (every packed feature's
-  `fill + length <= row_length`, and fewer than `max_segments` sequences), then the first
-  fitting row (`first_fit`) or the fullest one (`best_fit`, largest total fill, earliest on
+  `fill + length <= row_length`, and fewer than `max_sequences_per_row` sequences), then the
+  first fitting row (`first_fit`) or the fullest one (`best_fit`, largest total fill, earliest on
   a tie). If no row fits, the whole buffer is emitted as one batch and the element starts
   the next batch in row 0 (the fills are reset; rows are not cleared, see below).
 * The payload moves once per feature: the chosen row is rebuilt from the old row, the
@@ -24,7 +24,7 @@ Data flow (DESIGN.md, "decide on metadata, move payload in bulk"):
   alone runs the same placement decision (`decide`) and records, per sequence, its batch
   number, row, segment slot and offsets. Placed sequences are compacted in stream order,
   so those of batch `k` are a contiguous window found by `searchsorted`; `batch(k)`
-  scatters that window into a `[num_rows, max_segments]` table of sequences, finds the
+  scatters that window into a `[num_rows, max_sequences_per_row]` table of sequences, finds the
   segment covering each token slot with a scatter-max of segment starts and a `cummax`,
   and gathers the tokens (batch 0 keeps the state's rows below their old fills). The open
   batch is built the same way and becomes the new buffer.
@@ -56,10 +56,15 @@ class PackState(eqx.Module):
         data: the batch being packed, in the layout of the emitted `Batch.data`: for every
             packed feature `k`, `k` `[num_rows, row_length, ...]`, `k_segment_ids` and
             `k_positions` `[num_rows, row_length]`; for every other key, its per-segment
-            table `[num_rows, max_segments, ...]`. Rows with no sequence are unspecified.
-        fills: `[num_features, num_rows]` int32, tokens of each packed feature (sorted by
-            name) in each row.
+            table `[num_rows, max_sequences_per_row, ...]`. Rows with no sequence are unspecified.
+        fills: `[num_features, num_rows]` int32, the first free slot of each packed
+            feature (sorted by name) in each row: its tokens, each sequence's end rounded
+            up to the feature's `alignment` (so it may pass `row_length`, as in Grain).
         segments: `[num_rows]` int32, sequences in each row.
+        open_tokens: int32, real tokens (all packed features) in the rows being packed.
+        key: the typed PRNG key of `shuffle_rows=True`, else None.
+        draws: with `shuffle_rows=True`, uint32, batches emitted so far (the `b`-th batch
+            is shuffled with `fold_in(key, b)`; it may wrap, unlike a count), else None.
         stats: the `Stats` counters; an "element" is one sequence (one `step` call).
         sequences: sequences emitted in ready batches.
         rows: rows holding at least one sequence, emitted in ready batches.
@@ -81,6 +86,9 @@ class PackState(eqx.Module):
     data: PyTree
     fills: Int[Array, "features rows"]
     segments: Int[Array, " rows"]
+    open_tokens: Int[Array, ""]
+    key: Any
+    draws: Any
     stats: Stats
     sequences: Counter
     rows: Counter
@@ -130,6 +138,69 @@ def _positive_int(value: Any, name: str) -> None:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_pads(pad_value: Any) -> dict[str, int | float] | int | float:
+    """`pad_value` as given (a number) or a dict of numbers; its keys are checked at `init`."""
+    if _number(pad_value):
+        return pad_value
+    if isinstance(pad_value, Mapping) and all(
+        isinstance(k, str) and _number(v) for k, v in pad_value.items()
+    ):
+        return dict(pad_value)
+    raise ValueError(
+        "`pad_value` must be a Python int or float, or a dict `{key: number}` of top-level "
+        f"keys of the element's data (others pad with 0), got {pad_value!r}."
+    )
+
+
+def _check_alignment(alignment: Any, features: tuple[str, ...], row_length: int) -> tuple:
+    """`alignment` (an int, or a dict per packed feature, default 1) as a tuple by feature."""
+    if isinstance(alignment, Mapping):
+        unknown = sorted(set(map(str, alignment)) - set(features))
+        if unknown:
+            raise ValueError(
+                f"`alignment` names {unknown}, which are not packed features (keys of "
+                f"`lengths`: {list(features)})."
+            )
+        aligns = tuple(alignment.get(k, 1) for k in features)
+    else:
+        aligns = (alignment,) * len(features)
+    for a in aligns:
+        if isinstance(a, bool) or not isinstance(a, int) or not 1 <= a <= row_length:
+            raise ValueError(
+                f"`alignment` must be an int in [1, row_length] = [1, {row_length}] (or a "
+                f"dict of them per packed feature), got {alignment!r}."
+            )
+    return aligns
+
+
+def _typed_key(key: Any) -> Array:
+    """`key` as a scalar typed PRNG key (a raw uint32 `jax.random.PRNGKey` is wrapped)."""
+    if key is None:
+        raise ValueError(
+            "`pack(..., shuffle_rows=True)` is stochastic: `init` needs a PRNG key, got "
+            "`key=None`. Pass one, e.g. `batcher.init(spec, key=jax.random.key(0))` (or "
+            "`jb.scan(..., key=...)`)."
+        )
+    if not isinstance(key, jax.Array | jax.ShapeDtypeStruct):
+        raise ValueError(
+            f"`key` must be a JAX PRNG key such as `jax.random.key(0)`, got {type(key).__name__}."
+        )
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.dtype != jnp.uint32 or key.shape != (2,):
+            raise ValueError(
+                "`key` must be a typed key (`jax.random.key(0)`) or a raw uint32 key "
+                f"(`jax.random.PRNGKey(0)`), got shape {key.shape} and dtype {key.dtype}."
+            )
+        key = jax.random.wrap_key_data(key)
+    if key.shape != ():
+        raise ValueError(f"`key` must be one key (shape ()), got shape {key.shape}.")
+    return key
+
+
 def _output_keys(feature: str) -> tuple[str, str]:
     return f"{feature}_segment_ids", f"{feature}_positions"
 
@@ -144,6 +215,9 @@ def pack(
     strategy: Any = "first_fit",
     too_long: Any = "error",
     pad_value: Any = 0,
+    max_sequences_per_row: Any = None,
+    alignment: Any = 1,
+    shuffle_rows: Any = False,
     max_segments: Any = None,
 ) -> Batcher:
     """Pack variable-length sequences into `num_rows` rows of `row_length` tokens, as Grain.
@@ -152,31 +226,38 @@ def pack(
     arrays `[max_len, ...]` (static `max_len`, may exceed `row_length`) holding the sequence
     in their first `data[lengths[k]]` entries. The element goes into a row where *every*
     packed feature fits (`fill + length <= row_length` per feature, and the row holds fewer
-    than `max_segments` sequences): the first such row (`"first_fit"`), or the fullest one,
+    than `max_sequences_per_row` sequences): the first such row (`"first_fit"`), or the fullest one,
     its fills summed over features, earliest on a tie (`"best_fit"`). When it fits in no row,
     the current rows are emitted as one batch and the element starts the next batch in row
     0. So a batch is emitted only when a sequence does not fit (not when the rows happen to
     become exactly full), and `flush` emits the last rows at the end of the stream.
 
     This is Grain 0.2.18's `FirstFitPackIterDataset` / `BestFitPackIterDataset` with
-    `shuffle_bins=False`, `num_packing_bins=num_rows`, the same length for every packed
-    feature, `max_sequences_per_bin=max_segments` and the other keys as `meta_features`
-    (checked in the tests against Grain itself): the valid rows of the emitted batches,
-    concatenated, are the rows Grain yields, token for token, with the same segment ids and
-    positions. Differences: Grain drops the empty trailing rows of its last batch, here they
-    are padding rows (`valid_mask` False); Grain gives a sequence of length 0 a segment id
-    of its own, here an element whose every packed feature has length 0 is skipped
-    (counted in `Stats.skipped`, never placed); Grain raises on a too-long sequence,
+    `num_packing_bins=num_rows`, the same length for every packed feature,
+    `max_sequences_per_bin=max_sequences_per_row`, `pack_alignment_struct=alignment`,
+    `padding_struct=pad_value`, `shuffle_bins=shuffle_rows` and the other keys as
+    non-sequence `meta_features` (checked in the tests against Grain itself): without
+    shuffling, the valid rows of the emitted batches, concatenated, are the rows Grain
+    yields, token for token, with the same segment ids and positions. Grain's non-sequence
+    meta feature is a list per row of one value per sequence; here it is the per-segment
+    table below (entry `s - 1` of a row is Grain's list item `s - 1`, the rest is padding),
+    and every key that is not packed is carried (Grain drops keys it is not told about).
+    A Grain *sequence* meta feature (in `length_struct` and `meta_features`) is a packed
+    feature here whose `_segment_ids` / `_positions` you may ignore.
+    `shuffle_bins_group_by_feature` is not offered. Differences: Grain drops the empty trailing rows
+    of its last batch, here they are padding rows (`valid_mask` False); Grain gives a sequence of
+    length 0 a segment id of its own, here an element whose every packed feature has length 0 is
+    skipped (counted in `Stats.skipped`, never placed); Grain raises on a too-long sequence,
     `too_long="truncate"` is an option here.
 
-    Output `Batch.data`, for every packed feature `k`: `k` `[num_rows, row_length, ...]`
-    (the tokens; `pad_value` past each row's fill), `k_segment_ids` int32
-    `[num_rows, row_length]` (1, 2, 3... per sequence within a row, 0 on padding) and
-    `k_positions` int32 (0..len-1 within each sequence, 0 on padding). Every other key of
-    the element (the length keys included) is a per-sequence feature and becomes a
-    per-segment table `[num_rows, max_segments, ...]`: entry `[j, s - 1]` belongs to segment
-    id `s` of row `j`, unused entries hold `pad_value`. The stored lengths are as given (not
-    truncated). `valid_mask` `[num_rows]` is True for rows holding at least one sequence.
+    Output `Batch.data`, for every packed feature `k`: `k` `[num_rows, row_length, ...]` (the
+    tokens; `pad_value` past each row's fill), `k_segment_ids` int32 `[num_rows, row_length]` (1, 2,
+    3... per sequence within a row, 0 on padding) and `k_positions` int32 (0..len-1 within each
+    sequence, 0 on padding). Every other key of the element (the length keys included) is a
+    per-sequence feature and becomes a per-segment table `[num_rows, max_sequences_per_row, ...]`:
+    entry `[j, s - 1]` belongs to segment id `s` of row `j`, unused entries hold `pad_value`. The
+    stored lengths are as given (not truncated). `valid_mask` `[num_rows]` is True for rows holding
+    at least one sequence.
 
     Stats (one "element" is one sequence): `accepted` sequences placed, `skipped` empty
     sequences, `emitted` sequences in ready batches, `batches`, `padded` padding rows;
@@ -194,15 +275,28 @@ def pack(
             it in `packing_stats` (`truncated`, `truncated_tokens`). A length below 0 or
             above the feature's `max_len` is always a run-time error.
         pad_value: fill for padding tokens and unused table entries (a Python number),
-            cast to each leaf's dtype; `init` raises `ValueError` if an integer leaf cannot
-            hold it. Segment ids and positions are 0 on padding.
-        max_segments: sequences per row at most, a positive int; default `row_length` (as
-            many as can fit, every placed sequence having a token). It sizes the tables.
+            cast to each leaf's dtype, or a dict `{key: number}` per top-level key of the
+            element (Grain's `padding_struct`; keys left out pad with 0); `init` raises
+            `ValueError` if an integer leaf cannot hold it or a key is not the element's.
+            Segment ids and positions are 0 on padding.
+        max_sequences_per_row: sequences per row at most (Grain's `max_sequences_per_bin`;
+            a row holding that many counts as full), a positive int; default `row_length`
+            (as many as can fit). It sizes the tables.
+        alignment: Grain's `pack_alignment_struct`, an int in `[1, row_length]` or a dict
+            of them per packed feature (default 1): after each sequence, the feature's next
+            free slot is rounded up to a multiple of it, the gap being padding. The rounded
+            fill may pass `row_length` (6 tokens, alignment 4: the fill is 8), which closes
+            the row for that feature, as in Grain.
+        shuffle_rows: Grain's `shuffle_bins`: each emitted batch's rows (the `flush`ed one
+            too) in a random order, padding rows last; the batch numbered `b` uses
+            `fold_in(key, b)`. Then `init` needs a key, and the order is not first-in-
+            first-out (`check_batcher(..., fifo=False)`).
+        max_segments: the former name of `max_sequences_per_row` (give one of the two).
 
     Returns:
-        A `Batcher` with a bulk `feed` (batches and `Stats` identical to stepping; rows of
-        the buffer past their fills may differ, as `FeedFn` allows). Every mid-stream
-        batch has all `num_rows` rows in use, so `batch_all`'s default room
+        A `Batcher` with a bulk `feed` for every option (batches and `Stats` identical to
+        stepping; rows of the buffer past their fills may differ, as `FeedFn` allows).
+        Every mid-stream batch has all `num_rows` rows in use, so `batch_all`'s default room
         (`ceil(n / num_rows)` batches) and `iterate`'s default are enough.
 
     Raises:
@@ -244,11 +338,20 @@ def pack(
         raise ValueError(f"`strategy` must be one of {_STRATEGIES}, got {strategy!r}.")
     if too_long not in _TOO_LONG:
         raise ValueError(f"`too_long` must be one of {_TOO_LONG}, got {too_long!r}.")
-    if isinstance(pad_value, bool) or not isinstance(pad_value, int | float):
-        raise ValueError(f"`pad_value` must be a Python int or float, got {pad_value!r}.")
-    if max_segments is None:
-        max_segments = row_length
-    _positive_int(max_segments, "max_segments")
+    pads = _check_pads(pad_value)
+    if max_segments is not None:  # the earlier name of `max_sequences_per_row`
+        if max_sequences_per_row is not None:
+            raise ValueError(
+                "`max_segments` is the old name of `max_sequences_per_row`; pass one, got "
+                f"both ({max_segments!r} and {max_sequences_per_row!r})."
+            )
+        max_sequences_per_row = max_segments
+    if max_sequences_per_row is None:
+        max_sequences_per_row = row_length
+    _positive_int(max_sequences_per_row, "max_sequences_per_row")
+    max_segments = max_sequences_per_row
+    if not isinstance(shuffle_rows, bool):
+        raise ValueError(f"`shuffle_rows` must be a bool, got {shuffle_rows!r}.")
     if (
         not isinstance(lengths, Mapping)
         or not lengths
@@ -271,6 +374,7 @@ def pack(
             f"`num_rows` * `row_length` * (packed features) must be below 2**31 (int32 "
             f"counts), got {num_rows} * {row_length} * {len(features)}."
         )
+    aligns = _check_alignment(alignment, features, row_length)
     num_features = len(features)
     all_tokens = num_features * num_rows * row_length
     derived = {key for k in features for key in _output_keys(k)}
@@ -318,22 +422,37 @@ def pack(
                     f"Length `data['{key}']` (in `lengths`) must be an integer scalar, got "
                     f"{leaf!r}."
                 )
-        _check_pad_value(pad_value, spec)
+        if isinstance(pads, dict):
+            unknown = sorted(set(pads) - set(data))
+            if unknown:
+                raise ValueError(
+                    f"`pad_value` names keys {unknown} that the element does not have (its "
+                    f"keys are {sorted(data)})."
+                )
+        for name, leaf in data.items():
+            _check_pad_value(pad_of(name), Element(data={name: leaf}))
         return data
 
+    def pad_of(name: str) -> int | float:
+        """The pad value of top-level key `name` (0 for segment ids and positions)."""
+        if name in derived:
+            return 0
+        return pads.get(name, 0) if isinstance(pads, dict) else pads
+
     def init_fn(element_spec: Any, key: Any = None) -> PackState:
-        del key  # deterministic
+        key = _typed_key(key) if shuffle_rows else None  # deterministic otherwise
         data = check_spec(spec_of(element_spec))
         buffer = {}
         for name, leaf in data.items():
             if name in lengths:
                 shape = (num_rows, row_length, *leaf.shape[1:])
-                buffer[name] = jnp.full(shape, pad_value, leaf.dtype)
+                buffer[name] = jnp.full(shape, pad_of(name), leaf.dtype)
                 for out in _output_keys(name):
                     buffer[out] = jnp.zeros((num_rows, row_length), jnp.int32)
             else:
+                pad = pad_of(name)
                 buffer[name] = jax.tree.map(
-                    lambda s: jnp.full((num_rows, max_segments, *s.shape), pad_value, s.dtype),
+                    lambda s, pad=pad: jnp.full((num_rows, max_segments, *s.shape), pad, s.dtype),
                     leaf,
                 )
         zero = Counter.of(0)
@@ -341,6 +460,9 @@ def pack(
             data=buffer,
             fills=jnp.zeros((num_features, num_rows), jnp.int32),
             segments=jnp.zeros((num_rows,), jnp.int32),
+            open_tokens=jnp.zeros((), jnp.int32),
+            key=key,
+            draws=jnp.zeros((), jnp.uint32) if shuffle_rows else None,
             stats=Stats.zeros(),
             sequences=zero,
             rows=zero,
@@ -391,13 +513,15 @@ def pack(
             )
         return given, jnp.minimum(given, row_length)
 
-    def decide(fills: Array, segments: Array, given: Array, lens: Array) -> tuple[Array, ...]:
+    def decide(
+        fills: Array, segments: Array, tokens: Array, given: Array, lens: Array
+    ) -> tuple[Array, ...]:
         """Placement of one sequence, on scalars only (shared by `step` and `feed`).
 
-        Returns `(full, skip, row, offsets, slot, fills, segments)`: whether the rows are
-        emitted first, whether the sequence is skipped (all lengths 0), its row, its
-        offset per feature, its segment index in the row (id `slot + 1`), and the fills
-        and segment counts after it.
+        Returns `(full, skip, row, offsets, slot, fills, segments, tokens)`: whether the
+        rows are emitted first, whether the sequence is skipped (all lengths 0), its row,
+        its offset per feature, its segment index in the row (id `slot + 1`), and the
+        fills, segment counts and real tokens after it.
         """
         skip = jnp.all(given == 0)
 
@@ -408,6 +532,7 @@ def pack(
         full = ~jnp.any(fitting(fills, segments)) & ~skip
         fills = jnp.where(full, 0, fills)
         segments = jnp.where(full, 0, segments)
+        tokens = jnp.where(full, 0, tokens)
         fit = fitting(fills, segments)
         if strategy == "first_fit":
             row = jnp.argmax(fit)
@@ -415,14 +540,20 @@ def pack(
             row = jnp.argmax(jnp.where(fit, jnp.sum(fills, axis=0), -1))
         offsets, slot = fills[:, row], segments[row]
         place = ~skip
-        fills = fills.at[:, row].add(jnp.where(place, lens, 0))
+        # Grain's `pack_alignment_struct`: the next sequence starts at a multiple of the
+        # feature's alignment (the end may pass `row_length`: the row is then closed).
+        align = jnp.asarray(aligns, jnp.int32)
+        end = (offsets + lens + align - 1) // align * align
+        fills = fills.at[:, row].set(jnp.where(place, end, offsets))
         segments = segments.at[row].add(place.astype(jnp.int32))
-        return full, skip, row, offsets, slot, fills, segments
+        tokens = tokens + jnp.where(place, jnp.sum(lens), 0)
+        return full, skip, row, offsets, slot, fills, segments, tokens
 
-    def emission(fills: Array, segments: Array, ready: Array) -> dict[str, Array]:
-        """What emitting rows with these fills counts (all zero unless `ready`)."""
+    def emission(tokens: Array, segments: Array, ready: Array) -> dict[str, Array]:
+        """What emitting rows with these sequences and real tokens counts (zero unless
+        `ready`)."""
         used = segments > 0
-        filled = jnp.sum(fills)
+        filled = tokens
         counts = {
             "sequences": jnp.sum(segments),
             "rows": jnp.sum(used.astype(jnp.int32)),
@@ -437,6 +568,7 @@ def pack(
         data: PyTree,
         fills: Array,
         segments: Array,
+        tokens: Array,
         *,
         accepted: Array,
         skipped: Array,
@@ -455,6 +587,9 @@ def pack(
             data=data,
             fills=fills,
             segments=segments,
+            open_tokens=tokens,
+            key=state.key,
+            draws=None if state.draws is None else state.draws + batches.astype(jnp.uint32),
             stats=stats,
             sequences=state.sequences.add(emitted["sequences"]),
             rows=state.rows.add(emitted["rows"]),
@@ -470,8 +605,8 @@ def pack(
         check_against_spec(spec_from_state(state), element, what="element")
         data = element.data
         given, lens = read_lengths(data, dict(state.max_lens))
-        full, skip, row, offsets, slot, fills, segments = decide(
-            state.fills, state.segments, given, lens
+        full, skip, row, offsets, slot, fills, segments, open_tokens = decide(
+            state.fills, state.segments, state.open_tokens, given, lens
         )
 
         buffer = dict(state.data)
@@ -482,7 +617,7 @@ def pack(
             x = data[k]
             shifted = jnp.take(x, jnp.clip(at, 0, x.shape[0] - 1), axis=0)
             old = buffer[k][row]
-            pad = jnp.asarray(pad_value, x.dtype)
+            pad = jnp.asarray(pad_of(k), x.dtype)
             tokens = jnp.where(
                 rows_mask(before, old), old, jnp.where(rows_mask(inside, shifted), shifted, pad)
             )
@@ -495,10 +630,10 @@ def pack(
         entry = jnp.arange(max_segments, dtype=jnp.int32)
         for name in tables(buffer):
 
-            def write_table(table, value):
+            def write_table(table, value, name=name):
                 old = table[row]
                 keep, put = entry < slot, (entry == slot) & ~skip
-                pad = jnp.asarray(pad_value, table.dtype)
+                pad = jnp.asarray(pad_of(name), table.dtype)
                 new = jnp.where(
                     rows_mask(keep, old), old, jnp.where(rows_mask(put, old), value[None], pad)
                 )
@@ -507,15 +642,18 @@ def pack(
             buffer[name] = jax.tree.map(write_table, buffer[name], data[name])
 
         batch = Batch(data=state.data, valid_mask=(state.segments > 0) & full)
+        if shuffle_rows:  # the gather only when a batch goes out
+            batch = jax.lax.cond(full, lambda b: shuffled(state, b, 0), lambda b: b, batch)
         new_state = advanced(
             state,
             buffer,
             fills,
             segments,
+            open_tokens,
             accepted=~skip,
             skipped=skip,
             batches=full,
-            emitted=emission(state.fills, state.segments, full),
+            emitted=emission(state.open_tokens, state.segments, full),
             cut=given - lens,
         )
         return new_state, Emit(batch, full)
@@ -525,7 +663,7 @@ def pack(
         ready = jnp.any(used)
 
         def clean(name: str, leaf: Array) -> Array:
-            pad = jnp.asarray(0 if name in derived else pad_value, leaf.dtype)
+            pad = jnp.asarray(pad_of(name), leaf.dtype)
             return jnp.where(rows_mask(used, leaf), leaf, pad)
 
         data = {
@@ -538,13 +676,29 @@ def pack(
             state.data,
             jnp.zeros_like(state.fills),
             jnp.zeros_like(state.segments),
+            jnp.zeros_like(state.open_tokens),
             accepted=no,
             skipped=no,
             batches=ready,
-            emitted=emission(state.fills, state.segments, ready),
+            emitted=emission(state.open_tokens, state.segments, ready),
             cut=jnp.zeros((num_features,), jnp.int32),
         )
-        return new_state, Emit(Batch(data=data, valid_mask=used), ready)
+        batch = Batch(data=data, valid_mask=used)
+        if shuffle_rows:
+            batch = shuffled(state, batch, 0)
+        return new_state, Emit(batch, ready)
+
+    def shuffled(state: PackState, batch: Batch, k: Any) -> Batch:
+        """Grain's `shuffle_bins`: the used rows of the `k`-th batch emitted from `state`
+        in a random order drawn from `fold_in(key, batch number)`; padding rows stay last."""
+        number = state.draws + jnp.asarray(k, jnp.uint32)
+        perm = jax.random.permutation(jax.random.fold_in(state.key, number), num_rows)
+        rank = jnp.where(batch.valid_mask, perm, num_rows + jnp.arange(num_rows))
+        order = jnp.argsort(rank)
+        return Batch(
+            data=jax.tree.map(lambda x: x[order], batch.data),
+            valid_mask=batch.valid_mask[order],
+        )
 
     def tables(buffer: dict) -> list[str]:
         return [name for name in buffer if name not in lengths and name not in derived]
@@ -567,13 +721,13 @@ def pack(
 
         # The plan, on scalars: the step's placement decision for every sequence in turn.
         def plan(carry, x):
-            fills, segments = carry
-            full, skip, row, offsets, slot, new_fills, new_segments = decide(fills, segments, *x)
-            counts = emission(fills, segments, full)
-            return (new_fills, new_segments), (full, skip, row, offsets, slot, counts)
+            fills, segments, tokens = carry
+            full, skip, row, offsets, slot, *new = decide(fills, segments, tokens, *x)
+            counts = emission(tokens, segments, full)
+            return tuple(new), (full, skip, row, offsets, slot, counts)
 
-        (fills, segments), (full, skip, row, offsets, slot, counts) = jax.lax.scan(
-            plan, (state.fills, state.segments), (given, lens)
+        (fills, segments, open_tokens), (full, skip, row, offsets, slot, counts) = jax.lax.scan(
+            plan, (state.fills, state.segments, state.open_tokens), (given, lens)
         )
         group = jnp.cumsum(full.astype(jnp.int32))  # the batch each sequence goes into
         whole = group[-1] if n else jnp.zeros((), jnp.int32)  # batches emitted mid-stream
@@ -637,7 +791,7 @@ def pack(
                 )
                 old = first & (position < fill0[f][:, None])
                 seg_key, pos_key = _output_keys(key)
-                zero, pad = jnp.zeros((), jnp.int32), jnp.asarray(pad_value, x.dtype)
+                zero, pad = jnp.zeros((), jnp.int32), jnp.asarray(pad_of(key), x.dtype)
                 new_tokens = jnp.where(rows_mask_2d(inside, tokens), tokens, pad)
                 out[key] = jnp.where(rows_mask_2d(old, tokens), state.data[key], new_tokens)
                 out[seg_key] = jnp.where(old, state.data[seg_key], jnp.where(inside, seg, zero))
@@ -646,9 +800,9 @@ def pack(
                 )
             for name in tables(state.data):
 
-                def table(buf, x):
+                def table(buf, x, name=name):
                     new = x[elem] if n else jnp.zeros(buf.shape, buf.dtype)
-                    pad = jnp.asarray(pad_value, buf.dtype)
+                    pad = jnp.asarray(pad_of(name), buf.dtype)
                     new = jnp.where(rows_mask_2d(present, new), new, pad)
                     return jnp.where(rows_mask_2d(old_segment, new), buf, new)
 
@@ -658,9 +812,10 @@ def pack(
 
         def batch_fn(k):
             out, used = build(k)
-            return Batch(data=out, valid_mask=used & (k < count))
+            batch = Batch(data=out, valid_mask=used & (k < count))
+            return shuffled(state, batch, k) if shuffle_rows else batch
 
-        at_end = emission(fills, segments, tail)  # what a final flush emits
+        at_end = emission(open_tokens, segments, tail)  # what a final flush emits
         emitted = {name: jnp.sum(counts[name]) + at_end[name] for name in at_end}
         buffer, _ = build(whole)
         cut = given - lens
@@ -669,6 +824,7 @@ def pack(
             buffer,
             jnp.where(flush, 0, fills),
             jnp.where(flush, 0, segments),
+            jnp.where(flush, 0, open_tokens),
             accepted=jnp.sum(placed.astype(jnp.int32)),
             skipped=jnp.sum(skip.astype(jnp.int32)),
             batches=count,
