@@ -695,3 +695,16 @@ def test_pack_passes_check_batcher(strategy, too_long):
     )
     assert report.stats["skipped"] == 1  # the all-empty sequence
     assert report.stats["emitted"] == len(lengths) - 1
+
+
+def test_aligned_pack_passes_check_batcher():
+    # Alignment leaves padding between the sequences of a row: the checker allows it.
+    from jaxbatch.testing import check_batcher
+
+    lengths = [(3, 1), (1, 2), (2, 2), (1, 1), (3, 3)]
+    stream = stack(make_elements(lengths, 4, seed=5))
+    batcher = jb.pack(6, 2, lengths=LENGTHS, alignment={"inputs": 2, "targets": 2})
+    report = check_batcher(
+        batcher, stream, lengths=LENGTHS, resume_steps=2, check_vmap=False, check_jit=False
+    )
+    assert report.stats["emitted"] == len(lengths)

@@ -916,8 +916,9 @@ def check_batcher(
 
     With `lengths` (packing batchers such as `jb.pack` and `jb.concat_and_split`), law 4
     follows tokens instead of rows: each packed feature `k` comes out as `k`,
-    `k_segment_ids` and `k_positions`; rows must be well formed (segment ids increasing from
-    1, then 0 padding; positions counting up within a segment, 0 on padding); every input sequence
+    `k_segment_ids` and `k_positions`; rows must be well formed (each sequence one run of
+    one segment id, ids increasing along the row, 0 on padding; positions counting up
+    within a segment, 0 on padding); every input sequence
     (its first `length` tokens) comes out exactly once — whole in one segment, cut to the
     row length if longer, or with `split_sequences=True` in order across rows, cut only
     where a row ends — or is counted as skipped or dropped; the Stats' `emitted` counts the

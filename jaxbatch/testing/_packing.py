@@ -5,9 +5,10 @@ elements through: it lays the first `length` tokens of each sequence side by sid
 and describes them with `<feature>_segment_ids` (1, 2, 3... per sequence within a row, 0 on
 padding) and `<feature>_positions`. `check_packed` follows every token:
 
-* every row is well formed: segment ids are at least 1 and never decrease (they may skip
-  an id: a sequence empty in one feature keeps its id in the others), and once 0
-  (padding) stay 0; positions count up by one within a segment and are 0 on padding;
+* every row is well formed: each sequence is one run of one segment id, ids increase
+  along the row (they may skip an id: a sequence empty in one feature keeps its id in the
+  others; padding, id 0, may sit between runs when sequences are aligned); positions
+  count up by one within a segment and are 0 on padding;
 * whole sequences (`split=False`): every segment, read across all packed features, is an
   input sequence (its first `row_length` tokens if it was longer than the row), each input
   sequence comes out at most once, positions run 0..len-1, and those that never come out
@@ -51,20 +52,19 @@ def _runs(segment_ids: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def _check_row(fail, place: str, feature: str, ids: np.ndarray, positions: np.ndarray) -> None:
-    """Segment ids 1, 2, ... in runs then 0 padding; positions count up within a run."""
-    nonzero = np.flatnonzero(ids != 0)
-    fill = int(nonzero[-1]) + 1 if len(nonzero) else 0
-    if (ids[:fill] == 0).any():
-        fail(f"{place}: `{feature}_segment_ids` {ids.tolist()} has padding (0) inside the row.")
-    # Ids may skip a number: a sequence empty in this feature keeps its id (as in Grain).
-    if (np.diff(np.concatenate([[0], ids[:fill]])) < 0).any():
+    """Each sequence one run of one id, ids increasing along the row (they may skip a
+    number, and padding may sit between runs: alignment); positions count up within a run
+    and are 0 on padding."""
+    runs = _runs(ids)
+    order = [segment for segment, _, _ in runs]
+    if any(b <= a for a, b in zip(order, order[1:])):
         fail(
-            f"{place}: `{feature}_segment_ids` {ids.tolist()} must increase along the row "
-            "(1, 2, 3... in the order the sequences were placed)."
+            f"{place}: `{feature}_segment_ids` {ids.tolist()} must increase along the row, "
+            "each sequence one contiguous run (1, 2, 3... in the order they were placed)."
         )
-    if (positions[fill:] != 0).any():
+    if (positions[ids == 0] != 0).any():
         fail(f"{place}: `{feature}_positions` is not 0 on padding: {positions.tolist()}.")
-    for segment, start, stop in _runs(ids):
+    for segment, start, stop in runs:
         if (np.diff(positions[start:stop]) != 1).any():
             fail(
                 f"{place}: `{feature}_positions` of segment {segment} "
