@@ -31,8 +31,7 @@ demo: $(STAMP)
 
 # Peers (Grain; tf.data where TensorFlow is installed) are compared against where present.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_fixed_size.py
-	$(BIN)/python benchmarks/bench_pack.py
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

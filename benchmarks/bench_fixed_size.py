@@ -14,9 +14,13 @@ Every path feeds the same consumer, which reads every byte of each batch. Printe
   (`fixed_size`'s `Emissions.stacked` builds all batches as one pad-and-reshape.)
 * compile time of the `scan` driver and its trace count.           target < 1 s, 1 trace
 * `iterate` (host streaming from numpy rows) and Grain and tf.data on the same batching
-  job, where installed.
+  job, where installed: with the light consumer in numpy on each batch, and with the MLP
+  train step jitted once and called on each host batch.
 
-Run with `make bench` (or `python benchmarks/bench_fixed_size.py --quick` for a smoke run).
+`measure(num, repeats)` returns the measurements (one table per consumer, in the schema
+`benchmarks/run.py` tabulates) and `time_fused(num, repeats)` times the fused path alone.
+Run with `make bench` (all workloads) or `python benchmarks/bench_fixed_size.py [--quick]`
+(this one, with its targets).
 """
 
 import argparse
@@ -40,7 +44,7 @@ def timeit(fn, repeats):
     """
     fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(max(1, repeats)):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -59,21 +63,99 @@ def consume(carry, batch):
 CARRY = (jnp.float32(0), jnp.int32(0))
 
 
-def main(quick: bool = False) -> None:
-    num = 2048 if quick else NUM
-    repeats = 3 if quick else 15
-    rng = np.random.default_rng(0)
+def make_data(num, seed=0):
+    """`num` random images and labels, as numpy arrays."""
+    rng = np.random.default_rng(seed)
     images = rng.standard_normal((num, *SHAPE), dtype=np.float32)
     labels = rng.integers(0, 10, size=(num,), dtype=np.int32)
+    return images, labels
+
+
+def _numpy_copy_time(images, labels, repeats):
+    """A plain numpy copy of the same bytes into a warm buffer: the reference of every ratio."""
+    warm = {"image": np.empty_like(images), "label": np.empty_like(labels)}
+
+    def numpy_copy():
+        np.copyto(warm["image"], images)
+        np.copyto(warm["label"], labels)
+
+    return timeit(numpy_copy, repeats)
+
+
+def _row(name, seconds, system, group=""):
+    return {"name": name, "seconds": float(seconds), "system": system, "group": group}
+
+
+def measure(num=NUM, repeats=15, consumers=("light", "mlp"), compile_repeats=3, peers=True):
+    """Measure every path for each consumer; one table (a dict) per consumer.
+
+    Args:
+        num: elements in the stream (a multiple of `BATCH`).
+        repeats: timed runs per path (the best is kept); host paths run a third as many.
+        consumers: `"light"` (masked per-row sums) and/or `"mlp"` (a train step).
+        compile_repeats: fresh compiles of each MLP program (the best is kept).
+        peers: measure Grain and tf.data where installed.
+
+    Returns:
+        `{"fixed_size": table, "fixed_size_mlp": table}` (those asked for), each table a dict
+        with `title`, `unit`, `num`, `bytes`, `repeats`, `compile_s` (trace + compile of the
+        fused `jb.scan` program), `rows` (`name`, `seconds`, `system`, `group`), `numpy_copy_s`,
+        `fused` (the fused row's name), `checks` (`(name, value, target)`) and `notes`.
+    """
+    images, labels = make_data(num)
     stream = jax.block_until_ready({"image": jnp.asarray(images), "label": jnp.asarray(labels)})
-    nbytes = images.nbytes + labels.nbytes
+    reshaped = jax.tree.map(lambda x: x.reshape(num // BATCH, BATCH, *x.shape[1:]), stream)
+    copy_s = _numpy_copy_time(images, labels, repeats)
+    host_repeats = max(1, repeats // 3)
+    have = {
+        "grain": peers and importlib.util.find_spec("grain") is not None,
+        "tf.data": peers and importlib.util.find_spec("tensorflow") is not None,
+    }
+    base = {
+        "unit": "elements",
+        "num": num,
+        "bytes": images.nbytes + labels.nbytes,
+        "repeats": repeats,
+        "numpy_copy_s": copy_s,
+        "fused": "jb.scan",
+    }
+    out = {}
+    if "light" in consumers:
+        out["fixed_size"] = {
+            **base,
+            "title": f"fixed_size({BATCH}), light consumer (masked per-row sums)",
+            **_light(images, labels, stream, reshaped, repeats, host_repeats, have, copy_s),
+        }
+        out["fixed_size"]["rows"].insert(0, _row("numpy copy (reference)", copy_s, "numpy"))
+    if "mlp" in consumers:
+        out["fixed_size_mlp"] = {
+            **base,
+            "title": f"fixed_size({BATCH}), MLP train step (3072 -> 256 -> 10, SGD)",
+            **_mlp(images, labels, stream, reshaped, repeats, host_repeats, compile_repeats, have),
+        }
+        out["fixed_size_mlp"]["rows"].insert(0, _row("numpy copy (reference)", copy_s, "numpy"))
+    return out
+
+
+def time_fused(num, repeats=3, consumer="light"):
+    """Best time of the fused path (`jb.scan` of `fixed_size` into `consumer`) on `num`."""
+    images, labels = make_data(num)
+    stream = jax.block_until_ready({"image": jnp.asarray(images), "label": jnp.asarray(labels)})
+    batcher = jb.fixed_size(BATCH)
+    if consumer == "light":
+        fn, carry = consume, CARRY
+    else:
+        fn, carry = _train_step(), _params()
+    compiled = jax.jit(lambda s: jb.scan(batcher, fn, carry, s)[0]).lower(stream).compile()
+    return timeit(lambda: jax.block_until_ready(compiled(stream)), repeats)
+
+
+def _light(images, labels, stream, reshaped, repeats, host_repeats, have, copy_s):
     batcher = jb.fixed_size(BATCH)
     stepper = batcher._replace(feed=None)  # the same batcher, stepped one element at a time
     traces = []
 
     # --- the limit: the consumer over data already in batch shape
-    reshaped = jax.tree.map(lambda x: x.reshape(num // BATCH, BATCH, *x.shape[1:]), stream)
-
     @jax.jit
     def limit(batched):
         def body(carry, rows):
@@ -102,124 +184,105 @@ def main(quick: bool = False) -> None:
         state = batcher.init(jb.element_spec(jax.tree.map(lambda x: x[0], elements)))
         return jb.consume(stepper, state, elements, consume, CARRY)[1]
 
-    # --- materialise
-    @jax.jit
-    def xla_copy(tree):
-        return jax.tree.map(jnp.copy, tree)
-
-    warm = {k: np.empty_like(v) for k, v in (("image", images), ("label", labels))}
-
-    def numpy_copy():
-        np.copyto(warm["image"], images)
-        np.copyto(warm["label"], labels)
-
-    results = {
+    xla_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+    t = {
         "limit": timeit(lambda: jax.block_until_ready(limit(reshaped)), repeats),
         "scan": timeit(lambda: jax.block_until_ready(fused(stream)), repeats),
         "by_element": timeit(lambda: jax.block_until_ready(by_element(stream)), repeats),
         "batch_all": timeit(lambda: jax.block_until_ready(jb.batch_all(batcher, stream)), repeats),
         "xla_copy": timeit(lambda: jax.block_until_ready(xla_copy(stream)), repeats),
-        "numpy_copy": timeit(numpy_copy, repeats),
-        "iterate": timeit(lambda: _iterate(batcher, images, labels), max(1, repeats // 3)),
+        "iterate": timeit(lambda: _iterate(batcher, images, labels), host_repeats),
     }
     check = [np.asarray(x) for x in (limit(reshaped), fused(stream), by_element(stream))]
     assert all(np.allclose(c, check[0]) for c in check), "paths disagree"
-
-    peers = {}
-    if importlib.util.find_spec("grain") is not None:
-        peers["grain"] = _grain(images, labels, repeats)
-    if importlib.util.find_spec("tensorflow") is not None:
-        peers["tf.data"] = _tfdata(images, labels, repeats)
-
-    mlp = _mlp(batcher, stream, reshaped, repeats)
-    r = results
-    print(
-        f"jaxbatch fixed_size benchmark: {num} elements of {SHAPE} f32 + i32 label, batch {BATCH}"
-    )
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.machine()}")
-    print(f"bytes: {nbytes / 1e6:.1f} MB; times are the best of {repeats}")
-    print()
-    row = "{:<34} {:>9.2f} ms {:>12,.0f} el/s  {}"
-    names = ("limit", "scan", "by_element", "batch_all", "xla_copy", "numpy_copy", "iterate")
-    for name in names:
-        print(row.format(name, r[name] * 1e3, num / r[name], ""))
-    for name, t in peers.items():
-        print(row.format(name + " (peer, host batching)", t * 1e3, num / t, ""))
-    print()
-    floor = r["limit"] + r["numpy_copy"]
-    lines = [
-        ("scan / limit", r["scan"] / r["limit"], "<= 1.10"),
-        ("by_element / (limit + numpy_copy)", r["by_element"] / floor, "<= 1.25"),
-        ("batch_all speed / xla_copy speed", r["xla_copy"] / r["batch_all"], ">= 1.0"),
-        ("batch_all speed / numpy_copy speed", r["numpy_copy"] / r["batch_all"], ""),
-        ("xla_copy speed / numpy_copy speed", r["numpy_copy"] / r["xla_copy"], ""),
-        ("scan / numpy_copy", r["scan"] / r["numpy_copy"], ""),
+    rows = [
+        _row("limit: lax.scan over pre-batched data", t["limit"], "limit"),
+        _row("jb.scan", t["scan"], "jaxbatch"),
+        _row("jb.scan, stepped one element at a time", t["by_element"], "jaxbatch"),
+        _row("jb.batch_all", t["batch_all"], "jaxbatch"),
+        _row("jitted XLA copy", t["xla_copy"], "xla"),
+        _row("jb.iterate (host rows, numpy consumer)", t["iterate"], "jaxbatch"),
     ]
-    for name, t in peers.items():
-        lines.append((f"{name} time / scan time", t / r["scan"], ""))
-        lines.append((f"{name} time / iterate time", t / r["iterate"], ""))
-    for name, ratio, target in lines:
-        print(f"{name:<40} {ratio:6.2f}x   {('target ' + target) if target else ''}")
-    print(f"{'scan trace + compile':<40} {compile_s:6.2f} s    target < 1 s")
-    print(f"{'scan traces over 3 calls':<40} {trace_count:>6}      target 1")
-    print()
-    print("MLP consumer (3072 -> 256 -> 10, SGD, masked per-row loss):")
-    print(row.format("limit (lax.scan over batches)", mlp["limit"] * 1e3, num / mlp["limit"], ""))
-    print(row.format("jb.scan", mlp["scan"] * 1e3, num / mlp["scan"], ""))
-    print(
-        row.format(
-            "jb.scan, stepped one by one", mlp["by_element"] * 1e3, num / mlp["by_element"], ""
+    if have["grain"]:
+        rows.append(
+            _row(
+                "Grain MapDataset.batch (numpy consumer)",
+                _grain(images, labels, host_repeats),
+                "grain",
+            )
         )
-    )
-    print(f"{'MLP scan / limit':<40} {mlp['scan'] / mlp['limit']:6.2f}x   target <= 1.05")
-    print(
-        f"{'MLP compile: scan / lax.scan':<40} {mlp['compile_scan'] / mlp['compile_limit']:6.2f}x"
-        f"   target <= 1.15 ({mlp['compile_scan']:.2f} s vs {mlp['compile_limit']:.2f} s)"
-    )
-    for name, count in mlp["traces"].items():  # each program was traced 3 times
-        print(f"{'consumer traces per program: ' + name:<40} {count / 3:>6.0f}      target 1")
-    if not peers:
-        print("peers: grain and tf.data not installed; skipped")
+    if have["tf.data"]:
+        rows.append(
+            _row(
+                "tf.data .batch (numpy consumer)", _tfdata(images, labels, host_repeats), "tf.data"
+            )
+        )
+    return {
+        "compile_s": compile_s,
+        "rows": rows,
+        "checks": [
+            ("scan / limit", t["scan"] / t["limit"], "<= 1.10"),
+            ("stepped / (limit + numpy copy)", t["by_element"] / (t["limit"] + copy_s), "<= 1.25"),
+            ("batch_all speed / XLA copy speed", t["xla_copy"] / t["batch_all"], ">= 1.0"),
+            ("scan trace + compile (s)", compile_s, "< 1"),
+            ("scan traces over 3 calls", trace_count, "1"),
+        ],
+        "notes": [],
+    }
 
 
-def _mlp(batcher, stream, reshaped, repeats):
-    """The fused path with a real train step: time, compile time and consumer traces."""
+def _params():
     k1, k2 = jax.random.split(jax.random.key(0))
     size = int(np.prod(SHAPE))
-    params = {
+    return {
         "w1": jax.random.normal(k1, (size, 256)) / np.sqrt(size),
         "b1": jnp.zeros(256),
         "w2": jax.random.normal(k2, (256, 10)) / 16.0,
         "b2": jnp.zeros(10),
     }
-    traces = {"jb.scan": 0, "jb.scan, stepped": 0, "lax.scan": 0}  # per program, x3 compiles
 
-    def train_step(name):
-        def step(params, batch):
+
+def _train_step(on_trace=lambda: None):
+    """An SGD step of a 2-layer MLP on a `Batch`, masked per-row loss."""
+
+    def step(params, batch):
+        on_trace()
+
+        def loss(params):
+            x = batch.data["image"].reshape(batch.batch_size, -1)
+            h = jax.nn.relu(x @ params["w1"] + params["b1"])
+            logits = h @ params["w2"] + params["b2"]
+            logp = jax.nn.log_softmax(logits)
+            nll = -jnp.take_along_axis(logp, batch.data["label"][:, None], axis=1)[:, 0]
+            n = jnp.maximum(batch.num_valid, 1).astype(jnp.float32)
+            return jnp.sum(jnp.where(batch.valid_mask, nll, 0.0)) / n
+
+        grads = jax.grad(loss)(params)
+        return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads)
+
+    return step
+
+
+def _mlp(images, labels, stream, reshaped, repeats, host_repeats, compile_repeats, have):
+    """The fused path with a real train step: time, compile time and consumer traces; and
+    the host paths feeding the same step, jitted once, one call per batch."""
+    batcher = jb.fixed_size(BATCH)
+    params = _params()
+    traces = {"jb.scan": 0, "jb.scan, stepped": 0, "lax.scan": 0}  # per program
+
+    def counting(name):
+        def bump():
             traces[name] += 1
 
-            def loss(params):
-                x = batch.data["image"].reshape(batch.batch_size, -1)
-                h = jax.nn.relu(x @ params["w1"] + params["b1"])
-                logits = h @ params["w2"] + params["b2"]
-                logp = jax.nn.log_softmax(logits)
-                nll = -jnp.take_along_axis(logp, batch.data["label"][:, None], axis=1)[:, 0]
-                n = jnp.maximum(batch.num_valid, 1).astype(jnp.float32)
-                return jnp.sum(jnp.where(batch.valid_mask, nll, 0.0)) / n
+        return _train_step(bump)
 
-            grads = jax.grad(loss)(params)
-            return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads)
-
-        return step
-
-    limit_step, scan_step = train_step("lax.scan"), train_step("jb.scan")
-    stepped_step = train_step("jb.scan, stepped")
+    limit_step, scan_step = counting("lax.scan"), counting("jb.scan")
+    stepped_step = counting("jb.scan, stepped")
 
     def limit(params, batched):
         def body(params, rows):
-            return limit_step(
-                params, jb.Batch(data=rows, valid_mask=jnp.ones((BATCH,), bool))
-            ), None
+            batch = jb.Batch(data=rows, valid_mask=jnp.ones((BATCH,), bool))
+            return limit_step(params, batch), None
 
         return jax.lax.scan(body, params, batched)[0]
 
@@ -229,9 +292,10 @@ def _mlp(batcher, stream, reshaped, repeats):
     def by_element(params, elements):
         return jb.scan(batcher._replace(feed=None), stepped_step, params, elements)[0]
 
-    def compile_time(fn, *args):  # best of 3 fresh trace + compile (a fresh `jit` each time)
+    def compile_time(fn, *args):  # best of fresh trace + compile: caches cleared each time
         times = []
-        for _ in range(3):
+        for _ in range(compile_repeats):
+            jax.clear_caches()  # else a new `jit` of the same `fn` reuses the executable
             start = time.perf_counter()
             compiled = jax.jit(fn).lower(*args).compile()
             times.append(time.perf_counter() - start)
@@ -242,19 +306,74 @@ def _mlp(batcher, stream, reshaped, repeats):
     _, by_element_c = compile_time(by_element, params, stream)
     a, b = limit_c(params, reshaped), fused_c(params, stream)
     assert all(jax.tree.leaves(jax.tree.map(lambda x, y: np.allclose(x, y, atol=1e-5), a, b)))
-    return {
+    t = {
         "limit": timeit(lambda: jax.block_until_ready(limit_c(params, reshaped)), repeats),
         "scan": timeit(lambda: jax.block_until_ready(fused_c(params, stream)), repeats),
-        "by_element": timeit(lambda: jax.block_until_ready(by_element_c(params, stream)), 3),
-        "compile_limit": compile_limit,
-        "compile_scan": compile_scan,
-        "traces": traces,
+        "by_element": timeit(
+            lambda: jax.block_until_ready(by_element_c(params, stream)), min(3, repeats)
+        ),
+    }
+    host_step = jax.jit(_train_step())
+    mask = jnp.ones((BATCH,), bool)
+
+    def iterate():
+        p = params
+        for batch in jb.iterate(batcher, _Rows(images, labels), chunk_size=min(1024, len(labels))):
+            p = host_step(p, batch)
+        return jax.block_until_ready(p)
+
+    t["iterate"] = timeit(iterate, host_repeats)
+    rows = [
+        _row("limit: lax.scan over pre-batched data", t["limit"], "limit"),
+        _row("jb.scan", t["scan"], "jaxbatch"),
+        _row("jb.scan, stepped one element at a time", t["by_element"], "jaxbatch"),
+        _row("jb.iterate + jitted step per batch", t["iterate"], "jaxbatch"),
+    ]
+    if have["grain"]:
+        import grain.python as grain
+
+        batches = grain.MapDataset.source(_Rows(images, labels)).batch(BATCH)
+
+        def run_grain():
+            p = params
+            for b in batches:
+                p = host_step(p, jb.Batch(data=b, valid_mask=mask))
+            return jax.block_until_ready(p)
+
+        rows.append(
+            _row("Grain MapDataset.batch + jitted step", timeit(run_grain, host_repeats), "grain")
+        )
+    if have["tf.data"]:
+        import tensorflow as tf
+
+        ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(BATCH)
+
+        def run_tf():
+            p = params
+            for b in ds:
+                data = {"image": b["image"].numpy(), "label": b["label"].numpy()}
+                p = host_step(p, jb.Batch(data=data, valid_mask=mask))
+            return jax.block_until_ready(p)
+
+        rows.append(_row("tf.data .batch + jitted step", timeit(run_tf, host_repeats), "tf.data"))
+    checks = [
+        ("scan / limit", t["scan"] / t["limit"], "<= 1.05"),
+        ("compile: scan / lax.scan", compile_scan / compile_limit, "<= 1.15"),
+    ]
+    for name, count in traces.items():  # each program was compiled `compile_repeats` times
+        checks.append((f"consumer traces per program: {name}", count / compile_repeats, "1"))
+    return {
+        "compile_s": compile_scan,
+        "compile_limit_s": compile_limit,
+        "rows": rows,
+        "checks": checks,
+        "notes": [],
     }
 
 
 def _iterate(batcher, images, labels):
     """Host streaming: `jb.iterate` over numpy rows, the consumer (numpy) on each batch."""
-    for b in jb.iterate(batcher, _Rows(images, labels), chunk_size=1024):
+    for b in jb.iterate(batcher, _Rows(images, labels), chunk_size=min(1024, len(labels))):
         image, label = np.asarray(b.data["image"]), np.asarray(b.data["label"])
         np.sum(image, axis=(1, 2, 3)).sum() + label.sum()
 
@@ -281,7 +400,7 @@ def _grain(images, labels, repeats):
         for b in batches:  # the same consumer, in numpy: read every byte of the batch
             np.sum(b["image"], axis=(1, 2, 3)).sum() + b["label"].sum()
 
-    return timeit(run, max(1, repeats // 3))
+    return timeit(run, repeats)
 
 
 def _tfdata(images, labels, repeats):
@@ -293,7 +412,41 @@ def _tfdata(images, labels, repeats):
         for b in ds:
             np.sum(b["image"].numpy(), axis=(1, 2, 3)).sum() + b["label"].numpy().sum()
 
-    return timeit(run, max(1, repeats // 3))
+    return timeit(run, repeats)
+
+
+def report(tables):
+    """Print the detailed report of `measure`'s tables, with the targets."""
+    for table in tables.values():
+        num, copy_s = table["num"], table["numpy_copy_s"]
+        print(f"{table['title']}: {num} elements, {table['bytes'] / 1e6:.1f} MB")
+        print(f"times are the best of {table['repeats']} (host paths: a third as many)")
+        peers = {
+            r["system"]: r["seconds"] for r in table["rows"] if r["system"] in ("grain", "tf.data")
+        }
+        for r in table["rows"]:
+            s = r["seconds"]
+            extra = "".join(f"  {name} time / this {t / s:5.2f}x" for name, t in peers.items())
+            print(
+                f"  {r['name']:<44} {s * 1e3:>9.2f} ms {num / s:>12,.0f} el/s"
+                f"  {s / copy_s:6.2f}x copy{extra}"
+            )
+        for name, value, target in table["checks"]:
+            print(f"  {name:<44} {value:8.2f}   target {target}")
+        print()
+    if not any(r["system"] in ("grain", "tf.data") for t in tables.values() for r in t["rows"]):
+        print("peers: grain and tf.data not installed; skipped")
+
+
+def main(quick: bool = False) -> None:
+    num = 2048 if quick else NUM
+    repeats = 3 if quick else 15
+    print(
+        f"jaxbatch fixed_size benchmark: {num} elements of {SHAPE} f32 + i32 label, batch {BATCH}"
+    )
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.machine()}")
+    print()
+    report(measure(num, repeats, compile_repeats=1 if quick else 3))
 
 
 if __name__ == "__main__":

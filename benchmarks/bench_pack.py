@@ -9,7 +9,9 @@ Grain 0.2.18's `FirstFitPackIterDataset` / `BestFitPackIterDataset` (`shuffle_bi
 on the same sequences, with a check that every packed row is identical. Target: identical
 rows at >= 20x Grain's sequences/s.
 
-Run with `make bench` (or `python benchmarks/bench_pack.py --quick`).
+`measure(num, repeats)` returns the measurements (the table `benchmarks/run.py` prints) and
+`time_fused(num, repeats)` times the fused path alone. Run with `make bench` (every
+workload) or `python benchmarks/bench_pack.py [--quick]` (this one, with its targets).
 """
 
 import argparse
@@ -67,10 +69,14 @@ def run_pack(strategy, num_rows, tokens, lengths, repeats):
     return seconds, compile_s, efficiency, batcher, stream
 
 
-def rows_of(batcher, stream):
-    """Every valid packed row, in order, from `batch_all` (for the Grain check)."""
+def rows_of(batcher, stream, num_rows):
+    """Every valid packed row, in order, from `batch_all` (for the Grain check).
+
+    Room: a batch is emitted when a sequence fits no row, so all `num_rows` rows hold a
+    sequence: at most `ceil(n / num_rows)` batches, plus the flush (`batch_all` checks it).
+    """
     n = len(stream["length"])
-    batches, count = jb.batch_all(batcher, stream, max_batches=n)
+    batches, count = jb.batch_all(batcher, stream, max_batches=-(-n // num_rows) + 1)
     batches = jax.device_get(batches)
     rows = []
     for k in range(int(count)):
@@ -113,45 +119,108 @@ def run_grain(strategy, num_rows, tokens, lengths, repeats):
     return seconds, list(dataset())
 
 
+CONFIGS = (("first_fit", 16), ("first_fit", 128), ("best_fit", 16), ("best_fit", 128))
+
+
+def measure(num=NUM, repeats=5, configs=CONFIGS, peers=True, check_rows=True):
+    """Measure `jb.scan` (and Grain, where installed) for each `(strategy, num_rows)`.
+
+    With `check_rows`, every packed row is also checked identical to Grain's (one more
+    compiled program per configuration: `batch_all`).
+
+    Returns:
+        `{"pack": table}`: a dict with `title`, `unit` ("sequences"), `num`, `bytes` (the
+        padded token bytes), `repeats`, `numpy_copy_s` (a numpy copy of those bytes),
+        `compile_s` (trace + compile of the first configuration's fused program), `rows`
+        (`name`, `seconds`, `system`, `group` = the configuration), `fused`, `checks`
+        (`(name, value, target)`: efficiency, compile time, rows equal, speedup) and `notes`.
+    """
+    tokens, lengths = make_data(num)
+    have_grain = peers and importlib.util.find_spec("grain") is not None
+    warm_tokens, warm_lengths = np.empty_like(tokens), np.empty_like(lengths)
+
+    def numpy_copy():
+        np.copyto(warm_tokens, tokens)
+        np.copyto(warm_lengths, lengths)
+
+    copy_s = timeit(numpy_copy, repeats)
+    rows = [{"name": "numpy copy (reference)", "seconds": copy_s, "system": "numpy", "group": ""}]
+    checks, compile_first = [], None
+    for strategy, num_rows in configs:
+        group = f"{strategy}, {num_rows} rows"
+        seconds, compile_s, efficiency, batcher, stream = run_pack(
+            strategy, num_rows, tokens, lengths, repeats
+        )
+        compile_first = compile_s if compile_first is None else compile_first
+        rows.append(
+            {"name": f"jb.scan ({group})", "seconds": seconds, "system": "jaxbatch", "group": group}
+        )
+        checks.append((f"{group}: packing efficiency", efficiency, ""))
+        checks.append((f"{group}: trace + compile (s)", compile_s, ""))
+        if have_grain:
+            grain_s, grain_rows = run_grain(strategy, num_rows, tokens, lengths, repeats)
+            if check_rows:
+                ours = rows_of(batcher, stream, num_rows)
+                same = len(ours) == len(grain_rows) and all(
+                    all(np.array_equal(a[k], b[k]) for k in a) for a, b in zip(ours, grain_rows)
+                )
+                checks.append((f"{group}: rows identical to Grain's", float(same), "1"))
+            name = {"first_fit": "FirstFit", "best_fit": "BestFit"}[strategy]
+            rows.append(
+                {
+                    "name": f"Grain {name}PackIterDataset ({group})",
+                    "seconds": grain_s,
+                    "system": "grain",
+                    "group": group,
+                }
+            )
+            checks.append((f"{group}: speedup over Grain", grain_s / seconds, ">= 20"))
+    notes = [] if have_grain else ["grain not installed: no peer (pip install 'jaxbatch[bench]')"]
+    return {
+        "pack": {
+            "title": f"pack: int32 sequences, lengths in [{MIN_LEN}, {MAX_LEN}], rows of {ROW}",
+            "unit": "sequences",
+            "num": num,
+            "bytes": tokens.nbytes + lengths.nbytes,
+            "repeats": repeats,
+            "numpy_copy_s": copy_s,
+            "compile_s": compile_first,
+            "rows": rows,
+            "fused": rows[1]["name"],
+            "checks": checks,
+            "notes": notes,
+        }
+    }
+
+
+def time_fused(num, repeats=3, strategy="first_fit", num_rows=16):
+    """Best time of the fused path (`jb.scan` of `jb.pack` into `consume`) on `num` sequences."""
+    tokens, lengths = make_data(num)
+    return run_pack(strategy, num_rows, tokens, lengths, repeats)[0]
+
+
 def main(quick=False):
     num = 1024 if quick else NUM
     repeats = 2 if quick else 5
-    tokens, lengths = make_data(num)
-    have_grain = importlib.util.find_spec("grain") is not None
-    warm = np.empty_like(tokens)
-    copy_s = timeit(lambda: np.copyto(warm, tokens), repeats)
+    table = measure(num, repeats)["pack"]
     print(
         f"jaxbatch pack benchmark: {num} int32 sequences, lengths uniform in "
         f"[{MIN_LEN}, {MAX_LEN}], rows of {ROW}; best of {repeats}"
     )
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})")
+    copy_s = table["numpy_copy_s"]
     print(f"numpy copy of the padded token bytes: {copy_s * 1e3:.2f} ms")
     print()
-    header = f"{'strategy':<10} {'rows':>5} {'jb.scan':>10} {'seq/s':>12} {'eff.':>6} {'/copy':>7}"
-    header += f" {'compile':>8} {'grain':>10} {'grain seq/s':>12} {'speedup':>8} {'rows equal':>10}"
-    print(header)
-    for strategy in ("first_fit", "best_fit"):
-        for num_rows in (16, 128):
-            seconds, compile_s, efficiency, batcher, stream = run_pack(
-                strategy, num_rows, tokens, lengths, repeats
-            )
-            line = (
-                f"{strategy:<10} {num_rows:>5} {seconds * 1e3:>8.1f}ms {num / seconds:>12,.0f} "
-                f"{efficiency:>6.3f} {seconds / copy_s:>6.1f}x {compile_s:>7.2f}s"
-            )
-            if have_grain:
-                grain_s, grain_rows = run_grain(strategy, num_rows, tokens, lengths, repeats)
-                ours = rows_of(batcher, stream)
-                same = len(ours) == len(grain_rows) and all(
-                    all(np.array_equal(a[k], b[k]) for k in a) for a, b in zip(ours, grain_rows)
-                )
-                line += (
-                    f" {grain_s * 1e3:>8.1f}ms {num / grain_s:>12,.0f} {grain_s / seconds:>7.1f}x"
-                    f" {str(same):>10}"
-                )
-            print(line)
-    if not have_grain:
-        print("grain not installed: no peer comparison (pip install 'jaxbatch[bench]')")
+    for r in table["rows"]:
+        s = r["seconds"]
+        print(
+            f"  {r['name']:<52} {s * 1e3:>9.1f} ms {num / s:>12,.0f} seq/s {s / copy_s:>7.1f}x copy"
+        )
+    print()
+    for name, value, target in table["checks"]:
+        print(f"  {name:<52} {value:>9.3f}   {('target ' + target) if target else ''}")
+    for note in table["notes"]:
+        print(note)
 
 
 if __name__ == "__main__":
