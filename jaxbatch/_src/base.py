@@ -296,6 +296,37 @@ def stack_spec(spec: PyTree, n: int) -> PyTree:
     return jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), spec)
 
 
+def prng_key(key: Any, who: str) -> Array:
+    """`key` as one typed PRNG key, for the `init` of a stochastic batcher named `who`.
+
+    A raw uint32 `jax.random.PRNGKey` is wrapped; `None`, a non-key or a batch of keys is a
+    `ValueError` saying what to pass.
+    """
+    if key is None:
+        raise ValueError(
+            f"`{who}` is stochastic: `init` needs a PRNG key, got `key=None`. Pass one, e.g. "
+            "`batcher.init(spec, key=jax.random.key(0))` (or `jb.scan(..., key=...)`, "
+            "`jb.batch_all(..., key=...)`)."
+        )
+    if not isinstance(key, jax.Array | jax.ShapeDtypeStruct):
+        raise ValueError(
+            f"`key` must be a JAX PRNG key such as `jax.random.key(0)`, got {type(key).__name__}."
+        )
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.dtype != jnp.uint32 or key.ndim != 1:
+            raise ValueError(
+                "`key` must be a typed key (`jax.random.key(0)`) or a raw uint32 key "
+                f"(`jax.random.PRNGKey(0)`), got shape {key.shape} and dtype {key.dtype}."
+            )
+        key = jax.random.wrap_key_data(key)
+    if key.shape != ():
+        raise ValueError(
+            f"`key` must be one key (shape ()), got shape {key.shape}; for several independent "
+            "streams `jax.vmap` the init over a batch of keys."
+        )
+    return key
+
+
 def row_spec(stacked: PyTree) -> PyTree:
     """The spec of one row of a stacked tree (leading axis removed)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], x.dtype), stacked)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree
 
-from ..base import Batcher, Counter, Emissions, Emit, Stats, row_spec
+from ..base import Batcher, Counter, Emissions, Emit, Stats, prng_key, row_spec
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -175,30 +175,6 @@ def _check_alignment(alignment: Any, features: tuple[str, ...], row_length: int)
                 f"dict of them per packed feature), got {alignment!r}."
             )
     return aligns
-
-
-def _typed_key(key: Any) -> Array:
-    """`key` as a scalar typed PRNG key (a raw uint32 `jax.random.PRNGKey` is wrapped)."""
-    if key is None:
-        raise ValueError(
-            "`pack(..., shuffle_rows=True)` is stochastic: `init` needs a PRNG key, got "
-            "`key=None`. Pass one, e.g. `batcher.init(spec, key=jax.random.key(0))` (or "
-            "`jb.scan(..., key=...)`)."
-        )
-    if not isinstance(key, jax.Array | jax.ShapeDtypeStruct):
-        raise ValueError(
-            f"`key` must be a JAX PRNG key such as `jax.random.key(0)`, got {type(key).__name__}."
-        )
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.dtype != jnp.uint32 or key.shape != (2,):
-            raise ValueError(
-                "`key` must be a typed key (`jax.random.key(0)`) or a raw uint32 key "
-                f"(`jax.random.PRNGKey(0)`), got shape {key.shape} and dtype {key.dtype}."
-            )
-        key = jax.random.wrap_key_data(key)
-    if key.shape != ():
-        raise ValueError(f"`key` must be one key (shape ()), got shape {key.shape}.")
-    return key
 
 
 def _output_keys(feature: str) -> tuple[str, str]:
@@ -440,7 +416,8 @@ def pack(
         return pads.get(name, 0) if isinstance(pads, dict) else pads
 
     def init_fn(element_spec: Any, key: Any = None) -> PackState:
-        key = _typed_key(key) if shuffle_rows else None  # deterministic otherwise
+        # Deterministic unless rows are shuffled.
+        key = prng_key(key, "pack(..., shuffle_rows=True)") if shuffle_rows else None
         data = check_spec(spec_of(element_spec))
         buffer = {}
         for name, leaf in data.items():

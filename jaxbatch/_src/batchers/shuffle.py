@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, Key
 
-from ..base import Batcher, Emit, Stats, row_spec, stack_spec
+from ..base import Batcher, Emit, Stats, prng_key, row_spec, stack_spec
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -55,33 +55,6 @@ class ShuffleState(eqx.Module):
 
 def _as_batch(rows: Element, valid_mask: Array) -> Batch:
     return Batch(data=rows.data, valid_mask=valid_mask, states=rows.state, metadata=rows.metadata)
-
-
-def _typed_key(key: Any) -> Array:
-    """`key` as a scalar typed key: `jax.random.key(...)`, or a raw `jax.random.PRNGKey`."""
-    if key is None:
-        raise ValueError(
-            "`shuffle` is stochastic: `init` needs a PRNG key, got `key=None`. Pass one, e.g. "
-            "`batcher.init(spec, key=jax.random.key(0))` (or `jb.scan(..., key=...)`, "
-            "`jb.batch_all(..., key=...)`)."
-        )
-    if not isinstance(key, jax.Array | jax.ShapeDtypeStruct):
-        raise ValueError(
-            f"`key` must be a JAX PRNG key such as `jax.random.key(0)`, got {type(key).__name__}."
-        )
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.dtype != jnp.uint32 or key.ndim != 1:
-            raise ValueError(
-                "`key` must be a typed key (`jax.random.key(0)`) or a raw uint32 key "
-                f"(`jax.random.PRNGKey(0)`), got shape {key.shape} and dtype {key.dtype}."
-            )
-        key = jax.random.wrap_key_data(key)
-    if key.shape != ():
-        raise ValueError(
-            f"`key` must be one key (shape ()), got shape {key.shape}; for several independent "
-            "shuffles `jax.vmap` the init over a batch of keys."
-        )
-    return key
 
 
 def _read(tree: Element, index: Array | int) -> Element:
@@ -216,7 +189,7 @@ def shuffle(
         )
 
     def init_fn(element_spec: Any, key: Any = None) -> ShuffleState:
-        key = _typed_key(key)
+        key = prng_key(key, "shuffle")
         spec = spec_of(element_spec)
         _check_pad_value(pad_value, spec)
         zero = jnp.zeros((), jnp.int32)
