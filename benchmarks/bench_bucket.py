@@ -26,22 +26,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import print_rows, timeit
 
 import jaxbatch as jb
 
 NUM, MIN_LEN, MAX_LEN = 16384, 16, 512
 BOUNDARIES, BATCH_SIZES = (64, 128, 256, 512), (128, 64, 32, 16)
-
-
-def timeit(fn, repeats):
-    """Best wall time of `fn()` (which must block) over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def make_data(num, seed=0):
@@ -254,19 +244,7 @@ def main(quick=False):
     table = measure(num, repeats)["bucket"]
     print(f"jaxbatch bucket benchmark: {table['title']}; {num} sequences, best of {repeats}")
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})")
-    copy_s = table["numpy_copy_s"]
-    peers = {
-        r["system"]: r["seconds"] for r in table["rows"] if r["system"] in ("grain", "tf.data")
-    }
-    for r in table["rows"]:
-        s = r["seconds"]
-        extra = "".join(f"  {name} time / this {t / s:6.2f}x" for name, t in peers.items())
-        print(
-            f"  {r['name']:<42} {s * 1e3:>9.2f} ms {num / s:>12,.0f} seq/s"
-            f" {s / copy_s:>8.1f}x copy{extra}"
-        )
-    for name, value, target in table["checks"]:
-        print(f"  {name:<42} {value:>9.3f}   {('target ' + target) if target else ''}")
+    print_rows(table, unit="seq/s", width=42)
     for note in table["notes"]:
         print("note:", note)
 

@@ -31,24 +31,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import print_rows, timeit
 
 import jaxbatch as jb
 
 NUM, BATCH, SHAPE = 16384, 128, (32, 32, 3)
-
-
-def timeit(fn, repeats):
-    """Best wall time of `fn()` (which must block) over `repeats` runs after one warm-up.
-
-    The minimum, as `timeit` advises: on a shared machine the noise only ever adds time.
-    """
-    fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def consume(carry, batch):
@@ -418,21 +405,9 @@ def _tfdata(images, labels, repeats):
 def report(tables):
     """Print the detailed report of `measure`'s tables, with the targets."""
     for table in tables.values():
-        num, copy_s = table["num"], table["numpy_copy_s"]
-        print(f"{table['title']}: {num} elements, {table['bytes'] / 1e6:.1f} MB")
+        print(f"{table['title']}: {table['num']} elements, {table['bytes'] / 1e6:.1f} MB")
         print(f"times are the best of {table['repeats']} (host paths: a third as many)")
-        peers = {
-            r["system"]: r["seconds"] for r in table["rows"] if r["system"] in ("grain", "tf.data")
-        }
-        for r in table["rows"]:
-            s = r["seconds"]
-            extra = "".join(f"  {name} time / this {t / s:5.2f}x" for name, t in peers.items())
-            print(
-                f"  {r['name']:<44} {s * 1e3:>9.2f} ms {num / s:>12,.0f} el/s"
-                f"  {s / copy_s:6.2f}x copy{extra}"
-            )
-        for name, value, target in table["checks"]:
-            print(f"  {name:<44} {value:8.2f}   target {target}")
+        print_rows(table)
         print()
     if not any(r["system"] in ("grain", "tf.data") for t in tables.values() for r in t["rows"]):
         print("peers: grain and tf.data not installed; skipped")

@@ -21,22 +21,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import timeit
 
 import jaxbatch as jb
 
 NUM, MIN_LEN, MAX_LEN, ROW = 16384, 16, 512, 2048
 LENGTHS = {"tokens": "length"}
-
-
-def timeit(fn, repeats):
-    """Best wall time of `fn()` over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def consume(total, batch):

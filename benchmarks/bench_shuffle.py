@@ -27,26 +27,15 @@ CPU machine are noisy: compare ratios taken in the same run.
 import argparse
 import importlib.util
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import timeit
 
 import jaxbatch as jb
 
 NUM, BATCH, SHAPE = 8192, 128, (32, 32, 3)
-
-
-def timeit(fn, repeats):
-    """Best wall time of `fn()` (which must block) over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def consume(carry, batch):
