@@ -90,24 +90,29 @@ def _draw(
     slots: each drawn slot takes the last buffered element). One key of `draws` per row."""
     batch_size = draws.shape[0]
     n = count + jnp.minimum(batch_size - count, filled)
+    slots = jax.tree.leaves(buffer)[0].shape[0] if jax.tree.leaves(buffer) else 1
 
+    # The draws on slot numbers alone (small ints), then the payload moves in two gathers:
+    # moving rows one draw at a time makes XLA copy the whole buffer per draw.
     def draw_row(r, carry):
-        buffer, batch, left = carry
+        where, drawn, left = carry  # where[s]: the buffer row now in slot s
         active = (r >= count) & (r < n)
         slot = jax.random.randint(draws[r], (), 0, jnp.maximum(left, 1))
         last = jnp.maximum(left - 1, 0)
         slot = jnp.where(active, slot, last)  # inactive: a no-op move of `last` onto itself
-        # Inactive rows keep what they hold (the rows before `count` are real).
-        buffer, drawn = _evict(buffer, slot, _read(buffer, last))  # the last fills the hole
-        row = jax.tree.map(
-            lambda x, b: jnp.where(active, x, jax.lax.dynamic_index_in_dim(b, r, 0, False)),
-            drawn,
-            batch,
-        )
-        batch = _write(batch, row, r)
-        return buffer, batch, left - active.astype(jnp.int32)
+        drawn = drawn.at[r].set(where[slot])
+        where = where.at[slot].set(where[last])  # the last fills the hole
+        return where, drawn, left - active.astype(jnp.int32)
 
-    return jax.lax.fori_loop(0, batch_size, draw_row, (buffer, batch, filled))
+    start = (jnp.arange(slots), jnp.zeros(batch_size, jnp.int32), filled)
+    where, drawn, left = jax.lax.fori_loop(0, batch_size, draw_row, start)
+    rows = jnp.arange(batch_size)
+    take = (rows >= count) & (rows < n)  # rows before `count` are real and stay
+    batch = jax.tree.map(
+        lambda b, x: jnp.where(rows_mask(take, b), jnp.take(x, drawn, axis=0), b), batch, buffer
+    )
+    buffer = jax.tree.map(lambda x: jnp.take(x, where, axis=0), buffer)
+    return buffer, batch, left
 
 
 # `batch_size`, `buffer_size` and `drop_remainder` are `Any`: they are validated below, so a
