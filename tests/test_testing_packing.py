@@ -167,7 +167,7 @@ def test_a_sequence_emitted_twice_fails():
 
 def _records(rows):
     """Ready records of one batch each, from rows of (tokens, segment ids, positions)."""
-    from jaxbatch.testing._laws import _Record
+    from jaxbatch.testing._common import _Record
 
     records = []
     for b, (tokens, ids, positions) in enumerate(rows):

@@ -8,47 +8,48 @@ itself checked against the laws. Elements are followed by value: each valid row 
 batch is matched to the input row it came from, so a lost, duplicated, invented or reordered
 element is named by its input row. Every failure is an `AssertionError` whose message starts
 with the law that broke ("Law 4 (nothing lost, nothing invented): ...") and says where.
+
+The rooms: this module runs the paths and checks rows; `_bulk.py` checks the bulk path and
+the one-call-site rule; `_packing.py` follows tokens through packing batchers; `_common.py`
+holds what they share.
 """
 
-import dataclasses
 import functools
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._src.base import Batcher, Counter, Emissions, Stats, row_spec
-from .._src.batch import Batch
+from .._src.base import Batcher, Counter, Stats, row_spec
 from .._src.checkpoint import load_state, save_state
-from .._src.drivers import batch_all, collect, consume, scan
+from .._src.drivers import batch_all
 from .._src.element import Element, as_element
 from .._src.spec import batch_spec
+from ._bulk import check_consumer_traces, check_feed, check_feed_protocol
+from ._common import (
+    _COUNTERS,
+    _WIDE_START,
+    _batch_parts,
+    _batches,
+    _counts,
+    _cut,
+    _difference,
+    _element_parts,
+    _fail,
+    _masks,
+    _read_stats,
+    _Record,
+    _row_keys,
+    _rows_of,
+    _show,
+    _stats_difference,
+)
 from ._packing import check_packed
-
-_LAWS = {
-    1: "Law 1 (pure)",
-    2: "Law 2 (static shapes)",
-    3: "Law 3 (at most one batch per call; flush drains)",
-    4: "Law 4 (nothing lost, nothing invented)",
-    5: "Law 5 (order)",
-    6: "Law 6 (exact resume)",
-    7: "Law 7 (counters never wrap)",
-    8: "Law 8 (loud on bad input)",
-    0: "Reference",
-    9: "The bulk path's protocol",
-}
-_COUNTERS = tuple(f.name for f in dataclasses.fields(Stats))
-# Law 7: a second run starts every counter here, so counts cross the 32-bit boundary.
-_WIDE_START = 2**32 - 2
-
-
-def _fail(law: int, message: str) -> NoReturn:
-    raise AssertionError(f"{_LAWS[law]}: {message}")
 
 
 class CheckReport(NamedTuple):
@@ -78,111 +79,6 @@ class CheckReport(NamedTuple):
     stats: dict[str, int]
     resumed_at: tuple[int, ...]
     checks: tuple[str, ...]
-
-
-class _Record(NamedTuple):
-    """One emission, on the host: where it happened, `ready`, the batch, Stats after it
-    (`{}` where the run did not expose them, as inside `lax.scan`)."""
-
-    where: str
-    ready: bool
-    batch: Batch
-    stats: dict[str, int]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _counts(stats: Stats) -> dict[str, int]:
-    stats = jax.device_get(stats)
-    return {name: int(getattr(stats, name)) for name in _COUNTERS}
-
-
-def _read_stats(state: Any) -> dict[str, int]:
-    return _counts(state.stats)
-
-
-def _show(x: Any) -> str:
-    return np.array2string(np.asarray(x), threshold=12, edgeitems=3, separator=", ")
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def _difference(got: Any, want: Any, name: str = "batch") -> str | None:
-    """Where two host trees first differ bit for bit (leaf path and row), or None."""
-    got_leaves, got_def = jax.tree_util.tree_flatten_with_path(got)
-    want_leaves, want_def = jax.tree_util.tree_flatten_with_path(want)
-    if got_def != want_def:
-        return f"the tree structures differ ({got_def} vs {want_def})"
-    for (path, g), (_, w) in zip(got_leaves, want_leaves):
-        g, w = np.asarray(g), np.asarray(w)
-        leaf = name + jax.tree_util.keystr(path)
-        if g.dtype != w.dtype or g.shape != w.shape:
-            return f"{leaf} has shape {g.shape} and dtype {g.dtype} vs {w.shape} and {w.dtype}"
-        if _same_bits(g, w):
-            continue
-        if g.ndim == 0:
-            return f"{leaf} is {_show(g)} vs {_show(w)}"
-        row = next(r for r in range(len(g)) if not _same_bits(g[r], w[r]))
-        return f"{leaf} row {row} is {_show(g[row])} vs {_show(w[row])}"
-    return None
-
-
-def _stats_difference(got: dict[str, int], want: dict[str, int]) -> str:
-    return ", ".join(f"{k}={got[k]} vs {want[k]}" for k in _COUNTERS if got[k] != want[k])
-
-
-def _rows_of(tree: Any) -> tuple[list[Any], int]:
-    """The leaves of a stacked host tree, and the row count (leading axis)."""
-    leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
-    return leaves, (len(leaves[0]) if leaves else 0)
-
-
-def _row_keys(leaves: list[np.ndarray], n: int) -> list[bytes]:
-    """One byte string per row, equal exactly when every leaf's row is bit-identical."""
-    return [b"".join(np.ascontiguousarray(leaf[i]).tobytes() for leaf in leaves) for i in range(n)]
-
-
-def _element_parts(element: Element) -> tuple[Any, Any, Any]:
-    return element.data, element.state, element.metadata
-
-
-def _batch_parts(batch: Batch) -> tuple[Any, Any, Any]:
-    return batch.data, batch.states, batch.metadata
-
-
-def _batches(tree: Any) -> list[Batch]:
-    """The `Batch`es of an emission: itself, or those in a tree (one per output shape, as
-    bucketing batchers emit)."""
-    if isinstance(tree, Batch):
-        return [tree]
-    return [
-        b
-        for b in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Batch))
-        if isinstance(b, Batch)
-    ]
-
-
-def _masks(tree: Any) -> list[np.ndarray]:
-    return [np.asarray(b.valid_mask) for b in _batches(tree)]
-
-
-def _cut(leaf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """`leaf` (rows first) cut to rows of `shape`: a bucket pads rows only to its bound."""
-    return leaf[(slice(None), *(slice(0, d) for d in shape))]
-
-
-def _split_at(n: int, batch_size: int) -> int:
-    """A chunk boundary near the middle that leaves a partial batch buffered, if any does."""
-    for a in range(max(1, n // 2), n):
-        if batch_size == 1 or a % batch_size:
-            return a
-    return max(1, n // 2)
-
-
-# --------------------------------------------------------------------------- the checker
 
 
 class _Checker:
@@ -596,153 +492,6 @@ class _Checker:
                     f"step loop: {difference}.",
                 )
 
-    def check_feed_protocol(self) -> None:
-        """A bulk `feed` has the signature and return type of `jb.FeedFn` (checked on
-        shapes only, with `jax.eval_shape`)."""
-        if self.batcher.feed is None:
-            return
-        elements = jax.tree.map(lambda x: x[:2], self.elements)
-        returned = []
-
-        def probe(state, elements):  # shapes only; the Emissions never leave the trace
-            result = self.batcher.feed(state, elements, False)
-            returned.append(result[1] if isinstance(result, tuple) and len(result) == 2 else result)
-            return None
-
-        try:
-            jax.eval_shape(probe, self.init(), elements)
-            kind = returned[0]
-            problem = None if isinstance(kind, Emissions) else f"it returned {type(kind).__name__}"
-        except TypeError as e:
-            problem = f"calling it raised TypeError: {e}"
-        if problem is not None:
-            _fail(
-                9,
-                "the bulk path must be `feed(state, elements, flush=False) -> (state, "
-                f"jb.Emissions)` (got: {problem}). It never sees the consumer: it says how many "
-                "batches are ready and how to build batch k, and the driver calls the consumer "
-                "at one site, so a train step is compiled once. See `jb.FeedFn`.",
-            )
-
-    def check_feed(self, states: list, want: list[_Record]) -> None:
-        """Law 1 for the bulk path, from a partly filled state (`states[split]` of the jitted
-        run): the rest of the stream through `jb.consume` (the consumer at its one site)
-        and `jb.collect` (materialised), without the end-of-stream drain and with it."""
-        split = _split_at(self.n, self.batch_size)
-        for flush in (False, True):
-            self._check_feed_from(states[split], split, flush, want)
-
-    def _check_feed_from(self, start: Any, split: int, flush: bool, want: list[_Record]) -> None:
-        rest = jax.tree.map(lambda x: x[split:], self.elements)
-        path = "the bulk `feed`" if self.batcher.feed is not None else "the step loop"
-        upto = len(want) if flush else self.n
-        want_ready = [r for r in want[split:upto] if r.ready]
-        room = len(want_ready) + 1
-        what = (
-            f"`jb.consume` / `jb.collect` ({path}) on elements[{split}:] after {split} "
-            f"steps, flush={flush}"
-        )
-
-        def write(carry, batch):
-            difference = self._spec_difference(batch)
-            if difference:
-                _fail(2, f"{what} passed the consumer a batch unlike its spec: {difference}.")
-            out, count = carry
-            slot = jnp.minimum(count, room - 1)
-            out = jax.tree.map(
-                lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, slot, 0), out, batch
-            )
-            return out, count + 1
-
-        def run(state, elements):
-            carry = (
-                jax.tree.map(lambda s: jnp.zeros((room, *s.shape), s.dtype), self.expected),
-                jnp.zeros((), jnp.int32),
-            )
-            consumed = consume(self.batcher, state, elements, write, carry, flush=flush)
-            return consumed, collect(self.batcher, state, elements, room, flush=flush)
-
-        try:
-            consumed, collected = jax.device_get(jax.jit(run)(start, rest))
-        except AssertionError:
-            raise
-        except Exception as e:
-            _fail(1, f"{what} failed: {e}")
-        (state, (out, count)), (state_c, stacked, count_c) = consumed, collected
-        if int(count) != len(want_ready) or int(count_c) != len(want_ready):
-            _fail(
-                1,
-                f"{what}: `consume` passed {int(count)} batches to the consumer and "
-                f"`collect` counted {int(count_c)}; the step loop emitted {len(want_ready)}.",
-            )
-        if any(m[len(want_ready) :].any() for m in _masks(stacked)):
-            _fail(4, f"{what}: `collect` left valid rows in a slot past its count.")
-        for k, w in enumerate(want_ready):
-            for name, got in (("consume", out), ("collect", stacked)):
-                difference = _difference(jax.tree.map(lambda x, k=k: x[k], got), w.batch)
-                if difference:
-                    _fail(
-                        1,
-                        f"batch {k} ({w.where} in the step loop), {what} ({name}) vs the "
-                        f"step loop: {difference}.",
-                    )
-        want_stats = want[upto - 1].stats
-        for name, got in (("consume", state), ("collect", state_c)):
-            if _read_stats(got) != want_stats:
-                _fail(
-                    1,
-                    f"the Stats after {what} ({name}) differ from the step loop: "
-                    f"{_stats_difference(_read_stats(got), want_stats)}.",
-                )
-        if not flush:
-            got = self.drain(self.functions()[1], state, "after consume")
-            self.compare(1, got, want[self.n :], f"draining after {what}", "the step loop")
-
-    def check_consumer_traces(self) -> None:
-        """The one-call-site rule: each `jb.scan` program traces the consumer once, and a
-        stream continued from the state `scan` returned reuses that program (no retrace)."""
-        traces = {"flushed": 0, "continued": 0}
-
-        def consumer(name):
-            def fn(carry, batch):
-                traces[name] += 1
-                for b in _batches(batch):
-                    carry = carry + jnp.sum(b.valid_mask.astype(jnp.int32))
-                return carry
-
-            return fn
-
-        half = self.n // 2
-        first, second = (
-            jax.tree.map(lambda x, a=a: x[a : a + half], self.elements) for a in (0, half)
-        )
-        zero = jnp.zeros((), jnp.int32)
-        try:
-            scan(self.batcher, consumer("flushed"), zero, self.elements, key=self.key)
-            continued = consumer("continued")
-            _, state = scan(self.batcher, continued, zero, first, state=self.init(), flush=False)
-            scan(self.batcher, continued, zero, second, state=state, flush=False)
-        except AssertionError:
-            raise
-        except Exception as e:
-            _fail(1, f"`jb.scan` failed: {e}")
-        if traces["flushed"] != 1:
-            _fail(
-                2,
-                f"`jb.scan` traced the consumer {traces['flushed']} times in one program; the "
-                "consumer (a user's train step) must be compiled once: a bulk `feed` describes "
-                "its batches as `jb.Emissions` and the driver calls the consumer at one site.",
-            )
-        if traces["continued"] != 1:
-            _fail(
-                2,
-                f"continuing a stream with `jb.scan(..., state=state, flush=False)` on a chunk "
-                f"of the same shape traced the consumer {traces['continued']} times (once is "
-                "right): the state that `feed` or `step` returns differs from `init`'s in tree "
-                "structure, dtype or weak type, so the whole program (and the train step in "
-                "it) is compiled again for every chunk.",
-            )
-
     def check_resume(self, steps: Sequence[int], states: list, want: list[_Record]) -> None:
         """Law 6: save at step t, load into a fresh template, continue: identical output."""
         step, flush = self.functions()
@@ -1037,7 +786,7 @@ def check_batcher(
     checker = _Checker(batcher, elements, key, max_flushes, lengths)
     resume_at = _resume_points(resume_steps, checker.n)
     checks = ["without_jit", "shapes", "mask", "flush"]
-    checker.check_feed_protocol()
+    check_feed_protocol(checker)
     baseline, states = checker.drive(
         batcher.step,
         batcher.flush,
@@ -1063,8 +812,8 @@ def check_batcher(
         run, states = checker.check_jit(baseline)
         checker.check_scan(baseline)
         checker.check_batch_all(baseline)
-        checker.check_feed(states, baseline)
-        checker.check_consumer_traces()
+        check_feed(checker, states, baseline)
+        check_consumer_traces(checker)
         checks += ["with_jit", "jit", "one trace", "scan", "batch_all", "feed"]
         checks += ["consumer traced once"]
     if resume_at:
