@@ -193,3 +193,34 @@ def expected_for(stacked, config) -> ReferenceRun:
         pad_value=config["pad_value"],
         like=like_row(stacked),
     )
+
+
+def consumer_traces(batcher, first, second, *, key=None):
+    """How many times `jb.scan` traced its consumer in each driver program: a flushed run
+    (called on `first`, then again on `second`: new values, same shapes) and a stream
+    continued across two calls (`first`, then `second` from the returned state). The
+    one-call-site rule says 1 each."""
+    traces = {"scan": 0, "scan, continued": 0}
+
+    def consumer(program):
+        def fn(total, batch):
+            traces[program] += 1
+            masks = jax.tree.leaves(
+                jax.tree.map(
+                    lambda b: b.valid_mask, batch, is_leaf=lambda x: isinstance(x, jb.Batch)
+                ),
+            )
+            return total + sum(jnp.sum(m.astype(jnp.int32)) for m in masks)
+
+        return fn
+
+    zero = jnp.int32(0)
+    flushed = consumer("scan")
+    jb.scan(batcher, flushed, zero, first, key=key)
+    jb.scan(batcher, flushed, zero, second, key=key)
+    continued = consumer("scan, continued")
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), first)
+    state = batcher.init(spec, key=key)
+    _, state = jb.scan(batcher, continued, zero, first, state=state, flush=False)
+    jb.scan(batcher, continued, zero, second, state=state, flush=False)
+    return traces

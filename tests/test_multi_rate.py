@@ -279,3 +279,11 @@ def test_bad_elements_are_loud():
     bad["payload"] = ({"a": jnp.zeros(3, jnp.float32)}, bad["payload"][1])
     with pytest.raises(TypeError, match=r"\['a'\]"):
         batcher.step(state, bad)
+
+
+def test_scan_traces_the_consumer_once_per_program():
+    from reference import consumer_traces
+
+    first, second = make_stream(interleaved(6)), make_stream(interleaved(5))
+    traces = consumer_traces(batcher_for(2, 4), first, second)
+    assert traces == {"scan": 1, "scan, continued": 1}

@@ -288,3 +288,11 @@ def test_unbatch_then_rebatch_splits_batches():
 def test_unbatch_refuses_what_is_not_a_batch():
     with pytest.raises(TypeError, match="`batches` must be a `jb.Batch`"):
         jb.unbatch({"x": jnp.zeros(3)})
+
+
+def test_scan_traces_the_consumer_once_per_program():
+    from reference import consumer_traces
+
+    first, second = make_stream(5, 2, seed=1)[0], make_stream(5, 2, seed=2)[0]
+    traces = consumer_traces(batcher_for(3), first, second)
+    assert traces == {"scan": 1, "scan, continued": 1}
