@@ -37,7 +37,8 @@ from ..base import Batcher, Carry, Emit, Stats, row_spec, stack_spec
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from .fixed_size import _as_batch, _check_pad_value
+from ._checks import flag, pad_number, pad_value_fits
+from .fixed_size import _as_batch
 
 _TOO_LONG = ("error", "skip")
 
@@ -134,12 +135,8 @@ def _int_sequence(name: str, values: Any) -> tuple[int, ...]:
 
 
 def _check_common(pad_value: Any, drop_remainder: Any) -> None:
-    if not isinstance(drop_remainder, bool):
-        raise ValueError(f"`drop_remainder` must be a bool, got {drop_remainder!r}.")
-    if not isinstance(pad_value, bool | int | float):
-        raise ValueError(
-            f"`pad_value` must be a Python number (int, float or bool), got {pad_value!r}."
-        )
+    flag(drop_remainder, "drop_remainder")
+    pad_number(pad_value)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -170,7 +167,7 @@ def _bucketing(
     def init_fn(element_spec: Any, key: Any = None) -> BucketState:
         del key  # deterministic
         spec = spec_of(element_spec)
-        _check_pad_value(pad_value, spec)
+        pad_value_fits(pad_value, spec)
         specs, max_lengths = prepare(spec)
         buffers = tuple(stack_spec(s, b) for s, b in zip(specs, batch_sizes))
         counts = jnp.zeros((num,), jnp.int32)

@@ -60,7 +60,7 @@ from ..base import Batcher, Counter, Emit, Stats
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from .fixed_size import _check_pad_value
+from ._checks import pad_number, pad_value_fits, positive_int
 
 
 class ConcatAndSplitState(eqx.Module):
@@ -143,12 +143,6 @@ def _check_bos(handling: Any, bos_features: Any, token: Any, lengths: dict) -> f
             f"`bos_token_id` must be an int when `bos_handling={name!r}`, got {token!r}."
         )
     return frozenset(bos_features)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return value
 
 
 def _check_lengths(lengths: Any) -> dict[str, str]:
@@ -249,13 +243,10 @@ def concat_and_split(
         >>> emit.batch.data["x"], emit.batch.data["x_segment_ids"]
         (Array([[9, 0, 0, 0]], dtype=int32), Array([[1, 0, 0, 0]], dtype=int32))
     """
-    row_length = _positive_int(row_length, "row_length")
-    num_rows = _positive_int(num_rows, "num_rows")
+    row_length = positive_int(row_length, "row_length")
+    num_rows = positive_int(num_rows, "num_rows")
     lengths = _check_lengths(lengths)
-    if not isinstance(pad_value, bool | int | float):
-        raise ValueError(
-            f"`pad_value` must be a Python number (int, float or bool), got {pad_value!r}."
-        )
+    pad_number(pad_value)
     if not isinstance(continue_positions, bool):
         raise ValueError(f"`continue_positions` must be a bool, got {continue_positions!r}.")
     if not isinstance(split_full_length_features, bool):
@@ -310,7 +301,7 @@ def concat_and_split(
                     f"Length `element.data[{length_key!r}]` must be a scalar int, got shape "
                     f"{leaf.shape} dtype {leaf.dtype}."
                 )
-        _check_pad_value(pad_value, Element(data={k: spec.data[k] for k in features}))
+        pad_value_fits(pad_value, Element(data={k: spec.data[k] for k in features}))
         for k in bos_features:
             dtype = np.dtype(spec.data[k].dtype)
             if (

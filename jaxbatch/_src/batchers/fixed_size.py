@@ -15,13 +15,13 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Int
 
 from ..base import Batcher, Emissions, Emit, Stats, row_spec, stack_spec
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
+from ._checks import flag, pad_number, pad_value_fits, positive_int
 
 
 class FixedSizeState(eqx.Module):
@@ -37,21 +37,6 @@ class FixedSizeState(eqx.Module):
     buffer: Element
     count: Int[Array, ""]
     stats: Stats
-
-
-def _check_pad_value(pad_value: bool | int | float, spec: Element) -> None:
-    """Refuse a `pad_value` that a leaf's dtype cannot hold exactly (no silent wrap or cut)."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(spec)[0]:
-        dtype = np.dtype(leaf.dtype)
-        if dtype.kind not in "biu":
-            continue
-        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
-        if float(pad_value) != int(pad_value) or not low <= pad_value <= high:
-            raise ValueError(
-                f"`pad_value` {pad_value!r} cannot be stored in leaf "
-                f"`element{jax.tree_util.keystr(path)}` of dtype {dtype} (integers in "
-                f"[{low}, {high}]); pick a pad value every leaf can hold, such as 0."
-            )
 
 
 def _as_batch(rows: Element, valid_mask: Array) -> Batch:
@@ -95,20 +80,15 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
         >>> emit.batch.data["x"], emit.batch.valid_mask
         (Array([ 2, -1], dtype=int32), Array([ True, False], dtype=bool))
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    if not isinstance(drop_remainder, bool):
-        raise ValueError(f"`drop_remainder` must be a bool, got {drop_remainder!r}.")
-    if not isinstance(pad_value, bool | int | float):
-        raise ValueError(
-            f"`pad_value` must be a Python number (int, float or bool), got {pad_value!r}."
-        )
+    positive_int(batch_size, "batch_size")
+    flag(drop_remainder, "drop_remainder")
+    pad_number(pad_value)
     all_valid = jnp.ones((batch_size,), dtype=bool)
 
     def init_fn(element_spec: Any, key: Any = None) -> FixedSizeState:
         del key  # deterministic
         spec = spec_of(element_spec)
-        _check_pad_value(pad_value, spec)
+        pad_value_fits(pad_value, spec)
         buffer = stack_spec(spec, batch_size)
         return FixedSizeState(buffer=buffer, count=jnp.zeros((), jnp.int32), stats=Stats.zeros())
 

@@ -29,7 +29,7 @@ from ..base import Batcher, Emit, Stats, row_spec, stack_spec
 from ..batch import Batch
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from .fixed_size import _check_pad_value
+from ._checks import pad_number, pad_value_fits, positive_int
 
 
 class MultiRateState(eqx.Module):
@@ -48,12 +48,6 @@ class MultiRateState(eqx.Module):
     counts: Int[Array, " channels"]
     spec: Element
     stats: Stats
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return value
 
 
 def _check_spec(spec: Element, num_channels: int) -> None:
@@ -147,7 +141,7 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
         >>> jb.batch_spec(batcher, sample(0, 0)).states["mask"][0].shape
         (1, 2)
     """
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = positive_int(batch_size, "batch_size")
     if isinstance(rates, str | bytes) or not hasattr(rates, "__len__") or not len(rates):
         raise ValueError(
             f"`rates` must be a non-empty sequence of positive ints (samples per window of "
@@ -161,10 +155,7 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
         raise ValueError(
             f"`capacity` must be an int >= `batch_size` ({batch_size}) windows, got {capacity!r}."
         )
-    if not isinstance(pad_value, bool | int | float):
-        raise ValueError(
-            f"`pad_value` must be a Python number (int, float or bool), got {pad_value!r}."
-        )
+    pad_number(pad_value)
     num_channels = len(rates)
     need = np.array([batch_size * r for r in rates], np.int32)  # samples per batch
     room = np.array([capacity * r for r in rates], np.int32)  # samples buffered at most
@@ -175,7 +166,7 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
         spec = spec_of(element_spec)
         _check_spec(spec, num_channels)
         payload = spec.data["payload"]
-        _check_pad_value(pad_value, Element(data=payload))
+        pad_value_fits(pad_value, Element(data=payload))
         buffers = tuple(stack_spec(payload[c], int(room[c])) for c in range(num_channels))
         return MultiRateState(
             buffers=buffers,

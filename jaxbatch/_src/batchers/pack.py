@@ -42,7 +42,7 @@ from ..base import Batcher, Counter, Emissions, Emit, Stats, prng_key, row_spec
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from .fixed_size import _check_pad_value
+from ._checks import pad_value_fits, positive_int
 
 _STRATEGIES = ("first_fit", "best_fit")
 _TOO_LONG = ("error", "truncate")
@@ -131,11 +131,6 @@ def packing_stats(state: PackState) -> dict[str, Counter]:
         "truncated": state.truncated,
         "truncated_tokens": state.truncated_tokens,
     }
-
-
-def _positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
 
 
 def _number(value: Any) -> bool:
@@ -308,8 +303,8 @@ def pack(
         Array([[3, 0, 0, 0],
                [0, 0, 0, 0]], dtype=int32)
     """
-    _positive_int(row_length, "row_length")
-    _positive_int(num_rows, "num_rows")
+    positive_int(row_length, "row_length")
+    positive_int(num_rows, "num_rows")
     if strategy not in _STRATEGIES:
         raise ValueError(f"`strategy` must be one of {_STRATEGIES}, got {strategy!r}.")
     if too_long not in _TOO_LONG:
@@ -324,7 +319,7 @@ def pack(
         max_sequences_per_row = max_segments
     if max_sequences_per_row is None:
         max_sequences_per_row = row_length
-    _positive_int(max_sequences_per_row, "max_sequences_per_row")
+    positive_int(max_sequences_per_row, "max_sequences_per_row")
     max_segments = max_sequences_per_row
     if not isinstance(shuffle_rows, bool):
         raise ValueError(f"`shuffle_rows` must be a bool, got {shuffle_rows!r}.")
@@ -406,7 +401,7 @@ def pack(
                     f"keys are {sorted(data)})."
                 )
         for name, leaf in data.items():
-            _check_pad_value(pad_of(name), Element(data={name: leaf}))
+            pad_value_fits(pad_of(name), Element(data={name: leaf}))
         return data
 
     def pad_of(name: str) -> int | float:

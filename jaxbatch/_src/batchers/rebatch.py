@@ -26,7 +26,7 @@ from ..base import Batcher, Emit, Stats, row_spec, stack_spec
 from ..batch import Batch, rows_mask
 from ..element import Element
 from ..spec import check_against_spec, tree_spec
-from .fixed_size import _check_pad_value
+from ._checks import flag, pad_number, pad_value_fits, positive_int
 
 
 class RebatchState(eqx.Module):
@@ -139,14 +139,9 @@ def rebatch(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any = 0)
                [ 3,  4, -9]], dtype=int32), Array([[ True,  True,  True],
                [ True,  True, False]], dtype=bool))
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    if not isinstance(drop_remainder, bool):
-        raise ValueError(f"`drop_remainder` must be a bool, got {drop_remainder!r}.")
-    if not isinstance(pad_value, bool | int | float):
-        raise ValueError(
-            f"`pad_value` must be a Python number (int, float or bool), got {pad_value!r}."
-        )
+    positive_int(batch_size, "batch_size")
+    flag(drop_remainder, "drop_remainder")
+    pad_number(pad_value)
 
     def init_fn(element_spec: Any, key: Any = None) -> RebatchState:
         del key  # deterministic
@@ -160,7 +155,7 @@ def rebatch(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any = 0)
                 "`jb.fixed_size`."
             )
         rows = row_spec(tree_spec(_rows(spec)))
-        _check_pad_value(pad_value, rows)
+        pad_value_fits(pad_value, rows)
         return RebatchState(
             buffer=stack_spec(rows, batch_size - 1 + in_size),
             count=jnp.zeros((), jnp.int32),

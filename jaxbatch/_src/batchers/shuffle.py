@@ -27,7 +27,7 @@ from ..base import Batcher, Emit, Stats, prng_key, row_spec, stack_spec
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from .fixed_size import _check_pad_value
+from ._checks import flag, pad_number, pad_value_fits, positive_int
 
 
 class ShuffleState(eqx.Module):
@@ -183,20 +183,15 @@ def shuffle(
             ...
         ValueError: `shuffle` is stochastic: `init` needs a PRNG key, got `key=None`. ...
     """
-    for name, value in (("batch_size", batch_size), ("buffer_size", buffer_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    if not isinstance(drop_remainder, bool):
-        raise ValueError(f"`drop_remainder` must be a bool, got {drop_remainder!r}.")
-    if not isinstance(pad_value, bool | int | float):
-        raise ValueError(
-            f"`pad_value` must be a Python number (int, float or bool), got {pad_value!r}."
-        )
+    positive_int(batch_size, "batch_size")
+    positive_int(buffer_size, "buffer_size")
+    flag(drop_remainder, "drop_remainder")
+    pad_number(pad_value)
 
     def init_fn(element_spec: Any, key: Any = None) -> ShuffleState:
         key = prng_key(key, "shuffle")
         spec = spec_of(element_spec)
-        _check_pad_value(pad_value, spec)
+        pad_value_fits(pad_value, spec)
         zero = jnp.zeros((), jnp.int32)
         return ShuffleState(
             buffer=stack_spec(spec, buffer_size + 1),

@@ -1,0 +1,47 @@
+"""The configuration checks every batcher factory shares: each raises the `ValueError` the
+laws ask for (law 8), naming the argument, what was given and what is expected."""
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..element import Element
+
+
+def positive_int(value: Any, name: str) -> int:
+    """`value` if it is a positive int (not a bool), else a `ValueError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return value
+
+
+def flag(value: Any, name: str) -> bool:
+    """`value` if it is a bool, else a `ValueError` naming `name`."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a bool, got {value!r}.")
+    return value
+
+
+def pad_number(pad_value: Any) -> bool | int | float:
+    """`pad_value` if it is a Python number, else a `ValueError`."""
+    if not isinstance(pad_value, bool | int | float):
+        raise ValueError(
+            f"`pad_value` must be a Python number (int, float or bool), got {pad_value!r}."
+        )
+    return pad_value
+
+
+def pad_value_fits(pad_value: bool | int | float, spec: Element) -> None:
+    """Refuse a `pad_value` that a leaf's dtype cannot hold exactly (no silent wrap or cut)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(spec)[0]:
+        dtype = np.dtype(leaf.dtype)
+        if dtype.kind not in "biu":
+            continue
+        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        if float(pad_value) != int(pad_value) or not low <= pad_value <= high:
+            raise ValueError(
+                f"`pad_value` {pad_value!r} cannot be stored in leaf "
+                f"`element{jax.tree_util.keystr(path)}` of dtype {dtype} (integers in "
+                f"[{low}, {high}]); pick a pad value every leaf can hold, such as 0."
+            )
