@@ -356,6 +356,8 @@ def test_batch_all_default_room_is_enough():
         ({"pad_value": {"inputs": "x"}}, "pad_value"),
         ({"pad_value": {"inputs": True}}, "pad_value"),
         ({"shuffle_rows": 1}, "shuffle_rows"),
+        ({"shuffle_rows_group_by": "inputs"}, "shuffle_rows_group_by"),  # needs shuffle_rows
+        ({"shuffle_rows": True, "shuffle_rows_group_by": 3}, "shuffle_rows_group_by"),
         ({"lengths": {}}, "lengths"),
         ({"lengths": {"inputs": 3}}, "lengths"),
         ({"lengths": ["inputs"]}, "lengths"),
@@ -423,7 +425,9 @@ GRAIN_OPTIONS = (
 )
 
 
-def grain_rows(strategy, elements, row_length, num_rows, max_segments, options, shuffle):
+def grain_rows(
+    strategy, elements, row_length, num_rows, max_segments, options, shuffle, group_by=None
+):
     """Grain's packer over the same sequences: its rows, and its batches' row counts."""
     grain = pytest.importorskip("grain", reason="compared with Grain only where it is installed")
     from grain import experimental
@@ -447,6 +451,7 @@ def grain_rows(strategy, elements, row_length, num_rows, max_segments, options, 
         length_struct={"inputs": row_length, "targets": row_length},
         num_packing_bins=num_rows,
         shuffle_bins=shuffle,
+        shuffle_bins_group_by_feature=group_by,
         seed=3,
         meta_features=("id",),
         max_sequences_per_bin=max_segments,
@@ -507,9 +512,15 @@ def test_rows_equal_grain(strategy, max_segments, options):
 
 
 @functools.cache
-def shuffling(strategy="best_fit"):
+def shuffling(strategy="best_fit", group_by=None):
     return jb.pack(
-        5, 3, lengths=LENGTHS, strategy=strategy, shuffle_rows=True, **_options(GRAIN_OPTIONS)
+        5,
+        3,
+        lengths=LENGTHS,
+        strategy=strategy,
+        shuffle_rows=True,
+        shuffle_rows_group_by=group_by,
+        **_options(GRAIN_OPTIONS),
     )
 
 
@@ -546,6 +557,68 @@ def test_shuffled_batches_hold_grains_rows_in_a_seeded_order():
     flat = [[_row_key(r) for b in run for r in b] for run in runs]
     assert flat[0] == flat[1]  # same key, same order
     assert flat[0] != flat[2] and flat[0] != [_row_key(r) for b in unshuffled for r in b]
+
+
+def _group(row, key, grain):
+    """Grain's group of a row: the mean of the distinct nonzero values (0 if none) of the
+    key over the whole packed row, or over the row's sequences for a per-sequence key."""
+    if key in LENGTHS or grain:
+        values = np.asarray(list(row[key]))
+    else:
+        values = row[key][: max(row[f"{k}_segment_ids"].max() for k in LENGTHS)]
+    distinct = np.unique(values)
+    distinct = distinct[distinct != 0]
+    return float(distinct.mean()) if distinct.size else 0.0
+
+
+@pytest.mark.parametrize("group_by", ["inputs", "id"])
+def test_grouped_shuffle_orders_rows_by_group_like_grain(group_by):
+    """`shuffle_rows_group_by` (Grain's `shuffle_bins_group_by_feature`): each batch holds
+    Grain's rows, sorted by the same groups (a packed feature read with its padding, here
+    -1, or a per-sequence table over the row's sequences); only equal groups may differ in
+    order."""
+    pytest.importorskip("grain", reason="compared with Grain only where it is installed")
+    batcher, max_len = shuffling("first_fit", group_by), 5
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(0, 6, size=(40, 2)).tolist()
+    elements = make_elements(lengths, max_len, 2)
+    for element in elements[::3]:  # some sequences share their tokens: ties in the groups
+        element["inputs"][: int(element["n_in"])] = 7
+        element["id"] = np.asarray(7, np.int32)
+    elements = [e for e in elements if e["n_in"] or e["n_tg"]]  # Grain gives empties an id
+    theirs = grain_rows("first_fit", elements, 5, 3, None, GRAIN_OPTIONS, True, group_by)
+    ours = our_batches(batcher, elements, spec_for(max_len), jax.random.key(4))
+    at = 0
+    for batch in ours:
+        their = theirs[at : at + len(batch)]
+        at += len(batch)
+        groups = [_group(row, group_by, False) for row in batch]
+        assert groups == sorted(groups)
+        assert groups == [_group(row, group_by, True) for row in their]
+        # Same rows in the batch, whatever the order within a group.
+        key = lambda r: (r["inputs"].tobytes(), r["targets"].tobytes())  # noqa: E731
+        assert sorted(map(key, batch)) == sorted(map(key, their))
+    assert at == len(theirs)
+    assert any(len({_group(r, group_by, False) for r in b}) > 1 for b in ours)  # not vacuous
+
+
+def test_grouped_shuffle_bulk_feed_equals_stepping():
+    batcher, spec = shuffling("first_fit", "id"), spec_for(5)
+    lengths = np.random.default_rng(5).integers(0, 6, size=(CHUNK + 3, 2)).tolist()
+    elements = make_elements(lengths, 5, 5)
+    state = run(batcher, elements[:3], spec, key=jax.random.key(1))[0]
+    check_bulk_equals_stepping(batcher, spec, state, elements[3:], flush=True)
+
+
+@pytest.mark.parametrize(
+    ("group_by", "match"),
+    [("nope", "not a length key"), ("n_in", "not a length key"), ("flag", "integers or floats")],
+)
+def test_grouping_by_a_key_that_cannot_group_raises_at_init(group_by, match):
+    spec = {**spec_for(5), "flag": jax.ShapeDtypeStruct((), jnp.bool_)}
+    batcher = jb.pack(5, 3, lengths=LENGTHS, shuffle_rows=True, shuffle_rows_group_by=group_by)
+    with pytest.raises(ValueError, match=match):
+        batcher.init(spec, jax.random.key(0))
 
 
 def test_shuffle_rows_needs_a_key():

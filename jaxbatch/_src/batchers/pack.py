@@ -189,6 +189,7 @@ def pack(
     max_sequences_per_row: Any = None,
     alignment: Any = 1,
     shuffle_rows: Any = False,
+    shuffle_rows_group_by: Any = None,
     max_segments: Any = None,
 ) -> Batcher:
     """Pack variable-length sequences into `num_rows` rows of `row_length` tokens, as Grain.
@@ -206,7 +207,8 @@ def pack(
     This is Grain 0.2.18's `FirstFitPackIterDataset` / `BestFitPackIterDataset` with
     `num_packing_bins=num_rows`, the same length for every packed feature,
     `max_sequences_per_bin=max_sequences_per_row`, `pack_alignment_struct=alignment`,
-    `padding_struct=pad_value`, `shuffle_bins=shuffle_rows` and the other keys as
+    `padding_struct=pad_value`, `shuffle_bins=shuffle_rows`,
+    `shuffle_bins_group_by_feature=shuffle_rows_group_by` and the other keys as
     non-sequence `meta_features` (checked in the tests against Grain itself): without
     shuffling, the valid rows of the emitted batches, concatenated, are the rows Grain
     yields, token for token, with the same segment ids and positions. Grain's non-sequence
@@ -214,12 +216,11 @@ def pack(
     table below (entry `s - 1` of a row is Grain's list item `s - 1`, the rest is padding),
     and every key that is not packed is carried (Grain drops keys it is not told about).
     A Grain *sequence* meta feature (in `length_struct` and `meta_features`) is a packed
-    feature here whose `_segment_ids` / `_positions` you may ignore.
-    `shuffle_bins_group_by_feature` is not offered. Differences: Grain drops the empty trailing rows
-    of its last batch, here they are padding rows (`valid_mask` False); Grain gives a sequence of
-    length 0 a segment id of its own, here an element whose every packed feature has length 0 is
-    skipped (counted in `Stats.skipped`, never placed); Grain raises on a too-long sequence,
-    `too_long="truncate"` is an option here.
+    feature here whose `_segment_ids` / `_positions` you may ignore. Differences: Grain
+    drops the empty trailing rows of its last batch, here they are padding rows (`valid_mask`
+    False); Grain gives a sequence of length 0 a segment id of its own, here an element whose
+    every packed feature has length 0 is skipped (counted in `Stats.skipped`, never
+    placed); Grain raises on a too-long sequence, `too_long="truncate"` is an option here.
 
     Output `Batch.data`, for every packed feature `k`: `k` `[num_rows, row_length, ...]` (the
     tokens; `pad_value` past each row's fill), `k_segment_ids` int32 `[num_rows, row_length]` (1, 2,
@@ -262,6 +263,15 @@ def pack(
             too) in a random order, padding rows last; the batch numbered `b` uses
             `fold_in(key, b)`. Then `init` needs a key, and the order is not first-in-
             first-out (`check_batcher(..., fifo=False)`).
+        shuffle_rows_group_by: Grain's `shuffle_bins_group_by_feature`, a top-level key of
+            the element (packed, or a per-segment table) holding numbers: with
+            `shuffle_rows=True`, each batch's rows are sorted by their *group*, the mean of
+            the distinct nonzero values of that key in the row (0 if none), and shuffled
+            only among rows of equal group. As in Grain, a packed feature's row is read
+            whole (its padding included: a nonzero `pad_value` counts as a value), a
+            table's row only over the row's sequences. Rows of one task or source thus
+            sit together in a batch. The mean is taken in float32 (Grain: float64), so
+            two groups closer than float32 can tell apart may tie.
         max_segments: the former name of `max_sequences_per_row` (give one of the two).
 
     Returns:
@@ -323,6 +333,17 @@ def pack(
     max_segments = max_sequences_per_row
     if not isinstance(shuffle_rows, bool):
         raise ValueError(f"`shuffle_rows` must be a bool, got {shuffle_rows!r}.")
+    if shuffle_rows_group_by is not None:
+        if not isinstance(shuffle_rows_group_by, str):
+            raise ValueError(
+                "`shuffle_rows_group_by` must be a top-level key of the element (a str), got "
+                f"{shuffle_rows_group_by!r}."
+            )
+        if not shuffle_rows:
+            raise ValueError(
+                "`shuffle_rows_group_by` orders the rows that `shuffle_rows=True` shuffles; "
+                "pass `shuffle_rows=True` too (Grain ignores it without `shuffle_bins`)."
+            )
     if (
         not isinstance(lengths, Mapping)
         or not lengths
@@ -402,6 +423,21 @@ def pack(
                 )
         for name, leaf in data.items():
             pad_value_fits(pad_of(name), Element(data={name: leaf}))
+        if shuffle_rows_group_by is not None:
+            leaf = data.get(shuffle_rows_group_by)
+            if leaf is None or shuffle_rows_group_by in lengths.values():
+                raise ValueError(
+                    f"`shuffle_rows_group_by` {shuffle_rows_group_by!r} must be a packed "
+                    "feature or a per-sequence key of the element (not a length key); its "
+                    f"keys are {sorted(data)}."
+                )
+            if not isinstance(leaf, jax.ShapeDtypeStruct) or not (
+                jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.floating)
+            ):
+                raise ValueError(
+                    f"`shuffle_rows_group_by`: `data[{shuffle_rows_group_by!r}]` must be one "
+                    f"array of integers or floats, got {leaf!r}."
+                )
         return data
 
     def pad_of(name: str) -> int | float:
@@ -666,11 +702,45 @@ def pack(
         number = state.draws + jnp.asarray(k, jnp.uint32)
         perm = jax.random.permutation(jax.random.fold_in(state.key, number), num_rows)
         rank = jnp.where(batch.valid_mask, perm, num_rows + jnp.arange(num_rows))
-        order = jnp.argsort(rank)
+        if shuffle_rows_group_by is None:
+            order = jnp.argsort(rank)
+        else:  # Grain's `shuffle_bins_group_by_feature`: by group, then the random rank
+            group = row_groups(batch.data, shuffle_rows_group_by)
+            order = jnp.lexsort((rank, group, ~batch.valid_mask))
         return Batch(
             data=jax.tree.map(lambda x: x[order], batch.data),
             valid_mask=batch.valid_mask[order],
         )
+
+    def row_groups(data: dict, name: str) -> Array:
+        """Per row, the mean of the distinct nonzero values of `data[name]` in it (0 if
+        none): a packed feature's whole row, or a table's entries of the row's sequences."""
+        values = data[name].reshape(num_rows, -1)
+        if values.shape[1] == 0:
+            return jnp.zeros((num_rows,), jnp.float32)
+        if name in lengths:
+            used = jnp.full(values.shape, values.shape[1])
+        else:  # a table row: its first `segments` entries, read off the segment ids
+            ids = [data[_output_keys(f)[0]] for f in features]
+            segments = jnp.max(jnp.stack([jnp.max(i, axis=1) for i in ids]), axis=0)
+            per_entry = values.shape[1] // max_segments
+            used = jnp.broadcast_to(segments[:, None] * per_entry, values.shape)
+        # Entries past `used` sort last, so the first `used` sorted entries are the row's.
+        top = jnp.asarray(
+            jnp.finfo(values.dtype).max
+            if jnp.issubdtype(values.dtype, jnp.floating)
+            else jnp.iinfo(values.dtype).max,
+            values.dtype,
+        )
+        slot = jnp.arange(values.shape[1])[None, :]
+        ordered = jnp.sort(jnp.where(slot < used, values, top), axis=1)
+        new = jnp.concatenate(
+            [jnp.ones((num_rows, 1), bool), ordered[:, 1:] != ordered[:, :-1]], axis=1
+        )
+        distinct = new & (slot < used) & (ordered != 0)
+        total = jnp.sum(jnp.where(distinct, ordered.astype(jnp.float32), 0.0), axis=1)
+        count = jnp.sum(distinct, axis=1, dtype=jnp.float32)
+        return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
 
     def tables(buffer: dict) -> list[str]:
         return [name for name in buffer if name not in lengths and name not in derived]
