@@ -144,3 +144,13 @@ def pack(
     buffered = sum(len(row) for row in rows)
     flushed = [build(rows)] if buffered else []
     return PackRun(emitted, flushed, stats, packing, buffered)
+
+
+def row_group(row: dict[str, np.ndarray], key: str, packed: bool, segments: int) -> float:
+    """Grain's `shuffle_bins_group_by_feature` group of one emitted row: the mean of the
+    distinct nonzero values of `row[key]`, over the whole row for a packed feature (padding
+    included), over its first `segments` entries for a per-sequence table; 0 if none."""
+    values = np.asarray(row[key]) if packed else np.asarray(row[key])[:segments]
+    distinct = np.unique(values)
+    distinct = distinct[distinct != 0]
+    return float(distinct.sum() / distinct.size) if distinct.size else 0.0

@@ -559,16 +559,12 @@ def test_shuffled_batches_hold_grains_rows_in_a_seeded_order():
     assert flat[0] != flat[2] and flat[0] != [_row_key(r) for b in unshuffled for r in b]
 
 
-def _group(row, key, grain):
-    """Grain's group of a row: the mean of the distinct nonzero values (0 if none) of the
-    key over the whole packed row, or over the row's sequences for a per-sequence key."""
-    if key in LENGTHS or grain:
-        values = np.asarray(list(row[key]))
-    else:
-        values = row[key][: max(row[f"{k}_segment_ids"].max() for k in LENGTHS)]
-    distinct = np.unique(values)
-    distinct = distinct[distinct != 0]
-    return float(distinct.mean()) if distinct.size else 0.0
+def _group(row, key, grain=False):
+    """A row's group (`reference_pack.row_group`); Grain's tables are lists per row."""
+    if grain and key not in LENGTHS:
+        return ref.row_group({key: np.asarray(list(row[key]))}, key, True, 0)
+    segments = max(int(row[f"{k}_segment_ids"].max()) for k in LENGTHS)
+    return ref.row_group(row, key, key in LENGTHS, segments)
 
 
 @pytest.mark.parametrize("group_by", ["inputs", "id"])
@@ -592,14 +588,43 @@ def test_grouped_shuffle_orders_rows_by_group_like_grain(group_by):
     for batch in ours:
         their = theirs[at : at + len(batch)]
         at += len(batch)
-        groups = [_group(row, group_by, False) for row in batch]
+        groups = [_group(row, group_by) for row in batch]
         assert groups == sorted(groups)
         assert groups == [_group(row, group_by, True) for row in their]
         # Same rows in the batch, whatever the order within a group.
         key = lambda r: (r["inputs"].tobytes(), r["targets"].tobytes())  # noqa: E731
         assert sorted(map(key, batch)) == sorted(map(key, their))
     assert at == len(theirs)
-    assert any(len({_group(r, group_by, False) for r in b}) > 1 for b in ours)  # not vacuous
+    assert any(len({_group(r, group_by) for r in b}) > 1 for b in ours)  # not vacuous
+
+
+@settings(max_examples=6)
+@given(data=st.data(), group_by=st.sampled_from(["inputs", "id"]))
+def test_grouped_shuffle_permutes_the_reference_batches_by_group(data, group_by):
+    """Against the reference packer: each batch is the unshuffled batch's rows, sorted by
+    group (ties in any order), padding rows last."""
+    config = (5, 3, "best_fit", "error", None, 5, GRAIN_OPTIONS)
+    length = st.integers(0, 5)
+    lengths = data.draw(st.lists(st.tuples(length, length), max_size=16))
+    elements = make_elements(lengths, 5, data.draw(st.integers(0, 2**16)))
+    for element in elements[:: data.draw(st.integers(2, 4))]:  # shared tokens: equal groups
+        element["inputs"][: int(element["n_in"])] = 3
+        element["id"] = np.asarray(3, np.int32)
+    want = expected(elements, config)
+    key = jax.random.key(data.draw(st.integers(0, 99)))
+    _, emitted, flushed, _ = run(shuffling("best_fit", group_by), elements, spec_for(5), key=key)
+    assert [b is None for b in emitted] == [b is None for b in want.emitted]
+    for got, ref_batch in zip(
+        [b for b in emitted if b is not None] + flushed,
+        [b for b in want.emitted if b is not None] + want.flushed,
+    ):
+        n = int(ref_batch["valid_mask"].sum())
+        assert got["valid_mask"].tolist() == [True] * n + [False] * (3 - n)
+        rows = [{k: v[j] for k, v in got.items()} for j in range(n)]
+        ref_rows = [{k: v[j] for k, v in ref_batch.items()} for j in range(n)]
+        assert sorted(map(_row_key, rows)) == sorted(map(_row_key, ref_rows))
+        groups = [_group(row, group_by) for row in rows]
+        assert groups == sorted(groups)
 
 
 def test_grouped_shuffle_bulk_feed_equals_stepping():
