@@ -777,10 +777,17 @@ def test_pack_passes_check_batcher(strategy, too_long):
     if too_long == "truncate":
         lengths[2] = (7, 6)  # longer than the row: its first 5 tokens come out, counted
     stream = stack(make_elements(lengths, 7, seed=3))
-    # The truncating case also shuffles rows (then the order is not FIFO and a key is needed).
+    # The truncating case also shuffles rows grouped by `id` (then the order is not FIFO
+    # and a key is needed).
     shuffle = too_long == "truncate"
     batcher = jb.pack(
-        5, 2, lengths=LENGTHS, strategy=strategy, too_long=too_long, shuffle_rows=shuffle
+        5,
+        2,
+        lengths=LENGTHS,
+        strategy=strategy,
+        too_long=too_long,
+        shuffle_rows=shuffle,
+        shuffle_rows_group_by="id" if shuffle else None,
     )
     report = check_batcher(
         batcher,
