@@ -312,6 +312,17 @@ def pack(
         >>> emit.batch.data["n"]  # the per-segment table of the length key
         Array([[3, 0, 0, 0],
                [0, 0, 0, 0]], dtype=int32)
+
+        Rows shuffled, but those of one task together (Grain's `shuffle_bins_group_by_feature`):
+
+        >>> import jax
+        >>> batcher = jb.pack(2, 4, lengths={"x": "n"}, shuffle_rows=True,
+        ...                   shuffle_rows_group_by="task")
+        >>> elements = {"x": jnp.ones((4, 2), jnp.int32), "n": jnp.full(4, 2, jnp.int32),
+        ...             "task": jnp.array([2, 1, 2, 1], jnp.int32)}
+        >>> batches, count = jb.batch_all(batcher, elements, key=jax.random.key(0))
+        >>> batches.data["task"][0, :, 0]  # each row holds one sequence; rows by task
+        Array([1, 1, 2, 2], dtype=int32)
     """
     positive_int(row_length, "row_length")
     positive_int(num_rows, "num_rows")
