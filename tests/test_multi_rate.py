@@ -1,10 +1,10 @@
 """`multi_rate` against its pure-Python reference, and the batcher laws that apply to it.
 
-`jaxbatch.testing.check_batcher` follows elements by value into batch rows; a multi-rate
-row is a window of samples from several elements, so the laws are checked here directly:
-reference equality (ready flags, batches, masks, Stats), conservation, jit vs no jit, one
-trace, `vmap`, exact resume through `jb.save_state` / `jb.load_state`, wide counters, and
-errors.
+A multi-rate row is a window of samples from several elements, so `check_batcher` follows
+samples (`units=sample`, read out of the windows by `batch_units=window_samples`) through
+every path. The laws are also checked here directly: reference equality (ready flags,
+batches, masks, Stats), conservation, jit vs no jit, one trace, `vmap`, exact resume through
+`jb.save_state` / `jb.load_state`, wide counters, and errors.
 """
 
 import functools
@@ -21,6 +21,7 @@ import reference_multi_rate as ref
 from hypothesis import given, settings, strategies as st
 
 import jaxbatch as jb
+from jaxbatch.testing import check_batcher
 
 RATES = (3, 1)
 N = 24  # one stream length for every test: one compile
@@ -248,6 +249,61 @@ def test_wide_counters_and_drivers():
     assert {k: v - start for k, v in counts(state).items()} == counts(plain)
     batches, count = jb.batch_all(batcher, elements, max_batches=4)
     assert int(count) == 3 and batches.data[0]["a"].shape == (4, 2, 3, 2)
+
+
+def sample(element):
+    """The unit a `multi_rate` element brings: its sample, under its channel; None for a
+    channel id out of range (refused on arrival: counted as skipped)."""
+    c = int(element["channel"])
+    return [(c, element["payload"][c]) if 0 <= c < len(RATES) else None]
+
+
+def window_samples(batch):
+    """The samples a ready batch emits: per channel (a lane: the order within a channel is
+    kept, not across channels), those in valid windows whose slot mask says they hold one."""
+    valid = np.flatnonzero(batch.valid_mask)
+    return {
+        c: [
+            (c, jax.tree.map(lambda x, w=w, s=s: x[w, s], batch.data[c]))
+            for w in valid
+            for s in range(rate)
+            if batch.states["mask"][c][w, s]
+        ]
+        for c, rate in enumerate(RATES)
+    }
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "capacity", "channels", "stats"),
+    [
+        # channel 0 overflows while channel 1 is late, a bad channel id; flush: no
+        # complete window, the buffered samples dropped
+        (1, 2, [0, 0, 1, 0] + [0] * 7 + [7, 1, 0, 0], {"skipped": 2, "dropped": 5}),
+        # a full batch, an overflow, a bad id; flush: one valid window, one partial
+        (2, 2, [0, 0, 1, 0, 0, 0, 1, 0] + [0] * 7 + [-1, 1], {"skipped": 2, "dropped": 3}),
+    ],
+)
+def test_check_batcher_follows_the_samples(batch_size, capacity, channels, stats):
+    report = check_batcher(
+        batcher_for(batch_size, capacity),
+        make_stream(channels),
+        units=sample,
+        batch_units=window_samples,
+        resume_steps=3,
+    )
+    assert {k: report.stats[k] for k in stats} == stats
+    assert report.stats["emitted"] == len(channels) - 2 - stats["dropped"]
+    assert {"order", "jit", "scan", "batch_all", "feed", "vmap", "bad input"} <= set(report.checks)
+
+
+def test_samples_keep_their_order_within_a_channel_not_across():
+    def one_lane(batch):  # every channel's samples in one list: claims order across channels
+        return [unit for lane in window_samples(batch).values() for unit in lane]
+
+    elements = make_stream([0, 0, 1, 0, 0, 0, 1, 0])  # window 0: samples 0, 1, 3 and 2
+    quick = {"check_jit": False, "check_vmap": False, "resume_steps": 0}
+    with pytest.raises(AssertionError, match=r"Law 5 .*element 2's unit 0 came out after elem"):
+        check_batcher(batcher_for(1, 2), elements, units=sample, batch_units=one_lane, **quick)
 
 
 # --------------------------------------------------------------------------- errors

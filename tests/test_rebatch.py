@@ -2,9 +2,9 @@
 Stats), with and without `jit`, one trace, `vmap`, exact resume through a checkpoint, and
 errors; `unbatch` round trips.
 
-`check_batcher` follows elements by value (each batch row must be an element passed through
-unchanged); a `rebatch` element is a whole input batch, so the laws are checked here
-against the reference instead (`test_check_batcher_cannot_follow_batches_of_batches`).
+A `rebatch` element is a whole input batch and an output row is one of its valid rows, so
+`check_batcher` follows rows (`units=rows`: an element's valid rows, None for its padding
+rows) through every path (`test_check_batcher_follows_the_rows`).
 """
 
 import functools
@@ -212,9 +212,36 @@ def test_resume_through_a_checkpoint_is_bit_identical(tmp_path):
         assert stats_of(state) == stats_of(want_state)
 
 
-def test_check_batcher_cannot_follow_batches_of_batches():
+def rows(batch):
+    """The units a `rebatch` element brings: its rows as they come out (an `Element` of the
+    row's data, states and metadata, as `check_batcher` reads valid rows), None for a padding
+    row (refused: counted as skipped)."""
+    row = jb.Element(data=batch.data, state=batch.states, metadata=batch.metadata)
+    return [
+        jax.tree.map(lambda x, r=r: x[r], row) if valid else None
+        for r, valid in enumerate(np.asarray(batch.valid_mask))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("in_size", "batch_size", "drop_remainder", "seed"),
+    [(2, 3, False, 0), (2, 4, True, 1)],
+)
+def test_check_batcher_follows_the_rows(in_size, batch_size, drop_remainder, seed):
+    stream, masks = make_stream(5, in_size, seed)
+    report = check_batcher(
+        batcher_for(batch_size, drop_remainder), stream, units=rows, resume_steps=3
+    )
+    valid = int(masks.sum())
+    assert report.stats["accepted"] == valid and report.stats["skipped"] == masks.size - valid
+    assert report.stats["dropped"] == (valid % batch_size if drop_remainder else 0)
+    assert report.stats["skipped"] > 0 and (report.stats["dropped"] > 0) == drop_remainder
+    assert {"order", "jit", "scan", "batch_all", "feed", "vmap", "bad input"} <= set(report.checks)
+
+
+def test_check_batcher_needs_units_to_follow_batches_of_batches():
     stream, _ = make_stream(3, 2, seed=0)
-    with pytest.raises(ValueError, match="follows elements by value"):
+    with pytest.raises(ValueError, match="follows elements by value.*pass `units`"):
         check_batcher(batcher_for(3), stream, check_vmap=False)
 
 

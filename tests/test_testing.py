@@ -279,6 +279,100 @@ def test_law_8_silently_casts_bad_input():
         check_batcher(BASE._replace(step=step), STREAM, check_vmap=False, resume_steps=0)
 
 
+# --------------------------------------------------------------------------- units
+
+REBATCH = jb.rebatch(3, pad_value=-9)
+
+
+def batch_stream():
+    """4 input batches of 2 rows for `rebatch`: 6 valid rows (0..5) and 2 padding rows."""
+    rows = [[0, 1], [2, -1], [-1, 3], [4, 5]]
+    batches = [
+        jb.Batch(data={"x": jnp.array(r, jnp.int32)}, valid_mask=jnp.array(r) >= 0) for r in rows
+    ]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+
+def rows(batch):
+    """A `rebatch` element's units: its valid rows as they come out, None for padding."""
+    row = jb.Element(data=batch.data, state=batch.states, metadata=batch.metadata)
+    return [
+        jax.tree.map(lambda x, r=r: x[r], row) if valid else None
+        for r, valid in enumerate(np.asarray(batch.valid_mask))
+    ]
+
+
+def when_ready(change):
+    """`rebatch` whose ready batches `change(batch)` alters, the Stats untouched."""
+
+    def step(state, element):
+        state, emit = REBATCH.step(state, element)
+        changed = change(emit.batch)
+        return state, emit._replace(
+            batch=jax.tree.map(lambda a, b: jnp.where(emit.ready, a, b), changed, emit.batch)
+        )
+
+    return REBATCH._replace(step=step)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (  # the last row re-reads the first: row 0 twice, row 2 lost
+            lambda b: dataclasses.replace(b, data={"x": b.data["x"].at[2].set(b.data["x"][0])}),
+            r"Law 4 .*element 0's unit 0 \(.*\) was emitted 2 times: at batch 0 row 0 .* and "
+            r"at batch 0 row 2",
+        ),
+        (  # a row masked out, yet counted as emitted
+            lambda b: dataclasses.replace(b, valid_mask=b.valid_mask.at[2].set(False)),
+            r"Law 4 .*4 units never came out .*\(2 of them None from `units`.*skipped \(2\)\. "
+            r"Those that never came out: element 1's unit 0 \(.*=2\)",
+        ),
+        (  # a padding row comes out as valid (as when rows are not compacted)
+            lambda b: dataclasses.replace(b, data={"x": jnp.array([0, 1, -1], jnp.int32)}),
+            r"Law 4 .*batch 0 row 2 .* matches no unit of an input element: .data\['x'\]=-1",
+        ),
+        (  # rows reversed
+            lambda b: jax.tree.map(lambda x: jnp.flip(x, 0), b),
+            r"Law 5 .*element 0's unit 1 came out after element 1's unit 0",
+        ),
+    ],
+    ids=["duplicated", "lost", "padding leaked", "reordered"],
+)
+def test_units_catch_a_broken_rebatch(change, match):
+    with pytest.raises(AssertionError, match=match):
+        check_batcher(when_ready(change), batch_stream(), units=rows, **QUICK)
+
+
+def test_units_refused_on_arrival_are_skipped():
+    def step(state, element):  # padding rows accepted, then dropped: Stats balance, wrongly
+        new_state, emit = REBATCH.step(state, element)
+        # `jb.batch_spec` steps an `Element` wrapping the batch
+        batch = element.data if isinstance(element, jb.Element) else element
+        stats = state.stats.add(
+            accepted=2,
+            dropped=jnp.sum(~batch.valid_mask, dtype=jnp.int32),
+            batches=emit.ready,
+            emitted=jnp.where(emit.ready, 3, 0),
+        )
+        return dataclasses.replace(new_state, stats=stats), emit
+
+    with pytest.raises(AssertionError, match=r"Law 4 .*element 1 brings 1 unit\(s\) that never"):
+        check_batcher(REBATCH._replace(step=step), batch_stream(), units=rows, **QUICK)
+
+
+def test_units_pass_rebatch_and_say_what_an_element_brings():
+    report = check_batcher(REBATCH, batch_stream(), units=rows, check_jit=False, **QUICK)
+    assert report.stats["accepted"] == 6 and report.stats["skipped"] == 2
+
+    # Padding rows are counted (as skipped): leaving them out of the units is caught.
+    def valid_rows(batch):
+        return [row for row in rows(batch) if row is not None]
+
+    with pytest.raises(AssertionError, match=r"Law 4 .*skipped \(2\), but only 0 units .*None"):
+        check_batcher(REBATCH, batch_stream(), units=valid_rows, check_jit=False, **QUICK)
+
+
 # --------------------------------------------------------------------------- arguments
 
 
@@ -288,6 +382,10 @@ def test_law_8_silently_casts_bad_input():
         ({"max_flushes": 0}, "`max_flushes` must be a positive int"),
         ({"fifo": "yes"}, "`fifo` must be a bool"),
         ({"resume_steps": [8]}, r"`resume_steps` must be steps in \[0, 7\]"),
+        ({"units": 3}, "`units` must be a function"),
+        ({"batch_units": len}, "`batch_units` reads units out of batches; it needs `units`"),
+        ({"units": len, "lengths": {"x": "y"}}, "`lengths` .* or `units` .*, not both"),
+        ({"units": lambda e: e["x"]}, "`units` must return a list: .* for element 0 it"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):

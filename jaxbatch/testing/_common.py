@@ -126,6 +126,32 @@ def _cut(leaf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return leaf[(slice(None), *(slice(0, d) for d in shape))]
 
 
+def _unit_key(unit: Any) -> tuple:
+    """A hashable key for a unit (any PyTree of arrays): equal exactly when the tree
+    structures are equal and every leaf has the same shape, dtype and bits."""
+    leaves, treedef = jax.tree.flatten(unit)
+    arrays = [np.asarray(x) for x in leaves]
+    return treedef, tuple((a.shape, a.dtype.str, np.ascontiguousarray(a).tobytes()) for a in arrays)
+
+
+def _unit_text(unit: Any, limit: int = 160) -> str:
+    """A unit, short enough for a message: `leaf=value` per leaf."""
+    leaves = jax.tree_util.tree_flatten_with_path(unit)[0]
+    text = ", ".join(f"{jax.tree_util.keystr(p) or 'value'}={_show(x)}" for p, x in leaves)
+    text = " ".join(text.split())  # one line
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _valid_rows(batch: Batch) -> list[tuple[int, Element]]:
+    """The valid rows of a host `Batch`, with their row numbers, each as `jb.unbatch` gives
+    it: an `Element` of the row's `data`, `states` and `metadata`."""
+    rows = Element(data=batch.data, state=batch.states, metadata=batch.metadata)
+    return [
+        (int(r), jax.tree.map(lambda x, r=r: np.asarray(x)[r], rows))
+        for r in np.flatnonzero(np.asarray(batch.valid_mask))
+    ]
+
+
 def _split_at(n: int, batch_size: int) -> int:
     """A chunk boundary near the middle that leaves a partial batch buffered, if any does."""
     for a in range(max(1, n // 2), n):

@@ -6,12 +6,15 @@ un-jitted step loop, `jax.jit`, `lax.scan`, `jb.batch_all`, the bulk path (`jb.c
 `vmap` over two streams) and compares everything against the un-jitted step loop, which is
 itself checked against the laws. Elements are followed by value: each valid row of a ready
 batch is matched to the input row it came from, so a lost, duplicated, invented or reordered
-element is named by its input row. Every failure is an `AssertionError` whose message starts
-with the law that broke ("Law 4 (nothing lost, nothing invented): ...") and says where.
+element is named by its input row. Where an output row is not one element (the rows of
+input batches regrouped, samples of several channels in one window, packed tokens),
+`units=` or `lengths=` says what to follow instead. Every failure is an `AssertionError`
+whose message starts with the law that broke ("Law 4 (nothing lost, nothing invented):
+...") and says where.
 
-The rooms: this module runs the paths and checks rows; `_bulk.py` checks the bulk path and
-the one-call-site rule; `_packing.py` follows tokens through packing batchers; `_common.py`
-holds what they share.
+The rooms: this module runs the paths and checks rows (or units); `_bulk.py` checks the
+bulk path and the one-call-site rule; `_packing.py` follows tokens through packing
+batchers; `_common.py` holds what they share.
 """
 
 import functools
@@ -48,6 +51,9 @@ from ._common import (
     _rows_of,
     _show,
     _stats_difference,
+    _unit_key,
+    _unit_text,
+    _valid_rows,
 )
 from ._packing import check_packed
 
@@ -84,7 +90,9 @@ class CheckReport(NamedTuple):
 class _Checker:
     """The context of one `check_batcher` call: the stream, the specs, the runs."""
 
-    def __init__(self, batcher, elements, key, max_flushes, lengths=None):
+    def __init__(
+        self, batcher, elements, key, max_flushes, lengths=None, units=None, batch_units=None
+    ):
         self.batcher = batcher
         self.key = key
         self.max_flushes = max_flushes
@@ -109,7 +117,10 @@ class _Checker:
         self.batch_size = _batches(self.expected)[0].valid_mask.shape[0]
         self.like = jax.eval_shape(lambda: batcher.init(self.spec, key=key))
         self.lengths = lengths
-        self.input_keys = None if lengths else self._input_keys(host)
+        self.batch_units = batch_units
+        # Per element, its units (`units(element)`), when units are followed.
+        self.element_units = self._element_units(units) if units else []
+        self.input_keys = None if lengths or units else self._input_keys(host)
         self.jitted = None
 
     def init(self) -> Any:
@@ -142,7 +153,8 @@ class _Checker:
                     "input element passed through unchanged (or cut to a bucket's row shape); "
                     f"this batcher's batch rows (data, states, metadata) are {batch_def} with "
                     f"{row_specs}, its elements {element_def} with {element_specs}. For packed "
-                    "sequences pass `lengths`."
+                    "sequences pass `lengths`; where an element brings other units than one "
+                    "row (the rows of an input batch, a sample of a channel) pass `units`."
                 )
             cut = [_cut(x, r) for x, (r, _) in zip(host_leaves, row_specs)]
             keys.append(_row_keys(cut, self.n))
@@ -342,9 +354,16 @@ class _Checker:
             )
         return emitted
 
-    def check_counters(self, records: list[_Record], emitted: list[int] | None = None) -> None:
-        """Law 4: the Stats agree with what was seen, after every call. `emitted`: for
-        packed output, the sequences emitted so far after each record (else valid rows)."""
+    def check_counters(
+        self,
+        records: list[_Record],
+        emitted: list[int] | None = None,
+        arrived: list[int] | None = None,
+        what: str = "sequences",
+    ) -> None:
+        """Law 4: the Stats agree with what was seen, after every call. `emitted`: the
+        `what` (packed sequences, units) emitted so far after each record (else valid rows);
+        `arrived`: the units stepped in so far after each record (else elements)."""
         seen = dict.fromkeys(_COUNTERS, 0)
         steps = 0
         for i, record in enumerate(records):
@@ -364,13 +383,19 @@ class _Checker:
                     4,
                     f"after {record.where}, the Stats say {got} but the ready batches so far "
                     f"hold {expected} (batches, "
-                    f"{'sequences' if emitted is not None else 'valid rows'}, padding rows).",
+                    f"{what if emitted is not None else 'valid rows'}, padding rows).",
                 )
-            if stats["accepted"] + stats["skipped"] != steps:
+            came = steps if arrived is None else arrived[i]
+            if stats["accepted"] + stats["skipped"] != came:
+                came = (
+                    f"{steps} elements were stepped in"
+                    if arrived is None
+                    else f"the {steps} elements stepped in bring {came} units"
+                )
                 _fail(
                     4,
                     f"after {record.where}, the Stats count accepted={stats['accepted']} + "
-                    f"skipped={stats['skipped']}, but {steps} elements were stepped in.",
+                    f"skipped={stats['skipped']}, but {came}.",
                 )
         final = records[-1].stats
         buffered = final["accepted"] - final["emitted"] - final["dropped"]
@@ -378,18 +403,182 @@ class _Checker:
             _fail(
                 4,
                 f"after `flush` returned ready=False the Stats say accepted={final['accepted']}, "
-                f"emitted={final['emitted']}, dropped={final['dropped']}: {buffered} elements "
-                "unaccounted for. Conservation: accepted == emitted + dropped once drained.",
+                f"emitted={final['emitted']}, dropped={final['dropped']}: {buffered} "
+                f"{'elements' if arrived is None else 'units'} unaccounted for. Conservation: "
+                "accepted == emitted + dropped once drained.",
             )
 
-    def check_order(self, emitted: list[tuple[int, str]]) -> None:
-        """Law 5: a FIFO batcher emits input rows in increasing order."""
+    # ------------------------------------------------------------------- units
+
+    def _element_units(self, units: Callable[[Any], Any]) -> list[list[Any]]:
+        """`units(element)` of every element, checked to be a list."""
+        out = []
+        for i, row in enumerate(self.host_rows):
+            got = units(row)
+            if isinstance(got, str | bytes | Mapping) or not isinstance(got, Sequence):
+                raise ValueError(
+                    "`units` must return a list: one entry per unit the Stats count, the unit "
+                    "as it comes out or None for one that never can; for element "
+                    f"{i} it returned {type(got).__name__}."
+                )
+            out.append(list(got))
+        return out
+
+    def emitted_units(self, batch: Any) -> list[tuple[Any, Any, str]]:
+        """The units in the valid slots of a ready emission, in order: `(lane, unit,
+        label)`; its valid rows (as `jb.Element`s) unless `batch_units` says otherwise."""
+        if self.batch_units is None:
+            outputs = _batches(batch)
+            return [
+                (None, row, f"row {r}" + (f" of output {j}" if len(outputs) > 1 else ""))
+                for j, b in enumerate(outputs)
+                for r, row in _valid_rows(b)
+            ]
+        got = self.batch_units(batch)
+        lanes = got.items() if isinstance(got, Mapping) else [(None, got)]
+        out = []
+        for lane, units in lanes:
+            lane_name = "" if lane is None else f"lane {lane!r} "
+            if isinstance(units, str | bytes | Mapping) or not isinstance(units, Sequence):
+                raise ValueError(
+                    "`batch_units` must return a list of units, or a dict {lane: list of "
+                    f"units}}; got {type(units).__name__}"
+                    + (f" for lane {lane!r}." if lane is not None else ".")
+                )
+            for k, unit in enumerate(units):
+                if unit is None:
+                    raise ValueError(
+                        f"`batch_units` returned None as {lane_name}unit {k}: it lists only "
+                        "the units that came out (in valid rows or slots)."
+                    )
+                out.append((lane, unit, f"{lane_name}unit {k}"))
+        return out
+
+    def check_units(
+        self, records: list[_Record]
+    ) -> tuple[dict[Any, list[tuple[int, str]]], list[int], list[int]]:
+        """Law 4 on units: every unit in a ready batch is a unit of an input element, none
+        comes out twice, those that never come out are as many as the Stats count dropped
+        or skipped, and a unit that never can (None) is skipped the step it arrives.
+
+        Returns per lane the units in the order they came out (their number among the
+        stream's units, and where), and after each record the units emitted and the units
+        stepped in so far.
+        """
+        units = self.element_units
+        self.owner = [(i, k) for i, element in enumerate(units) for k in range(len(element))]
+        flat = [unit for element in units for unit in element]
+        candidates: dict[tuple, list[int]] = {}  # key -> the input units with that value
+        for u, unit in enumerate(flat):
+            if unit is not None:
+                candidates.setdefault(_unit_key(unit), []).append(u)
+        structures = {key[0] for key in candidates}
+        places: dict[int, str] = {}
+        lanes: dict[Any, list[tuple[int, str]]] = {}
+        emitted, arrived = [], []
+        steps, stepped_units, skipped, batches = 0, 0, 0, 0
+        for record in records:
+            if record.where.startswith("step"):
+                refused = sum(unit is None for unit in units[steps])
+                grew = record.stats["skipped"] - skipped
+                if grew < refused:
+                    _fail(
+                        4,
+                        f"element {steps} brings {refused} unit(s) that never come out (None "
+                        f"from `units`), but after {record.where} the Stats' skipped grew by "
+                        f"{grew}: a unit refused on arrival is counted as skipped.",
+                    )
+                stepped_units += len(units[steps])
+                steps += 1
+            skipped = record.stats["skipped"]
+            arrived.append(stepped_units)
+            if record.ready:
+                for lane, unit, label in self.emitted_units(record.batch):
+                    place = f"batch {batches} {label} (emitted at {record.where.split(' (')[0]})"
+                    key = _unit_key(unit)
+                    found = candidates.get(key)
+                    if found is None:
+                        hint = (
+                            f" Its tree structure {key[0]} is that of no input unit (one is "
+                            f"{next(iter(structures))}): build the units of `units` and "
+                            "`batch_units` alike."
+                            if structures and key[0] not in structures
+                            else ""
+                        )
+                        _fail(
+                            4,
+                            f"{place} matches no unit of an input element: "
+                            f"{_unit_text(unit)}. Only the units that `units` gives for the "
+                            f"elements may come out (padding rows or slots are never valid)."
+                            f"{hint}",
+                        )
+                    free = [u for u in found if u not in places]
+                    if not free:
+                        which = (
+                            self.unit_name(found[0])
+                            if len(found) == 1
+                            else "the value of " + ", ".join(self.unit_name(u) for u in found)
+                        )
+                        _fail(
+                            4,
+                            f"{which} ({_unit_text(unit)}) was emitted {len(found) + 1} times: "
+                            f"at {', '.join(places[u] for u in found)} and at {place}. Each unit "
+                            "comes out at most once: no wrap-around, no re-reads of stale "
+                            "buffer rows.",
+                        )
+                    places[free[0]] = place
+                    lanes.setdefault(lane, []).append((free[0], place))
+                batches += 1
+            emitted.append(len(places))
+
+        stats = records[-1].stats
+        missing = [u for u in range(len(flat)) if u not in places]
+        accounted = stats["dropped"] + stats["skipped"]
+        counted = (
+            f"the Stats count {accounted} as dropped ({stats['dropped']}) or skipped "
+            f"({stats['skipped']})"
+        )
+        if len(missing) > accounted:
+            could = [u for u in missing if flat[u] is not None]
+            shown = "; ".join(f"{self.unit_name(u)} ({_unit_text(flat[u], 60)})" for u in could[:5])
+            shown += f"; ... ({len(could)} in all)" if len(could) > 5 else ""
+            buffered = stats["accepted"] - stats["emitted"] - stats["dropped"]
+            hint = (
+                f" The Stats also say {buffered} accepted unit(s) were still buffered when "
+                "`flush` returned ready=False (flush must drain every buffer)."
+                if buffered > 0
+                else ""
+            )
+            _fail(
+                4,
+                f"{len(missing)} units never came out in a ready batch "
+                f"({len(missing) - len(could)} of them None from `units`, which never can), "
+                f"but {counted}. Those that never came out: {shown or 'none'}.{hint}",
+            )
+        if len(missing) < accounted:
+            _fail(
+                4,
+                f"{counted}, but only {len(missing)} units never came out: a unit counted as "
+                "dropped or skipped must not come out in a valid row or slot (or `units` "
+                "leaves out units that the Stats count: give None for each refused one).",
+            )
+        return lanes, emitted, arrived
+
+    def unit_name(self, u: int) -> str:
+        """Unit `u` of the stream's units (those of element 0 first), by its element."""
+        element, k = self.owner[u]
+        return f"element {element}'s unit {k}"
+
+    def check_order(
+        self, emitted: list[tuple[int, str]], name: Callable[[int], str] = "input row {}".format
+    ) -> None:
+        """Law 5: a FIFO batcher emits input rows (or units) in increasing order."""
         for (before, before_place), (row, place) in zip(emitted, emitted[1:]):
             if row < before:
                 _fail(
                     5,
-                    f"input row {row} came out after input row {before}: input row {before} "
-                    f"at {before_place}, then input row {row} at {place}. A "
+                    f"{name(row)} came out after {name(before)}: {name(before)} "
+                    f"at {before_place}, then {name(row)} at {place}. A "
                     "first-in-first-out batcher keeps the input order; "
                     "pass `fifo=False` if this batcher reorders by design.",
                 )
@@ -647,6 +836,8 @@ def check_batcher(
     max_flushes: int = 100,
     lengths: Mapping[str, str] | None = None,
     split_sequences: bool = False,
+    units: Callable[[Any], Sequence[Any]] | None = None,
+    batch_units: Callable[[Any], Sequence[Any] | Mapping[Any, Sequence[Any]]] | None = None,
 ) -> CheckReport:
     """Check a batcher against the laws of jaxbatch on a small stream; raise if one breaks.
 
@@ -662,6 +853,23 @@ def check_batcher(
       agree with the batches seen (`batches`, `emitted`, `padded`, `accepted + skipped`), and
       once drained `accepted == emitted + dropped`.
     * Law 5 (if `fifo`): the valid rows come out in input order.
+
+    With `units`, law 4 and law 5 follow units instead of rows, for batchers whose output
+    rows are not their elements. A unit is what the `Stats` count and what comes out in
+    one valid row or slot: a valid row of an input batch for `jb.rebatch`, a sample for
+    `jb.multi_rate`. `units(element)` lists the units of one element in order, each as it
+    comes out (a PyTree of arrays), or None for a unit that can never come out (refused on
+    arrival, such as a padding row); `batch_units(batch)` lists the units of a ready
+    emission (by default its valid rows, each a `jb.Element` of the row's data, states and
+    metadata, as `jb.unbatch` gives them). Law 4 then says: every emitted unit matches (bit
+    for bit, same tree structure) a unit of an input element, none comes out twice, those
+    that never come out are as many as the Stats count dropped or skipped, a None unit is
+    counted as skipped the step it arrives, `accepted + skipped` equals the units of the
+    elements stepped in, `emitted` the units seen in ready batches, and `accepted ==
+    emitted + dropped` once drained; `batches` and `padded` are counted from `valid_mask`
+    as without `units`. Law 5 (if `fifo`): units come out in input order; when
+    `batch_units` returns a dict `{lane: units}`, within each lane (a batcher that keeps
+    order per channel, not across channels).
 
     With `lengths` (packing batchers such as `jb.pack` and `jb.concat_and_split`), law 4
     follows tokens instead of rows: each packed feature `k` comes out as `k`,
@@ -694,10 +902,10 @@ def check_batcher(
     * Law 8 (if `check_bad_input`): `step` on an element whose first leaf has another dtype,
       or another shape, raises `TypeError` naming that leaf (checked with `jax.eval_shape`).
 
-    Elements are followed by value, so the batcher must pass them through unchanged (its
-    batch rows have the element's structure); give elements with distinct values to get
-    the most precise messages. Compile time dominates: keep the stream short and shapes
-    small.
+    Elements (or units) are followed by value, so without `units` or `lengths` the batcher
+    must pass elements through unchanged (its batch rows have the element's structure);
+    give elements with distinct values to get the most precise messages. Compile time
+    dominates: keep the stream short and shapes small.
 
     Args:
         batcher: the `Batcher` to check.
@@ -721,6 +929,17 @@ def check_batcher(
             element's data dict): check conservation of tokens instead of rows.
         split_sequences: with `lengths`, sequences may continue from one row to the next
             (concat-and-split) instead of staying whole in one segment.
+        units: `units(element) -> list`: follow units instead of rows (law 4, law 5). It
+            gets one element as the checker holds it (a PyTree of NumPy arrays, an
+            `Element` of them, or for `jb.rebatch` a `Batch` of them) and returns one entry
+            per unit the `Stats` count for it, in input order: the unit as `batch_units`
+            reads it out of a batch (any PyTree of arrays), or None for a unit that can
+            never come out and must be counted as skipped. Not with `lengths`.
+        batch_units: with `units`, `batch_units(batch) -> list | dict`: the units in the
+            valid rows or slots of one ready emission (`Emit.batch`, NumPy leaves), in the
+            order they came out; a dict `{lane: list}` to check order within each lane
+            only. Default: the valid rows, each `jb.Element(data=row, state=row states,
+            metadata=row metadata)`.
 
     Returns:
         A `CheckReport` of what ran and what the stream produced.
@@ -729,10 +948,12 @@ def check_batcher(
         AssertionError: a law broke. The message starts with the law ("Law 4 (nothing
             lost, nothing invented): ...") and names the step or flush call, the input row
             and the leaf.
-        ValueError: bad arguments, or batch rows that cannot be matched to elements.
+        ValueError: bad arguments (also: `units` returned no list), or batch rows that
+            cannot be matched to elements (pass `units` or `lengths`).
 
     Examples:
         >>> import dataclasses
+        >>> import jax
         >>> import jax.numpy as jnp
         >>> import numpy as np
         >>> import jaxbatch as jb
@@ -758,6 +979,21 @@ def check_batcher(
         Traceback (most recent call last):
             ...
         AssertionError: Law 4 (nothing lost, nothing invented): input rows [4] never came ...
+
+        `jb.rebatch` regroups the valid rows of input batches: its units are those rows,
+        and a padding row is None (refused, counted as skipped):
+
+        >>> inputs = [jb.Batch.from_parts({"x": jnp.array(x)}, valid_mask=jnp.array(x) >= 0)
+        ...           for x in ([0, 1], [2, -1], [3, 4])]
+        >>> stream = jax.tree.map(lambda *xs: jnp.stack(xs), *inputs)
+        >>> def rows(batch):  # each valid row as `batch_units` reads it: a `jb.Element`
+        ...     row = jb.Element(batch.data, batch.states, batch.metadata)
+        ...     return [jax.tree.map(lambda x: x[r], row) if valid else None
+        ...             for r, valid in enumerate(batch.valid_mask)]
+        >>> report = check_batcher(jb.rebatch(2), stream, units=rows,
+        ...                        check_jit=False, check_vmap=False, resume_steps=0)
+        >>> report.num_batches, report.stats["accepted"], report.stats["skipped"]
+        (3, 5, 1)
     """
     if not isinstance(batcher, Batcher):
         raise ValueError(f"`batcher` must be a `jb.Batcher`, got {type(batcher).__name__}.")
@@ -783,7 +1019,19 @@ def check_batcher(
         )
     if not isinstance(split_sequences, bool):
         raise ValueError(f"`split_sequences` must be a bool, got {split_sequences!r}.")
-    checker = _Checker(batcher, elements, key, max_flushes, lengths)
+    for name, fn in (("units", units), ("batch_units", batch_units)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"`{name}` must be a function, got {type(fn).__name__}.")
+    if units is not None and lengths is not None:
+        raise ValueError(
+            "Pass `lengths` (follow packed tokens) or `units` (follow units), not both."
+        )
+    if batch_units is not None and units is None:
+        raise ValueError(
+            "`batch_units` reads units out of batches; it needs `units`, which says what "
+            "units each element brings."
+        )
+    checker = _Checker(batcher, elements, key, max_flushes, lengths, units, batch_units)
     resume_at = _resume_points(resume_steps, checker.n)
     checks = ["without_jit", "shapes", "mask", "flush"]
     check_feed_protocol(checker)
@@ -794,7 +1042,12 @@ def check_batcher(
         "without jit (variant `without_jit`)",
         keep_states=True,
     )
-    if lengths is None:
+    if units is not None:  # follow units, read from the batches by `batch_units`
+        lanes, emitted, arrived = checker.check_units(baseline)
+        checker.check_counters(baseline, emitted, arrived, what="units")
+        for lane in lanes.values() if fifo else ():  # first in, first out within each lane
+            checker.check_order(lane, checker.unit_name)
+    elif lengths is None:
         emitted = checker.check_conservation(baseline)
         checker.check_counters(baseline)
         if fifo:
