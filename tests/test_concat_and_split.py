@@ -1,7 +1,9 @@
 """`concat_and_split`: against the pure-Python reference (hypothesis), jit vs no jit, the
-drivers, exact resume mid-row, one trace, vmap, errors, and Grain's ConcatThenSplit."""
+drivers, exact resume mid-row, one trace, vmap, errors, and Grain's ConcatThenSplit (with
+its `meta_features`: our per-piece tables and `max_sequences_per_row`)."""
 
 import functools
+import importlib.util
 
 import chex
 import equinox as eqx
@@ -27,6 +29,7 @@ def batcher_for(
     continue_positions=False,
     split_full=True,
     bos=False,
+    cap=None,
 ):
     """One batcher per configuration, so that jitted runs of it are compiled once."""
     lengths = {k: f"{k}_len" for k in features}
@@ -35,6 +38,7 @@ def batcher_for(
         num_rows,
         lengths=lengths,
         pad_value=pad_value,
+        max_sequences_per_row=cap,
         continue_positions=continue_positions,
         split_full_length_features=split_full,
         **(
@@ -76,7 +80,8 @@ def runners(batcher, use_jit):
 def as_ref(batch):
     """A `Batch` as the reference's `(data, valid_mask)`, NumPy."""
     batch = jax.device_get(batch)
-    return {k: np.asarray(v) for k, v in batch.data.items()}, np.asarray(batch.valid_mask)
+    data = {k: jax.tree.map(np.asarray, v) for k, v in batch.data.items()}
+    return data, np.asarray(batch.valid_mask)
 
 
 def flush_all(flush, state, limit=3):
@@ -128,6 +133,8 @@ def configs(draw, features=("x",)):
         "continue_positions": draw(st.booleans()),
         "split_full": draw(st.booleans()),
         "bos": draw(st.booleans()),
+        "cap": draw(st.sampled_from([None, 1, 2, 3]), label="max_sequences_per_row"),
+        "meta": draw(st.sampled_from([(), ("src",), ("src", "info")]), label="meta"),
         "seed": draw(st.integers(0, 2**16)),
     }
 
@@ -141,14 +148,17 @@ def setup(config):
         config["continue_positions"],
         config["split_full"],
         config["bos"],
+        config["cap"],
     )
-    stream = ref.make_stream(config["lengths"], config["max_len"], config["seed"])
+    stream = ref.make_stream(config["lengths"], config["max_len"], config["seed"], config["meta"])
     expected = ref.concat_and_split(
         ref.sequences_of(stream),
         config["row_length"],
         config["num_rows"],
         like=ref.like_of(stream),
+        meta_like=ref.meta_like_of(stream),
         pad_value=config["pad_value"],
+        max_sequences_per_row=config["cap"],
         continue_positions=config["continue_positions"],
         split_full_length_features=config["split_full"],
         bos_features=("x",) if config["bos"] else (),
@@ -224,6 +234,23 @@ def test_continue_positions():
     np.testing.assert_array_equal(last["x_positions"], [[1, 2, 0]])
     np.testing.assert_array_equal(last["x_segment_ids"], [[1, 1, 0]])
     np.testing.assert_array_equal(mask, [True])
+
+
+def test_cap_closes_rows_and_meta_tables_follow_the_pieces():
+    """`max_sequences_per_row=2`: a row closes at its second piece (rows 0 and 2 are not
+    full); sequence 3 spans two rows and its value is in both, at its piece's slot."""
+    stream = ref.make_stream({"x": [1, 1, 6, 1, 2]}, {"x": 6}, 0, meta=("src",))
+    rows = our_rows(batcher_for(4, 2, cap=2), stream)
+    x, ids, src = (np.stack([r[k] for r in rows]) for k in ("x", "x_segment_ids", "src"))
+    np.testing.assert_array_equal(
+        x, [[1000, 2000, 0, 0], [3000, 3001, 3002, 3003], [3004, 3005, 4000, 0], [5000, 5001, 0, 0]]
+    )
+    np.testing.assert_array_equal(ids, [[1, 2, 0, 0], [1, 1, 1, 1], [1, 1, 2, 0], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(src, [[1, 2], [3, 0], [3, 4], [5, 0]])
+    assert len(our_rows(batcher_for(4, 2), stream)) == 3  # without the cap
+    # The same rows as Grain's with a meta feature of length 2 (here it binds).
+    if importlib.util.find_spec("grain") is not None:
+        chex.assert_trees_all_equal(rows, grain_rows(stream, 4, meta_len=2))
 
 
 # --------------------------------------------------------------------------- drivers
@@ -315,8 +342,11 @@ def test_one_trace_for_new_values():
 
 
 def test_vmap_over_two_streams_equals_separate_runs():
-    batcher = batcher_for(2, 2)
-    streams = [ref.make_stream({"x": ns}, {"x": 3}, 0) for ns in ([1, 3, 2, 2, 3], [3, 0, 1, 3, 1])]
+    batcher = batcher_for(2, 2, cap=1)
+    streams = [
+        ref.make_stream({"x": ns}, {"x": 3}, 0, meta=("src",))
+        for ns in ([1, 3, 2, 2, 3], [3, 0, 1, 3, 1])
+    ]
 
     def run(stream):
         state, emits = jax.lax.scan(batcher.step, batcher.init(row_spec(streams[0])), stream)
@@ -354,10 +384,11 @@ def test_empty_stream_emits_nothing():
 def test_the_batcher_laws_of_jaxbatch_testing():
     # One packed feature only: with several, a sequence keeps one segment id in every
     # feature (as in Grain), so a feature's ids can skip a number, which the packing check
-    # of `check_batcher` does not allow. (vmap: tested above.)
+    # of `check_batcher` does not allow. (vmap: tested above.) Meta features and the cap
+    # on pieces per row: the tables are outputs the checker must carry along.
     jt = pytest.importorskip("jaxbatch.testing")
-    batcher = batcher_for(3, 2)
-    stream = ref.make_stream({"x": [1, 3, 6, 2, 0, 4, 5, 1]}, {"x": 6}, 0)
+    batcher = batcher_for(3, 2, cap=2)
+    stream = ref.make_stream({"x": [1, 3, 6, 2, 0, 4, 5, 1]}, {"x": 6}, 0, meta=("src",))
     lengths = {"x": "x_len"}
     report = jt.check_batcher(
         batcher, stream, lengths=lengths, split_sequences=True, resume_steps=[3], check_vmap=False
@@ -382,6 +413,10 @@ def test_the_batcher_laws_of_jaxbatch_testing():
         ({"pad_value": "0"}, "`pad_value`"),
         ({"continue_positions": 1}, "`continue_positions`"),
         ({"split_full_length_features": None}, "`split_full_length_features`"),
+        ({"max_sequences_per_row": 0}, "`max_sequences_per_row`"),
+        ({"max_sequences_per_row": -1}, "`max_sequences_per_row`"),
+        ({"max_sequences_per_row": True}, "`max_sequences_per_row`"),
+        ({"max_sequences_per_row": 1.5}, "`max_sequences_per_row`"),
         ({"bos_handling": "prepend"}, "`bos_handling`"),
         ({"bos_token_id": 1}, "`bos_handling`"),  # set, but BOS handling is off
         ({"bos_features": ("x",)}, "`bos_handling`"),
@@ -409,13 +444,14 @@ def _spec(**overrides):
     ("spec", "match"),
     [
         ({"x": jnp.zeros(4, jnp.int32)}, r"missing keys \['n'\]"),
-        (_spec(extra=jnp.zeros(3)), r"neither packed nor lengths \['extra'\]"),
+        (_spec(x_segment_ids=jnp.zeros(3)), r"has keys \['x_segment_ids'\]"),
         (_spec(x=jnp.zeros(9, jnp.int32)), r"`element.data\['x'\]`.*\[1, 8\]"),
         (_spec(x=jnp.zeros((), jnp.int32)), r"`element.data\['x'\]`"),
         (_spec(n=jnp.zeros(2, jnp.int32)), r"Length `element.data\['n'\]`"),
         (_spec(n=jnp.zeros(())), r"Length `element.data\['n'\]`"),
         (jb.Element(_spec(), state={"s": jnp.zeros(())}), "`state`"),
         (_spec(x=jnp.zeros(4, jnp.uint8)), "`pad_value`"),
+        (_spec(m={"a": jnp.zeros(2, jnp.uint8)}), r"`pad_value`.*\['m'\]\['a'\]"),
     ],
 )
 def test_spec_the_configuration_does_not_fit_raises_at_init(spec, match):
@@ -424,18 +460,24 @@ def test_spec_the_configuration_does_not_fit_raises_at_init(spec, match):
         batcher.init(spec)
 
 
+M = jnp.zeros(2)  # a meta feature of the state below
+
+
 @pytest.mark.parametrize(
     ("element", "match"),
     [
-        (_spec(x=jnp.zeros(5, jnp.int32)), r"`element.data\['x'\]` has shape"),
-        (_spec(x=jnp.zeros(4, jnp.float32)), r"`element.data\['x'\]` has dtype"),
-        (_spec(n=jnp.zeros((), jnp.uint8)), r"`element.data\['n'\]` has dtype"),
-        ({"x": jnp.zeros(4, jnp.int32)}, r"missing leaves"),
+        (_spec(m=M, x=jnp.zeros(5, jnp.int32)), r"`element.data\['x'\]` has shape"),
+        (_spec(m=M, x=jnp.zeros(4, jnp.float32)), r"`element.data\['x'\]` has dtype"),
+        (_spec(m=M, n=jnp.zeros((), jnp.uint8)), r"`element.data\['n'\]` has dtype"),
+        (_spec(m=jnp.zeros(2, jnp.int32)), r"`element.data\['m'\]` has dtype"),
+        (_spec(m=jnp.zeros(3)), r"`element.data\['m'\]` has shape"),
+        ({"x": jnp.zeros(4, jnp.int32), "m": M}, r"missing leaves"),
+        (_spec(), r"missing leaves \[\".data\['m'\]\"\]"),
     ],
 )
 def test_element_unlike_the_spec_raises_type_error(element, match):
     batcher = batcher_for(4, 2, ("x",))
-    state = jb.concat_and_split(4, 2, lengths={"x": "n"}).init(_spec())
+    state = jb.concat_and_split(4, 2, lengths={"x": "n"}).init(_spec(m=M))
     with pytest.raises(TypeError, match=match):
         jb.concat_and_split(4, 2, lengths={"x": "n"}).step(state, element)
     del batcher
@@ -468,19 +510,20 @@ def test_stats_count_skipped_and_tokens():
 # --------------------------------------------------------------------------- Grain
 
 
-def grain_rows(stream, row_length, split_full=True, bos=False):
-    """Grain 0.2.18's `ConcatThenSplitIterDataset` over the same sequences: its rows."""
+def grain_rows(stream, row_length, split_full=True, bos=False, meta_len=None):
+    """Grain 0.2.18's `ConcatThenSplitIterDataset` over the same sequences: its rows. The
+    stream's meta features (scalars) are Grain's `meta_features`, of length `meta_len`."""
     grain = pytest.importorskip("grain", reason="compares with Grain's ConcatThenSplit")
     from grain.experimental import BOSHandling, ConcatThenSplitIterDataset
 
-    sequences = [{k: np.array(v) for k, v in s.items()} for s in ref.sequences_of(stream)]
-    like = ref.like_of(stream)
+    like, metas = ref.like_of(stream), ref.meta_like_of(stream)
     sequences = [
-        {k: v.reshape(-1, *like[k].shape).astype(like[k].dtype) for k, v in s.items()}
-        for s in sequences
-    ]
+        {k: np.array(v).reshape(-1, *like[k].shape).astype(like[k].dtype) for k, v in s.items()
+         if k in like} | {m: s[m] for m in metas}
+        for s in ref.sequences_of(stream)
+    ]  # fmt: skip
     dataset = grain.MapDataset.source(sequences).to_iter_dataset()
-    lengths = dict.fromkeys(like, row_length)
+    lengths = dict.fromkeys(like, row_length) | dict.fromkeys(metas, meta_len)
     bos_options = (
         {
             "bos_handling": BOSHandling.REPLACE_FIRST_TOKEN_WITH_BOS,
@@ -494,6 +537,7 @@ def grain_rows(stream, row_length, split_full=True, bos=False):
         ConcatThenSplitIterDataset(
             dataset,
             length_struct=lengths,
+            meta_features=tuple(metas),
             split_full_length_features=split_full,
             **bos_options,
         )
@@ -504,13 +548,16 @@ def _sorted(rows):
     return sorted(rows, key=lambda r: b"".join(np.asarray(r[k]).tobytes() for k in sorted(r)))
 
 
-def check_against_grain(config):
+def check_against_grain(config, meta_len=None, cap=None):
     """Our rows are Grain's; with `split_full_length_features=False` the same rows, a row
-    of its own possibly ahead of the row that was open (Grain holds it back)."""
+    of its own possibly ahead of the row that was open (Grain holds it back). With
+    `meta_len`, a scalar meta feature `"src"` of that length in Grain (and here
+    `max_sequences_per_row=cap`): each row's table row is Grain's meta row."""
     config["pad_value"], config["continue_positions"] = 0, False
+    config["cap"], config["meta"] = cap, ("src",) if meta_len else ()
     batcher, stream, _ = setup(config)
     ours = our_rows(batcher, stream)
-    theirs = grain_rows(stream, config["row_length"], config["split_full"], config["bos"])
+    theirs = grain_rows(stream, config["row_length"], config["split_full"], config["bos"], meta_len)
     if config["split_full"]:
         chex.assert_trees_all_equal(ours, theirs)
     else:
@@ -527,20 +574,32 @@ def our_rows(batcher, stream):
     return rows
 
 
-@settings(max_examples=3)
+def meta_len_of(meta, config, data):
+    """Grain's meta length, and our `max_sequences_per_row`: "binds": 1 or 2 sequences per
+    row; "free": as many pieces as a row can hold (`row_length` per feature), so it never
+    binds, and our default (no cap) has tables that wide."""
+    if meta == "binds":
+        length = data.draw(st.sampled_from([1, 2]), label="meta_len")
+        return length, length
+    return config["row_length"] * len(config["features"]), None
+
+
+@pytest.mark.parametrize("meta", ["binds", "free"])
+@settings(max_examples=2)
 @given(config=configs(), data=st.data())
-def test_rows_match_grain_one_feature(config, data):
+def test_rows_match_grain_one_feature(meta, config, data):
     pytest.importorskip("grain", reason="compares with Grain's ConcatThenSplit")
     n = len(config["lengths"]["x"])
     config["lengths"] = {
         "x": data.draw(st.lists(st.integers(1, config["max_len"]["x"]), min_size=n, max_size=n))
     }
-    check_against_grain(config)
+    check_against_grain(config, *meta_len_of(meta, config, data))
 
 
-@settings(max_examples=3)
+@pytest.mark.parametrize("meta", ["binds", "free"])
+@settings(max_examples=2)
 @given(config=configs(features=("x", "y")), data=st.data())
-def test_rows_match_grain_two_features(config, data):
+def test_rows_match_grain_two_features(meta, config, data):
     # Grain re-reads tokens when a sequence's rest spans more than one further row while
     # another feature's rest fits; sequences of at most `row_length` tokens never do that.
     pytest.importorskip("grain", reason="compares with Grain's ConcatThenSplit")
@@ -552,7 +611,7 @@ def test_rows_match_grain_two_features(config, data):
     config["lengths"] = {
         k: data.draw(st.lists(st.integers(1, r), min_size=n, max_size=n)) for k in "xy"
     }
-    check_against_grain(config)
+    check_against_grain(config, *meta_len_of(meta, config, data))
 
 
 def test_bos_token_the_feature_cannot_hold_raises_at_init():
@@ -570,11 +629,15 @@ def test_bos_token_the_feature_cannot_hold_raises_at_init():
 
 def test_full_length_rows_pass_through_and_bos_marks_every_piece():
     """`split_full_length_features=False`: the 3-token sequence is a row of its own, ahead of
-    the open row; BOS replaces the first token of every piece (positions restart there)."""
+    the open row (its meta value at entry 0, the open row's entries moved on with it); BOS
+    replaces the first token of every piece (positions restart there)."""
     batcher = batcher_for(3, 2, split_full=False, bos=True)
-    stream = ref.make_stream({"x": [2, 3, 2]}, {"x": 3}, 0)
+    stream = ref.make_stream({"x": [2, 3, 2]}, {"x": 3}, 0, meta=("src",))
     batches, count = jb.batch_all(batcher, stream, max_batches=3)
     assert int(count) == 2
     np.testing.assert_array_equal(batches.data["x"][0], [[BOS, 2001, 2002], [BOS, 1001, BOS]])
     np.testing.assert_array_equal(batches.data["x_segment_ids"][0], [[1, 1, 1], [1, 1, 2]])
     np.testing.assert_array_equal(batches.data["x"][1], [[BOS, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(
+        batches.data["src"][:2], [[[2, 0, 0], [1, 3, 0]], [[3, 0, 0], [0, 0, 0]]]
+    )

@@ -4,15 +4,21 @@ Data flow. An element is a dict: for every packed feature `k`, a leaf `[max_len,
 whose first `data[lengths[k]]` entries are the sequence, and the length leaves. The state
 holds, per packed feature, a flat token buffer of `num_rows * row_length + max_len` slots
 and its segment-id and position buffers; every slot past the write frontier holds padding
-(the pad value, segment 0, position 0), so padding is never written separately.
+(the pad value, segment 0, position 0), so padding is never written separately. Every other
+key of the element (a meta feature, one value per sequence) has a per-piece table in the
+state, `[table_rows, width, ...]`, row `j` covering buffer slots `[j * row_length, (j + 1) *
+row_length)`; entries past the frontier hold the pad value too.
 
 `step` plans on scalars only (the open row, each feature's fill of it, the lengths): the
 part of the sequence that fits in the open row, and the rest, contiguous from the start of
 the next row on. It writes each part with one `dynamic_update_slice` per buffer (the
-slab's tail is padding written over padding). Once the open row moves past the last row,
-the first `num_rows * row_length` slots are a batch: they are emitted and, under
-`lax.cond`, the buffer shifts left by that much, the overflow becoming the start of the
-next batch. `flush` emits the open batch, its empty rows masked off, and resets the buffers.
+slab's tail is padding written over padding), and each meta feature with one scatter of at
+most `1 + ceil(max_len / row_length)` entries (the first piece's slot in the open row, slot
+0 of every further row; unused entries are out of range and dropped). Once the open row
+moves past the last row, the first `num_rows * row_length` slots (`num_rows` table rows) are
+a batch: they are emitted and, under `lax.cond`, the buffers and tables shift left by that
+much, the overflow becoming the start of the next batch. `flush` emits the open batch, its
+empty rows masked off, and resets the buffers and tables.
 
 Rows follow Grain 0.2.18's `ConcatThenSplitIterDataset` (default
 `split_full_length_features=True`, read in its source and compared in the tests):
@@ -38,13 +44,25 @@ filling, moves one row on: the same rows, such a row possibly earlier. BOS handl
 the token at every position 0 of those features: the first token of every piece, as
 Grain does (each piece starts a sequence for the model; with `continue_positions=True`,
 only a sequence's very first token). Grain also writes a BOS for a piece that is empty in
-a feature, into that row's padding (a bug); this batcher does not. Grain's
-`meta_features` (never split, copied into every row a sequence spans, no segment ids or
-positions) are not offered here.
+a feature, into that row's padding (a bug); this batcher does not.
+
+Grain's `meta_features` (never split; the whole value is copied into every row the sequence
+spans; no segment ids or positions) are the element's other keys here, each a per-piece
+table: entry `[j, s - 1]` holds the value of the sequence whose piece has segment id `s` in
+row `j`. Grain concatenates a row's meta values into a buffer of the feature's own length
+`L_m` and, when a sequence's value no longer fits, closes the row (padded) and starts the
+sequence in the next one. For a value of fixed shape `[k, ...]` (a scalar counts as `k =
+1`) that is a cap of `L_m // k` pieces per row: with `max_sequences_per_row=L_m // k` the
+rows are Grain's, and a table row, its first two axes merged (a scalar's: the row itself),
+is Grain's meta row. Grain pads with zeros (take `pad_value=0`), and when `k` does not
+divide `L_m` its row has `L_m % k` more padding slots at the end. A piece that would put no
+token of any feature into the open row (the row is full in every feature the sequence has)
+is not placed there and has no entry there, as in Grain.
 
 Differences from Grain, by design: a sequence that is empty in every feature is skipped
 (counted in `stats.skipped`; Grain gives it a segment id with no tokens, a gap in the ids
-that changes no attention mask), and the features share one `row_length`.
+that changes no attention mask, and a meta entry in its row), the features share one
+`row_length`, and meta values have a fixed shape (Grain's may vary in their first axis).
 """
 
 from collections.abc import Mapping
@@ -54,7 +72,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Int
+from jaxtyping import Array, Int, PyTree
 
 from ..base import Batcher, Counter, Emit, Stats
 from ..batch import Batch, rows_mask
@@ -66,7 +84,8 @@ from ._checks import pad_number, pad_value_fits, positive_int
 class ConcatAndSplitState(eqx.Module):
     """State of `concat_and_split`.
 
-    Every dict is keyed by packed feature name, except `length_like` (by length key).
+    Every dict is keyed by packed feature name, except `length_like` (by length key) and
+    `tables` (by meta feature: every other key of the element).
 
     Attributes:
         buffer: per feature `[num_rows * row_length + max_len, *rest]`: the open batch's
@@ -74,7 +93,14 @@ class ConcatAndSplitState(eqx.Module):
             Slots past the write frontier hold `pad_value`.
         segment_ids: per feature, int32 `[num_rows * row_length + max_len]`, 0 on padding.
         positions: per feature, int32, like `segment_ids`.
-        length_like: a zero of each length leaf's dtype (with `buffer`, the element spec).
+        length_like: a zero of each length leaf's dtype (with `buffer` and `tables`, the
+            element spec).
+        tables: per meta feature, its value's pytree with each leaf `[table_rows, width,
+            *shape]`: entry `[j, s - 1]` is the value of the sequence whose piece has
+            segment id `s` in row `j` of the buffers (slots `[j * row_length, (j + 1) *
+            row_length)`). `table_rows` covers the longest buffer; `width` is
+            `max_sequences_per_row`, or `row_length * len(lengths)` without one. Entries
+            past the write frontier hold `pad_value`.
         row: the open row of the batch, in `[0, num_rows)` between calls.
         fill: per feature, tokens in the open row, in `[0, row_length]`.
         segments: sequence pieces in the open row (its last segment id; 0 when empty).
@@ -91,6 +117,7 @@ class ConcatAndSplitState(eqx.Module):
     segment_ids: dict[str, Int[Array, " _slots"]]
     positions: dict[str, Int[Array, " _slots"]]
     length_like: dict[str, Array]
+    tables: dict[str, PyTree]
     row: Int[Array, ""]
     fill: dict[str, Int[Array, ""]]
     segments: Int[Array, ""]
@@ -180,6 +207,7 @@ def concat_and_split(
     *,
     lengths: Any,
     pad_value: Any = 0,
+    max_sequences_per_row: Any = None,
     continue_positions: Any = False,
     split_full_length_features: Any = True,
     bos_handling: Any = "do_nothing",
@@ -190,24 +218,40 @@ def concat_and_split(
 
     Each element is a dict. `lengths` maps each packed feature `k` to the key of its length:
     `data[k]` is `[max_len, *rest]` and its first `data[lengths[k]]` (a scalar int) entries
-    are the sequence. A sequence cut at a row's end continues in the next row. A batch of
-    `num_rows` rows is emitted the step its last row closes; `flush` emits the open batch,
-    rows without tokens masked off (the only padding). Rows match Grain's
-    `ConcatThenSplitIterDataset` (see the module docstring, also for several features).
+    are the sequence. Every other key is a meta feature: one value per sequence (an array
+    or a pytree of arrays, of fixed shape), never split. A sequence cut at a row's end
+    continues in the next row. A batch of `num_rows` rows is emitted the step its last row
+    closes; `flush` emits the open batch, rows without tokens masked off (the only
+    padding). Rows match Grain's `ConcatThenSplitIterDataset` (see the module docstring,
+    also for several features and for Grain's `meta_features`).
 
     Emitted `Batch.data`, for every packed feature `k`: `k` `[num_rows, row_length,
     *rest]`, `k_segment_ids` int32 `[num_rows, row_length]` (1, 2, 3... per sequence
     piece, restarting at 1 in every row, 0 on padding) and `k_positions` int32 (position in
-    the piece, 0 on padding). `valid_mask[i]` is True when row `i` holds a token.
+    the piece, 0 on padding). Every meta feature `m` becomes a per-piece table `[num_rows,
+    width, *shape]` (each leaf of its pytree), `width` being `max_sequences_per_row` or, by
+    default, `row_length * len(lengths)` (a row cannot hold more pieces): entry `[j, s -
+    1]` is the value of the sequence whose piece has segment id `s` in row `j`, so a
+    sequence's value is copied into every row it spans; unused entries hold `pad_value`.
+    The length keys are not in the output. `valid_mask[i]` is True when row `i` holds a
+    token.
 
     Args:
         row_length: tokens per row, a positive int.
         num_rows: rows per batch, a positive int. Every `max_len` must be at most
             `row_length * num_rows` (so that a step completes at most one batch).
-        lengths: `{packed_feature: length_key}`; the element's keys must be exactly these
-            features and length keys (several features may share a length key).
-        pad_value: fill for padding tokens, cast to each feature's dtype; `init` raises
-            `ValueError` if an integer or bool feature cannot hold it exactly.
+        lengths: `{packed_feature: length_key}`; the element must have these features and
+            length keys (several features may share a length key); its other keys are
+            meta features.
+        pad_value: fill for padding tokens and unused table entries, cast to each leaf's
+            dtype; `init` raises `ValueError` if an integer or bool leaf cannot hold it
+            exactly.
+        max_sequences_per_row: sequence pieces per row at most, a positive int (default
+            None: no cap). A row holding that many closes at once, as if full, so the next
+            sequence starts in the next row. It sets the tables' width. Grain's
+            `meta_features` with length `L_m` and values of shape `[k, ...]` (a scalar: `k
+            = 1`) are this cap with `L_m // k`. Useful without meta features too, e.g. for
+            an attention kernel's limit on segments per row.
         continue_positions: positions continue across a cut (a piece in the next row starts
             where the previous piece stopped) instead of restarting at 0 as Grain's do.
         split_full_length_features: Grain's option: False passes a sequence with a
@@ -223,8 +267,10 @@ def concat_and_split(
 
     Raises:
         ValueError: at the factory for a bad argument; at `init` for an element spec the
-            configuration does not fit (keys, shapes, per-element `state`/`metadata`).
-            A length outside `[0, max_len]` is a run-time error (`eqx.error_if`).
+            configuration does not fit (missing keys, a key named like an output
+            `k_segment_ids` / `k_positions`, shapes, a `pad_value` a leaf cannot hold,
+            per-element `state`/`metadata`). A length outside `[0, max_len]` is a run-time
+            error (`eqx.error_if`).
 
     Examples:
         >>> import jax.numpy as jnp
@@ -242,11 +288,32 @@ def concat_and_split(
         >>> state, emit = batcher.flush(state)
         >>> emit.batch.data["x"], emit.batch.data["x_segment_ids"]
         (Array([[9, 0, 0, 0]], dtype=int32), Array([[1, 0, 0, 0]], dtype=int32))
+
+        A meta feature `"src"` (one int per sequence), at most two pieces per row:
+
+        >>> batcher = jb.concat_and_split(4, 2, lengths={"x": "n"}, max_sequences_per_row=2)
+        >>> spec = {"x": jnp.zeros(5, jnp.int32), "n": jnp.int32(0), "src": jnp.int32(0)}
+        >>> state = batcher.init(spec)
+        >>> for src, seq in enumerate(([1, 2, 3], [4, 5, 6, 7, 8], [9], [10], [11]), 1):
+        ...     x = jnp.zeros(5, jnp.int32).at[: len(seq)].set(jnp.array(seq, jnp.int32))
+        ...     element = {"x": x, "n": jnp.int32(len(seq)), "src": jnp.int32(src)}
+        ...     state, emit = batcher.step(state, element)
+        ...     if emit.ready:
+        ...         print(emit.batch.data["x"].tolist(), emit.batch.data["src"].tolist())
+        [[1, 2, 3, 4], [5, 6, 7, 8]] [[1, 2], [2, 0]]
+        >>> state, emit = batcher.flush(state)
+        >>> emit.batch.data["x"].tolist(), emit.batch.data["x_segment_ids"].tolist()
+        ([[9, 10, 0, 0], [11, 0, 0, 0]], [[1, 2, 0, 0], [1, 0, 0, 0]])
+        >>> emit.batch.data["src"].tolist()  # [row, segment id - 1]
+        [[3, 4], [5, 0]]
     """
     row_length = positive_int(row_length, "row_length")
     num_rows = positive_int(num_rows, "num_rows")
     lengths = _check_lengths(lengths)
     pad_number(pad_value)
+    cap = None
+    if max_sequences_per_row is not None:
+        cap = positive_int(max_sequences_per_row, "max_sequences_per_row")
     if not isinstance(continue_positions, bool):
         raise ValueError(f"`continue_positions` must be a bool, got {continue_positions!r}.")
     if not isinstance(split_full_length_features, bool):
@@ -259,31 +326,40 @@ def concat_and_split(
     # Room past the batch: a sequence's overflow (`max_len`), and with full-length
     # sequences passed through, the open row pushed one row on.
     extra = 0 if split_full_length_features else row_length
+    width = row_length * len(features) if cap is None else cap  # table entries per row
+    outputs = {f"{k}{suffix}" for k in features for suffix in ("_segment_ids", "_positions")}
 
     def fresh(max_len: int, rest: tuple[int, ...], dtype: Any) -> tuple[Array, Array, Array]:
         size = capacity + max_len + extra
         zeros = jnp.zeros((size,), jnp.int32)
         return jnp.full((size, *rest), pad_value, dtype), zeros, zeros
 
+    def metas_of(spec: Element) -> list:
+        """The meta features: the element's keys neither packed nor lengths."""
+        return [m for m in spec.data if m not in lengths and m not in lengths.values()]
+
     def check_spec(spec: Element) -> None:
         if jax.tree.leaves(spec.state) or spec.metadata is not None:
             raise ValueError(
                 "`concat_and_split` mixes sequences within rows, so elements cannot carry a "
-                "per-element `state` or `metadata`; move what you need into `data` as a "
-                "packed feature, or drop it before batching."
+                "per-element `state` or `metadata`; move what you need into `data` (a key "
+                "that is not packed is a meta feature), or drop it before batching."
             )
         if not isinstance(spec.data, Mapping):
             raise ValueError(
                 f"`concat_and_split` needs elements whose data is a dict, got "
                 f"{type(spec.data).__name__}."
             )
-        expected = set(lengths) | set(lengths.values())
-        missing, extra = sorted(expected - set(spec.data)), sorted(set(spec.data) - expected)
-        if missing or extra:
+        missing = sorted((set(lengths) | set(lengths.values())) - set(spec.data))
+        if missing:
             raise ValueError(
-                f"`lengths` {lengths} does not fit the element: missing keys {missing}, "
-                f"keys neither packed nor lengths {extra}. Every key must be a packed "
-                "feature or a length; drop other keys before batching."
+                f"`lengths` {lengths} does not fit the element: missing keys {missing}."
+            )
+        taken = sorted(outputs & set(spec.data))
+        if taken:
+            raise ValueError(
+                f"The element has keys {taken}, which `concat_and_split` writes (the segment "
+                "ids and positions of the packed features); rename them."
             )
         for key in features:
             leaf = spec.data[key]
@@ -301,7 +377,8 @@ def concat_and_split(
                     f"Length `element.data[{length_key!r}]` must be a scalar int, got shape "
                     f"{leaf.shape} dtype {leaf.dtype}."
                 )
-        pad_value_fits(pad_value, Element(data={k: spec.data[k] for k in features}))
+        keep = [*features, *metas_of(spec)]
+        pad_value_fits(pad_value, Element(data={k: spec.data[k] for k in keep}))
         for k in bos_features:
             dtype = np.dtype(spec.data[k].dtype)
             if (
@@ -319,12 +396,20 @@ def concat_and_split(
         check_spec(spec)
         buffers = {k: fresh(spec.data[k].shape[0], spec.data[k].shape[1:], spec.data[k].dtype)
                    for k in features}  # fmt: skip
+        # Table rows: the buffer rows, `ceil((capacity + max_len + extra) / row_length)`.
+        longest = max(spec.data[k].shape[0] for k in features) + extra
+        table_rows = num_rows + -(-longest // row_length)
+
+        def table(leaf: Any) -> Array:
+            return jnp.full((table_rows, width, *leaf.shape), pad_value, leaf.dtype)
+
         zero = jnp.zeros((), jnp.int32)
         return ConcatAndSplitState(
             buffer={k: b[0] for k, b in buffers.items()},
             segment_ids={k: b[1] for k, b in buffers.items()},
             positions={k: b[2] for k, b in buffers.items()},
             length_like={n: jnp.zeros((), spec.data[n].dtype) for n in set(lengths.values())},
+            tables={m: jax.tree.map(table, spec.data[m]) for m in metas_of(spec)},
             row=zero,
             fill=dict.fromkeys(features, zero),
             segments=zero,
@@ -343,6 +428,8 @@ def concat_and_split(
             for k, b in state.buffer.items()
         }
         data.update({n: jax.ShapeDtypeStruct((), z.dtype) for n, z in state.length_like.items()})
+        for m, tree in state.tables.items():
+            data[m] = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape[2:], t.dtype), tree)
         return Element(data=data)
 
     def length_of(state: ConcatAndSplitState, data: dict, key: str) -> Array:
@@ -362,8 +449,8 @@ def concat_and_split(
         return jnp.any(jnp.stack(any_token), axis=0)
 
     def batch_of(state_parts: tuple, valid_mask: Array) -> Batch:
-        buffer, segment_ids, positions = state_parts
-        data = {}
+        buffer, segment_ids, positions, tables = state_parts
+        data = {m: jax.tree.map(lambda t: t[:num_rows], tree) for m, tree in tables.items()}
         for k in features:
             tok = buffer[k][:capacity]
             tok = tok.reshape(num_rows, row_length, *tok.shape[1:])
@@ -402,11 +489,12 @@ def concat_and_split(
             for k in features
         }
         nonempty = jnp.any(jnp.stack([n[k] > 0 for k in features]))
+        pieces = jnp.where(overflow, 1, state.segments + nonempty.astype(jnp.int32))
         full = jnp.all(jnp.stack([end_fill[k] == row_length for k in features]))
+        if cap is not None:  # a row holding `max_sequences_per_row` pieces is full too
+            full = full | (pieces >= cap)
         next_row = last_row + full.astype(jnp.int32)
-        segments = jnp.where(
-            full, 0, jnp.where(overflow, 1, state.segments + nonempty.astype(jnp.int32))
-        )
+        segments = jnp.where(full, 0, pieces)
 
         # The payload: two slabs per buffer (the part in the open row, then the rest).
         buffer, segment_ids, positions = {}, {}, {}
@@ -435,6 +523,28 @@ def concat_and_split(
                 state.positions[k], (t, rest_position), masks, starts, jnp.zeros((), jnp.int32)
             )
 
+        # The meta features: one scatter per table leaf. The first piece's entry is its
+        # slot in the open row (if it has a token there), then slot 0 of each row the rest
+        # reaches; unused entries point past the table and are dropped.
+        tables = {}
+        if state.tables:
+            table_rows = jax.tree.leaves(state.tables)[0].shape[0]
+            most = -(-max(max_len_of(state, k) for k in features) // row_length)
+            follow = jnp.arange(1, most + 1, dtype=jnp.int32)
+            placed = jnp.any(jnp.stack([fits[k] > 0 for k in features]))
+            rows = jnp.concatenate([
+                jnp.where(placed, state.row, table_rows)[None],
+                jnp.where(follow <= more, state.row + follow, table_rows),
+            ])  # fmt: skip
+            slots = jnp.concatenate([state.segments[None], jnp.zeros_like(follow)])
+
+            def put(table: Array, value: Any) -> Array:
+                value = jnp.broadcast_to(value, (most + 1, *table.shape[2:]))
+                return table.at[rows, slots].set(value, mode="drop")
+
+            tables = {m: jax.tree.map(put, state.tables[m], element.data[m])
+                      for m in state.tables}  # fmt: skip
+
         done = next_row >= num_rows
         ends_here = nonempty & (last_row < num_rows)
         emitted = jnp.where(done, state.pending + ends_here.astype(jnp.int32), 0)
@@ -445,7 +555,7 @@ def concat_and_split(
         )
         new_row = jnp.where(done, next_row - num_rows, next_row)
         fill = {k: jnp.where(full, 0, end_fill[k]) for k in features}
-        parts = (buffer, segment_ids, positions)
+        parts = (buffer, segment_ids, positions, tables)
 
         if not split_full_length_features:
             # Grain's `split_full_length_features=False`: a sequence that has a feature of
@@ -457,8 +567,17 @@ def concat_and_split(
             start = state.row * row_length
             t = jnp.arange(row_length, dtype=jnp.int32)
 
+            def move(table: Array, value: Any) -> Array:
+                # The open row's entries go one row on; the sequence's value is entry 0.
+                open_row = jax.lax.dynamic_slice_in_dim(table, state.row, 1)
+                table = jax.lax.dynamic_update_slice_in_dim(table, open_row, state.row + 1, 0)
+                own = jnp.full_like(open_row, pad_value).at[0, 0].set(value)
+                return jax.lax.dynamic_update_slice_in_dim(table, own, state.row, 0)
+
             def pass_through(_):
-                out = ({}, {}, {})
+                out = ({}, {}, {}, {})
+                for m in state.tables:
+                    out[3][m] = jax.tree.map(move, state.tables[m], element.data[m])
                 for k in features:
                     x = jnp.asarray(element.data[k])
                     inside = t < n[k]
@@ -496,22 +615,26 @@ def concat_and_split(
         padding = padding_of(parts[1])
 
         def shift(parts):  # the overflow becomes the start of the next batch
-            def left(buf, fill):
-                return jnp.concatenate([buf[capacity:], jnp.full_like(buf[:capacity], fill)])
+            def left(buf, fill, by=capacity):
+                return jnp.concatenate([buf[by:], jnp.full_like(buf[:by], fill)])
 
-            buffer, segment_ids, positions = parts
+            buffer, segment_ids, positions, tables = parts
             return (
                 {k: left(b, pad_value) for k, b in buffer.items()},
                 {k: left(b, 0) for k, b in segment_ids.items()},
                 {k: left(b, 0) for k, b in positions.items()},
+                jax.tree.map(lambda t: left(t, pad_value, num_rows), tables),
             )
 
-        buffer, segment_ids, positions = jax.lax.cond(done, shift, lambda parts: parts, parts)
+        buffer, segment_ids, positions, tables = jax.lax.cond(
+            done, shift, lambda parts: parts, parts
+        )
         new_state = ConcatAndSplitState(
             buffer=buffer,
             segment_ids=segment_ids,
             positions=positions,
             length_like=state.length_like,
+            tables=tables,
             row=new_row,
             fill=fill,
             segments=segments,
@@ -529,7 +652,7 @@ def concat_and_split(
     def flush_fn(state: ConcatAndSplitState) -> tuple[ConcatAndSplitState, Emit]:
         ready = (state.row > 0) | jnp.any(jnp.stack([state.fill[k] > 0 for k in features]))
         valid = rows_valid(state.segment_ids) & ready
-        batch = batch_of((state.buffer, state.segment_ids, state.positions), valid)
+        batch = batch_of((state.buffer, state.segment_ids, state.positions, state.tables), valid)
         padding = padding_of(state.segment_ids)
         buffers = {k: fresh(max_len_of(state, k), b.shape[1:], b.dtype)
                    for k, b in state.buffer.items()}  # fmt: skip
@@ -540,6 +663,7 @@ def concat_and_split(
             segment_ids={k: b[1] for k, b in buffers.items()},
             positions={k: b[2] for k, b in buffers.items()},
             length_like=state.length_like,
+            tables=jax.tree.map(lambda t: jnp.full_like(t, pad_value), state.tables),
             row=zero,
             fill=dict.fromkeys(features, zero),
             segments=zero,
