@@ -251,6 +251,23 @@ def test_iterate_over_an_empty_source():
     assert list(jb.iterate(jb.fixed_size(2), [], chunk_size=3)) == []
 
 
+def test_iterate_drains_a_batcher_that_holds_many_batches():
+    """At the end of the stream `iterate` flushes until nothing is ready: a shuffle buffer
+    of 16 batches drains with the default room, every element exactly once, and equal
+    to `batch_all` (same key, same order)."""
+    batcher, key = jb.shuffle(2, 32), jax.random.key(3)
+    rows = [{"x": np.int32(i)} for i in range(45)]
+    got = list(jb.iterate(batcher, rows, chunk_size=8, key=key))
+    want, count = jb.batch_all(
+        batcher, {"x": np.arange(45, dtype=np.int32)}, max_batches=40, key=key
+    )
+    assert len(got) == int(count) > 16
+    for i, batch in enumerate(got):
+        chex.assert_trees_all_equal(batch, jax.tree.map(lambda x, i=i: x[i], want))
+    values = [int(x) for b in got for x, m in zip(b.data["x"], b.valid_mask) if m]
+    assert sorted(values) == list(range(45))
+
+
 # --------------------------------------------------------------------------- traces
 
 

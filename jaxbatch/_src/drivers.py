@@ -400,6 +400,11 @@ def _feed_chunk(batcher, state, elements, flush, capacity):
     return collect(batcher, state, elements, capacity, flush=flush)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _flush(batcher, state):
+    return batcher.flush(state)
+
+
 @jax.jit
 def _unstack(batches: PyTree) -> list[PyTree]:
     # One dispatch for all slots, instead of one per leaf and slot.
@@ -541,9 +546,13 @@ class BatchIterator(Iterator[Batch]):
             for i in range(len(rows)):
                 state, more = self._feed(state, self._stack(rows[i : i + 1]))
                 batches += more
-            empty = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), self._spec)
-            state, more = self._feed(state, empty, flush=True)
-            batches += more
+            # The drain: `flush` until it emits nothing (law 3: one batch per call), so a
+            # batcher holding many batches (a shuffle buffer) needs no room for them.
+            while True:
+                state, emit = _flush(self._batcher, state)
+                if not bool(jnp.any(jnp.asarray(emit.ready))):
+                    break
+                batches.append(emit.batch)
             self._done = True
         self._pending.extend(batches[self._skip :])
         self._next = (state, self._position + len(rows))
@@ -562,16 +571,18 @@ def iterate(
     """Stream batches from any Python iterable of elements (numpy or jax PyTrees).
 
     Elements are pulled `chunk_size` at a time, stacked on the host and fed to one jitted
-    program; ready batches are yielded as they come, and the batcher is flushed at the end
-    of `source`. `checkpoint()` on the returned iterator gives the exact resume point.
+    program; ready batches are yielded as they come. At the end of `source` the last rows
+    go one at a time and the batcher is flushed until it emits nothing (one jitted `flush`
+    per batch, so a batcher holding many batches, like a shuffle buffer, needs no extra
+    room). `checkpoint()` on the returned iterator gives the exact resume point.
 
     Args:
         batcher: the batcher.
         source: an iterable of elements (`Element`s or PyTrees of arrays).
         chunk_size: elements per jitted call.
-        max_batches_per_chunk: room for batches per chunk; default
-            `ceil(chunk_size / batch_size) + 1`, enough for batchers that emit at most one
-            batch per `batch_size` elements.
+        max_batches_per_chunk: room for batches per chunk (mid-stream; the final drain
+            needs none); default `ceil(chunk_size / batch_size) + 1`, enough for batchers
+            that emit at most one batch per `batch_size` elements.
         resume: a checkpoint from `BatchIterator.checkpoint()`; `source` must then yield the
             same elements from the start (the first `position` are skipped).
         key: PRNG key for a stochastic batcher's `init`.
