@@ -7,8 +7,8 @@ What it teaches:
   the streams on the mesh, device `d` holding stream `d`. On several hosts the same two
   calls read and assemble each process's part (`jax.make_array_from_process_local_data`).
 * **Each device batches its own stream.** `jb.scan_per_device` keeps one `fixed_size`
-  state per device (a leading device axis, sharded) and steps them under `shard_map`: no
-  data moves between devices to batch.
+  state per device (a leading device axis, sharded) and runs each device's bulk `feed`
+  under `shard_map`: no data moves between devices to batch.
 * **The train step is ordinary code.** It sees one *global* batch, the 4 devices' batches
   side by side, sharded over `"data"` and never gathered to one device; XLA partitions the
   step (the gradient becomes an all-reduce). The result equals single-device training on

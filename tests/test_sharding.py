@@ -157,6 +157,101 @@ def test_each_device_batches_exactly_its_own_stream(auto):
         assert shard.data.shape == (1,)
 
 
+PACK = jb.pack(4, 2, lengths={"x": "n"})
+
+
+def pack_streams(seed=0, length=9):
+    """Four streams of sequences whose lengths differ per stream, so the streams emit
+    different numbers of batches at different steps."""
+    rng = np.random.default_rng(seed)
+    n = rng.integers(0, 5, size=(DEVICES, length)).astype(np.int32)
+    n[0] = 4  # stream 0: one sequence per row, twice as many batches as the others
+    x = np.arange(DEVICES * length * 4, dtype=np.int32).reshape(DEVICES, length, 4) + 1
+    return {"x": x, "n": n}
+
+
+def collect_pack(carry, batch):
+    """Consumer: keep each global batch's tokens and row mask in slot `k`."""
+    out, k = carry
+    seen = (batch.data["x"], batch.valid_mask)
+    out = jax.tree.map(
+        lambda o, b: jax.lax.dynamic_update_index_in_dim(o, jax.sharding.reshard(b, P()), k, 0),
+        out,
+        seen,
+    )
+    return out, k + 1
+
+
+def empty_pack_record(m, slots=12):
+    rows = DEVICES * 2
+    out = (jnp.zeros((slots, rows, 4), jnp.int32), jnp.zeros((slots, rows), bool))
+    return jax.device_put(out, NamedSharding(m, P())), jnp.int32(0)
+
+
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk-feed", "stepped"])
+def test_streams_that_emit_at_different_steps_batch_as_alone(bulk):
+    """`pack`'s streams emit different numbers of batches: with the bulk `feed` global
+    batch `k` holds every stream's `k`-th batch (stepped: step `k`'s); either way each
+    stream's batches, in order, and its Stats are those of the stream alone."""
+    m, data = mesh(), pack_streams()
+    batcher = PACK if bulk else PACK._replace(feed=None)
+    streams = jb.device_streams(data, m)
+    traces = []
+
+    def consumer(carry, batch):
+        traces.append(1)
+        return collect_pack(carry, batch)
+
+    (out, count), states = jb.scan_per_device(batcher, consumer, empty_pack_record(m), streams, m)
+    assert len(traces) == 1  # one call site: the train step is compiled once
+    tokens, masks = (np.asarray(a)[: int(count)] for a in out)
+    alone_counts = []
+    for d in range(DEVICES):
+        alone, n = jb.batch_all(PACK, {k: v[d] for k, v in data.items()}, max_batches=12)
+        alone_counts.append(int(n))
+        mine = slice(2 * d, 2 * d + 2)
+        got = [(t[mine], mk[mine]) for t, mk in zip(tokens, masks) if mk[mine].any()]
+        assert len(got) == int(n)
+        for k, (t, mk) in enumerate(got):
+            np.testing.assert_array_equal(mk, alone.valid_mask[k])
+            np.testing.assert_array_equal(t, alone.data["x"][k])
+        if bulk:  # global batch k is every stream's k-th batch
+            assert all(masks[k, mine].any() for k in range(int(n)))
+        state_alone = jb.scan(PACK, lambda c, b: c, 0, {k: v[d] for k, v in data.items()})[1]
+        mine_state = jax.tree.map(lambda x, d=d: jnp.asarray(np.asarray(x)[d]), states)
+        got_stats = {k: int(v) for k, v in jb.operation_stats(mine_state).items()}
+        assert got_stats == {k: int(v) for k, v in jb.operation_stats(state_alone).items()}
+    assert len(set(alone_counts)) > 1  # the streams do emit different numbers of batches
+    if bulk:
+        assert int(count) == max(alone_counts)
+
+
+def test_bulk_per_device_continues_a_stream_and_checks_its_room():
+    m, data = mesh(), pack_streams(1)
+    streams = jb.device_streams(data, m)
+    whole, _ = jb.scan_per_device(PACK, collect_pack, empty_pack_record(m), streams, m)
+    first = jax.tree.map(lambda x: x[:, :4], streams)
+    second = jax.tree.map(lambda x: x[:, 4:], streams)
+    carry, states = jb.scan_per_device(
+        PACK, collect_pack, empty_pack_record(m), first, m, flush=False
+    )
+    carry, _ = jb.scan_per_device(PACK, collect_pack, carry, second, m, states=states)
+    # The same batches per stream (grouped into global batches by call, so compare per stream).
+    for d in range(DEVICES):
+        mine = slice(2 * d, 2 * d + 2)
+
+        def batches(rec, mine=mine):
+            (tokens, masks), count = rec
+            return [np.asarray(tokens)[k, mine] for k in range(int(count)) if masks[k, mine].any()]
+
+        a, b = batches(whole), batches(carry)
+        assert len(a) == len(b) and all((x == y).all() for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="`max_batches`"):
+        jb.scan_per_device(PACK, collect_pack, empty_pack_record(m), streams, m, max_batches=0)
+    with pytest.raises(ValueError, match=r"1 slots of room \(\d+ needed\).*`max_batches`"):
+        jb.scan_per_device(PACK, collect_pack, empty_pack_record(m), streams, m, max_batches=1)
+
+
 def test_per_device_streams_refuse_tree_emissions_and_bad_shapes():
     m = mesh()
     streams = streams_of(stream(16), m)

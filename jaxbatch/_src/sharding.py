@@ -34,7 +34,9 @@ from jaxtyping import PyTree
 
 from .base import Batcher, Carry, Emit, State, when_ready
 from .batch import Batch, rows_mask
+from .drivers import _check_room, collect
 from .element import as_element
+from .spec import batch_spec
 
 _WHOLE_BATCH_FIELDS = ("batch_state", "batch_metadata")
 
@@ -464,8 +466,8 @@ def _merge(batch: Any, ready: jax.Array) -> Any:
     return batch.map_rows(lambda x: x.reshape((-1, *x.shape[2:])))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 9))
+def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key, room):
     count, length = jax.tree.leaves(streams)[0].shape[:2]
     per_stream = NamedSharding(mesh, P(axis))
     streams = _constrain(streams, per_stream)
@@ -484,6 +486,8 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
         )
 
     step_all, flush_all = local(batcher.step), local(batcher.flush)
+    if batcher.feed is not None:
+        return _bulk_per_device(batcher, fn, flush, carry, streams, states, room, local)
 
     def column(i):
         return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, False), streams)
@@ -497,7 +501,7 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
 
     if not flush:
         if not length:
-            return carry, states
+            return carry, states, None
 
         def body(c, i):
             states, carry = c
@@ -506,7 +510,7 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
             return (states, carry), None
 
         (states, carry), _ = jax.lax.scan(body, (states, carry), jnp.arange(length))
-        return carry, states
+        return carry, states, None
 
     def body(c):
         i, states, carry, live = c
@@ -531,7 +535,27 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
 
     start = (jnp.zeros((), jnp.int32), states, carry, everyone)
     _, states, carry, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]), body, start)
-    return carry, states
+    return carry, states, None
+
+
+def _bulk_per_device(batcher, fn, flush, carry, streams, states, room, local):
+    """`_scan_per_device` for a batcher with a bulk `feed`: each device runs `collect` on
+    its streams (plan, then gather: no element loop; the drain folded in), the `k`-th
+    batches of all streams make global batch `k`, and one loop hands them to `fn`."""
+
+    def gather(states, streams):
+        return collect(batcher, states, streams, room, flush=flush)
+
+    states, out, counts = local(gather)(states, streams)
+
+    def body(k, carry):  # global batch `k`: every stream's `k`-th batch, side by side
+        batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False), out)
+        return fn(carry, _merge(batch, k < counts))
+
+    # The batches past `room` were counted, not stored: the caller raises on `needed`.
+    needed = jnp.max(counts)
+    total = jnp.minimum(needed, room)
+    return jax.lax.fori_loop(0, total, body, carry), states, needed
 
 
 def scan_per_device(
@@ -545,21 +569,27 @@ def scan_per_device(
     states: State | None = None,
     key: Any = None,
     flush: bool = True,
+    max_batches: int | None = None,
 ) -> tuple[Carry, State]:
     """`scan` with one batcher per device: each device batches its own stream.
 
     The `S` streams (leaves `[S, n, ...]`, `device_streams`) are split over the mesh axis;
-    one batcher state per stream (leading axis `S`, sharded the same way) is stepped under
-    `jax.shard_map`, so batching moves no data between devices. Step `t` of every stream
-    makes one *global* batch: the streams' batches side by side (`[S * b, ...]`, still
-    sharded over `axis`, never gathered), rows of a stream that emitted nothing masked off.
-    `carry = fn(carry, batch)` runs, at one call site, whenever some stream's batch is ready,
-    so `fn` is an ordinary (global-view) train step that XLA partitions: data parallelism.
-    The only cross-device value batching adds is the `[S]` ready vector's `any`.
+    one batcher state per stream (leading axis `S`, sharded the same way) runs under
+    `jax.shard_map`, so batching moves no data between devices. The `k`-th batch of every
+    stream makes *global* batch `k`: the streams' batches side by side (`[S * b, ...]`,
+    still sharded over `axis`, never gathered), rows of a stream that has no `k`-th batch
+    masked off. `carry = fn(carry, batch)` runs, at one call site, on each global batch, so
+    `fn` is an ordinary (global-view) train step that XLA partitions: data parallelism.
+    The only cross-device values batching adds are the streams' batch counts (their max)
+    and the `[S]` ready vector's `any` while draining.
 
-    At the end, every stream is flushed until it emits nothing (unless `flush=False`; pass
-    the returned states back to continue). Each stream's batches, order and `Stats` are
-    exactly those of `jb.scan` on that stream alone.
+    A batcher with a bulk `feed` (`fixed_size`, `pack`) plans and gathers each stream's
+    batches at once (`jb.collect` per device: this call's batches are materialised, about
+    one more copy of the streams, and `max_batches` is their room, the drain's included);
+    one without is stepped element by element (global batch `k` is then step `k`'s
+    batches). At the end, every stream is flushed until it emits nothing (unless
+    `flush=False`; pass the returned states back to continue). Each stream's batches,
+    order and `Stats` are exactly those of `jb.scan` on that stream alone.
 
     Args:
         batcher: a batcher whose `Emit.batch` is one `Batch` (static: build it once).
@@ -573,12 +603,19 @@ def scan_per_device(
         states: stacked states to continue from (`init_per_device`, or a previous call).
         key: PRNG key for a stochastic batcher, split into one per stream.
         flush: drain every stream at the end.
+        max_batches: with a bulk `feed`, room for each stream's batches in this call, the
+            drain's included; default `ceil(n / b) + 1` (`+ 1` with `flush`), enough for
+            batchers that emit at most one batch per `b` elements and drain in one
+            (`fixed_size`, `pack`).
 
     Returns:
         `(carry, states)`.
 
     Raises:
-        ValueError: `S` not divisible by the axis size, or leaves of different `[S, n]`.
+        ValueError: `S` not divisible by the axis size, or leaves of different `[S, n]`;
+            `max_batches` not a positive int; a stream that needed more than `max_batches`
+            (checked when the call returns; under your own `jit` it cannot be, so size
+            `max_batches` for your batcher there).
         TypeError: a batcher that emits a tree of batches (such as `bucket_by`).
 
     Examples:
@@ -597,5 +634,25 @@ def scan_per_device(
     """
     _check_mesh(mesh, axis)
     streams, _, _ = _streams_of(streams, mesh, axis)
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
+    if max_batches is None and batcher.feed is not None:  # room for one batch per b elements
+        count, length = jax.tree.leaves(streams)[0].shape[:2]
+        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
+        if states is None:
+            emitted = batch_spec(batcher, spec, key=key)
+        else:
+            one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states)
+            emitted = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, one, spec)
+        max_batches = math.ceil(length / emitted.valid_mask.shape[-1]) + 1 + flush
     with _on(mesh):
-        return _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key)
+        carry, states, needed = _scan_per_device(
+            batcher, fn, mesh, axis, flush, carry, streams, states, key, max_batches
+        )
+    # Checked here, not with `eqx.error_if` inside the sharded program (its callback aborts
+    # the process on a multi-device CPU mesh). Under your own `jit` it cannot be checked.
+    if needed is not None and not isinstance(needed, jax.core.Tracer):  # pyright: ignore
+        _check_room(needed, max_batches, "max_batches")
+    return carry, states
