@@ -2,6 +2,7 @@
 exact resume of `iterate`, one trace per shape, errors, and a training loop that converges."""
 
 import collections
+import collections.abc
 import functools
 import importlib.util
 import math
@@ -226,6 +227,36 @@ def test_iterate_checkpoint_resumes_exactly(tmp_path, batch_size, drop_remainder
         assert (
             list(jb.iterate(batcher, source, chunk_size=chunk_size, resume=it.checkpoint())) == []
         )
+
+
+class _Reads(collections.abc.Sequence):
+    """A sequence that records which indices were read."""
+
+    def __init__(self, rows):
+        self.rows, self.read = rows, []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return self.rows[i]
+
+
+def test_iterate_resumes_a_sequence_without_reading_what_came_before():
+    batcher = jb.fixed_size(3)
+    rows = [{"x": np.int32(i)} for i in range(20)]
+    it = jb.iterate(batcher, _Reads(rows), chunk_size=4)
+    taken = [next(it) for _ in range(3)]
+    checkpoint = it.checkpoint()
+    source = _Reads(rows)
+    rest = list(jb.iterate(batcher, source, chunk_size=4, resume=checkpoint))
+    assert min(source.read) == int(checkpoint.position) > 0  # earlier rows never read
+    got = [int(x) for b in taken + rest for x, m in zip(b.data["x"], b.valid_mask) if m]
+    assert got == list(range(20))
+    # A plain iterator has no indices: its first `position` elements are read and dropped.
+    rest = list(jb.iterate(batcher, iter(rows), chunk_size=4, resume=checkpoint))
+    assert [int(x) for b in taken + rest for x, m in zip(b.data["x"], b.valid_mask) if m] == got
 
 
 @pytest.mark.parametrize("chunk_size", [0, -1, True, None, "8"])

@@ -15,7 +15,7 @@ import collections
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -412,13 +412,21 @@ def _unstack(batches: PyTree) -> list[PyTree]:
     return [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(slots)]
 
 
+def _from(source: Iterable[Any], position: int) -> Iterator[Any]:
+    """`source` from element `position` on: by index for a sequence (a list, a NumPy array:
+    nothing before `position` is read), else by reading and dropping the first ones."""
+    if isinstance(source, Sequence | np.ndarray) and not isinstance(source, str | bytes):
+        return (source[i] for i in range(position, len(source)))
+    return itertools.islice(source, position, None)
+
+
 class BatchIterator(Iterator[Batch]):
     """The iterator `iterate` returns; `checkpoint()` says where it stands."""
 
     def __init__(self, batcher, source, chunk_size, max_batches_per_chunk, resume, key, ragged):
         self._batcher = batcher
         self._ragged = ragged or {}
-        self._source = iter(source)
+        self._source = _from(source, 0 if resume is None else int(resume.position))
         self._chunk_size = chunk_size
         self._max_batches = max_batches_per_chunk
         self._key = key
@@ -429,8 +437,6 @@ class BatchIterator(Iterator[Batch]):
         self._pending: collections.deque = collections.deque()
         self._next = None  # (state, position) once the current chunk is fully yielded
         self._done = False
-        for _ in itertools.islice(self._source, self._position):
-            pass
 
     def checkpoint(self) -> IterateCheckpoint:
         """The exact resume point: pass it back as `iterate(..., resume=checkpoint)`.
@@ -584,7 +590,9 @@ def iterate(
             needs none); default `ceil(chunk_size / batch_size) + 1`, enough for batchers
             that emit at most one batch per `batch_size` elements.
         resume: a checkpoint from `BatchIterator.checkpoint()`; `source` must then yield the
-            same elements from the start (the first `position` are skipped).
+            same elements from the start. A sequence (list, tuple, NumPy array) is read from
+            the checkpoint's `position` on by index; any other iterable is read from the
+            start and its first `position` elements dropped.
         key: PRNG key for a stochastic batcher's `init`.
         ragged: variable-length features of dict elements (tokenised text as numpy arrays
             of different lengths), `{feature: (max_len, length_key)}`: each chunk pads
