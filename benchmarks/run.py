@@ -7,6 +7,8 @@ Workloads (each measured in its own subprocess, one after the other):
 * `pack`            - `bench_pack.py`, `jb.pack` first-fit / best-fit vs Grain's packers
 * `bucket`          - `bench_bucket.py`, `jb.bucket_by_length` + `jb.by_bucket`
 * `shuffle`         - `bench_shuffle.py`, `jb.shuffle` vs Grain's (and tf.data's) shuffles
+* `per_device`      - `bench_sharding.py`, `jb.scan_per_device` on 4 simulated CPU devices
+  (no peers: Grain and tf.data have no per-device batching)
 
 Each table has one row per system (`jb.scan`, `jb.iterate` where relevant, Grain and tf.data
 where installed) with elements (or sequences) per second, the time as a multiple of a plain
@@ -80,6 +82,12 @@ WORKLOADS = {
         "module": "bench_shuffle",
         "full": {"num": 8192, "repeats": 5, "buffer_size": 1024},
         "quick": {"num": 1024, "repeats": 2, "buffer_size": 256},
+        "fused": {},
+    },
+    "per_device": {  # the module sets `jax_num_cpu_devices` (4) on import, before any JAX op
+        "module": "bench_sharding",
+        "full": {"num": 16384, "repeats": 5},
+        "quick": {"num": 1024, "repeats": 2},
         "fused": {},
     },
 }

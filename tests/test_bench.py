@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("fixed_size", "fixed_size_mlp", "pack", "bucket", "shuffle")
+WORKLOADS = ("fixed_size", "fixed_size_mlp", "pack", "bucket", "shuffle", "per_device")
 
 
 def test_run_quick_writes_tables_results_and_chart(tmp_path):
