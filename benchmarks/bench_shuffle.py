@@ -13,12 +13,15 @@
   shuffle: closest to a shuffle buffer), the consumer in NumPy on each batch;
 * tf.data `.shuffle(buffer_size).batch(128)` if TensorFlow is importable (else a note).
 
-`jb.shuffle` has no bulk `feed`: the driver steps it one element at a time (a few
-one-row `dynamic_update_slice`s per element), so it is compared with `fixed_size` stepped
-the same way (`by_element`) too. `jb.scan` with `flush=True` runs steps and flushes in one
-`while_loop` with a `lax.cond(i < n, step, flush)` per element; measured here, that cond
-costs a copy of the batcher state per element (a 257-slot buffer of 12 KiB elements: ~0.5
-ms each), which the `consume+drain` rows (steps in one loop, then `jb.drain`) avoid.
+`jb.shuffle` has a bulk `feed` (plan the buffer's moves on slot numbers, then gather each
+batch from the stream): `jb.scan` runs it like `fixed_size`'s, the consumer in one
+`fori_loop` over the planned batches, the end-of-stream drain folded into the same plan.
+It is compared with `fixed_size` both bulk and stepped one element at a time
+(`by_element`). The `consume+drain` rows run the bulk `feed` without the drain, then
+`jb.drain`: the drain as repeated `flush` calls, each moving the payload of the whole buffer
+(a permutation gather of its `buffer_size + 1` rows), so they are slower for a large buffer;
+before the bulk path they were the fast variant, since stepping with the drain folded into
+one `while_loop` cost a copy of the state per element (a `lax.cond(i < n, step, flush)`).
 
 Run `python benchmarks/bench_shuffle.py` (or `--quick` for a smoke run). Timings on a shared
 CPU machine are noisy: compare ratios taken in the same run.
@@ -87,8 +90,8 @@ def main(quick: bool = False) -> None:
             repeats,
         )
 
-        # The same work as two loops (steps, then `jb.drain`): the consumer at two sites, but
-        # no `lax.cond` between `step` and `flush` per element (see the module docstring).
+        # The same work as two loops (the bulk `feed` without the drain, then `jb.drain`'s
+        # `flush` calls): the consumer at two sites (see the module docstring).
         def steps_then_drain(key, stream, b=batcher):
             state = b.init(jb.element_spec(first), key=key)
             state, carry = jb.consume(b, state, stream, consume, CARRY)

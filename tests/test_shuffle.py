@@ -1,10 +1,12 @@
 """`shuffle`: the batcher laws (`check_batcher`), the exact order of a pure-Python reference,
 permutation (every element exactly once), keys (same key same order, `vmap` over keys),
-exact resume through a checkpoint, and configuration errors."""
+the bulk `feed` against stepping, exact resume through a checkpoint, and configuration
+errors."""
 
 import functools
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,6 +192,165 @@ def test_full_buffer_gives_uniform_permutations():
         counts[row, np.arange(n)] += 1
     expected = trials / n  # 100 per (input, position)
     assert counts.min() > 0.6 * expected and counts.max() < 1.4 * expected, counts
+
+
+# --------------------------------------------------------------------------- bulk feed
+
+
+BULK_LENGTHS = (0, 3, 13)  # chunks: empty, shorter than most buffers, longer than every one
+BULK_SPEC = {"x": jax.ShapeDtypeStruct((), jnp.int32), "y": jax.ShapeDtypeStruct((2,), jnp.float32)}
+
+
+def bulk_elements(n, start):
+    """`n` elements numbered from `start`: an int leaf and a float vector leaf."""
+    x = jnp.arange(start, start + n, dtype=jnp.int32)
+    return {"x": x, "y": jnp.stack([x, -x], axis=1).astype(jnp.float32)}
+
+
+def _append(carry, batch):
+    out, count = carry
+    out = jax.tree.map(lambda o, b: jax.lax.dynamic_update_index_in_dim(o, b, count, 0), out, batch)
+    return out, count + 1
+
+
+@functools.cache
+def _jitted(batcher):
+    return jax.jit(batcher.step), jax.jit(batcher.flush)
+
+
+@functools.cache
+def _bulk(batcher, flush, capacity):
+    """Jitted: a chunk through the bulk `feed`, via `jb.consume` (the consumer's one call
+    site) and `jb.collect` (materialised). One compile per chunk length."""
+
+    def run(state, chunk):
+        spec = jax.eval_shape(lambda s: batcher.flush(s)[1].batch, state)
+        room = jax.tree.map(lambda s: jnp.zeros((capacity, *s.shape), s.dtype), spec)
+        consumed = jb.consume(batcher, state, chunk, _append, (room, jnp.int32(0)), flush=flush)
+        return consumed, jb.collect(batcher, state, chunk, capacity, flush=flush)
+
+    return jax.jit(run)
+
+
+def stepped(batcher, state, chunk, n, flush):
+    """The chunk one `step` at a time, then `flush` until nothing is ready if `flush`:
+    the ready batches and the state."""
+    step, flush_fn = _jitted(batcher)
+    batches = []
+    for i in range(n):
+        state, emit = step(state, jax.tree.map(lambda x, i=i: x[i], chunk))
+        if emit.ready:
+            batches.append(emit.batch)
+    while flush:
+        state, emit = flush_fn(state)
+        if not emit.ready:
+            break
+        batches.append(emit.batch)
+    return jax.device_get(batches), state
+
+
+def first_slots(tree, k):
+    return jax.tree.map(lambda x: np.asarray(x)[:k], tree)
+
+
+def assert_same_state(got, want):
+    """Equal where the state is specified: counters, key, fill, and the filled rows."""
+    assert stats_of(got.stats) == stats_of(want.stats)
+    assert int(got.filled) == int(want.filled)
+    assert int(got.count) == int(want.count)
+    np.testing.assert_array_equal(jax.random.key_data(got.key), jax.random.key_data(want.key))
+    chex.assert_trees_all_equal(
+        first_slots(got.buffer, int(want.filled)), first_slots(want.buffer, int(want.filled))
+    )
+    chex.assert_trees_all_equal(
+        first_slots(got.batch, int(want.count)), first_slots(want.batch, int(want.count))
+    )
+
+
+@settings(max_examples=10)
+@given(
+    config=st.sampled_from(CONFIGS),
+    n=st.sampled_from(BULK_LENGTHS),
+    flush=st.booleans(),
+    prefix=st.integers(0, 10),
+    flushed=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_bulk_feed_equals_stepping(config, n, flush, prefix, flushed, seed):
+    """From a state part-way through (buffer filling, full, a partial batch, or part
+    drained by a `flush`), a chunk through the bulk `feed` (via `jb.consume` and
+    `jb.collect`) gives the batches of stepping it, in order, and its state: Stats, key,
+    fill, batch count and the filled rows."""
+    batch_size, buffer_size, drop = config
+    batcher = batcher_for(batch_size, buffer_size, drop, -7)
+    step, flush_fn = _jitted(batcher)
+    state = batcher.init(BULK_SPEC, key=jax.random.key(seed))
+    before = bulk_elements(prefix, 1000)
+    for i in range(prefix):
+        state, _ = step(state, jax.tree.map(lambda x, i=i: x[i], before))
+    if flushed:  # a flush mid-stream leaves a part-drained buffer and a new key
+        state, _ = flush_fn(state)
+    capacity = (batch_size - 1 + buffer_size + max(BULK_LENGTHS)) // batch_size + 1
+    chunk = bulk_elements(n, 0)
+    want, s_step = stepped(batcher, state, chunk, n, flush)
+    (s_bulk, (out, k_bulk)), (s_coll, stacked, k_coll) = _bulk(batcher, flush, capacity)(
+        state, chunk
+    )
+    k = len(want)
+    assert int(k_bulk) == int(k_coll) == k
+    for slot, batch in enumerate(want):
+        chex.assert_trees_all_equal(jax.tree.map(lambda x, s=slot: x[s], out), batch)
+        chex.assert_trees_all_equal(jax.tree.map(lambda x, s=slot: x[s], stacked), batch)
+    assert not np.asarray(stacked.valid_mask)[k:].any()
+    assert_same_state(s_bulk, s_step)
+    assert_same_state(s_coll, s_step)
+    if flush:
+        assert int(s_bulk.filled) == int(s_bulk.count) == 0
+
+
+def test_bulk_feed_batches_past_count_are_masked_and_vmap():
+    batcher = batcher_for(3, 4)
+    state = batcher.init(BULK_SPEC, key=jax.random.key(2))
+
+    @jax.jit
+    def batches(state, elements):
+        emissions = batcher.feed(state, elements, True)[1]
+        ks = jnp.arange(7)
+        one_by_one = [emissions.batch(k) for k in ks]
+        return emissions.count, jax.vmap(emissions.batch)(ks), one_by_one
+
+    count, stacked, one_by_one = batches(state, bulk_elements(13, 0))
+    assert int(count) == 5
+    for k, one in enumerate(one_by_one):
+        chex.assert_trees_all_equal(one, jax.tree.map(lambda x, k=k: x[k], stacked))
+    assert not np.asarray(stacked.valid_mask)[5:].any()
+    rows = np.asarray(stacked.data["x"])[np.asarray(stacked.valid_mask)]
+    assert sorted(rows.tolist()) == list(range(13))
+
+
+def test_scan_with_the_bulk_feed_traces_the_consumer_once():
+    """`jb.scan` builds every batch (steps and drain) at the consumer's one call site,
+    and continuing a stream from the returned state reuses the program."""
+    batcher, traces = batcher_for(3, 4), {"n": 0}
+
+    def consumer(total, batch):
+        traces["n"] += 1
+        return total + jnp.sum(jnp.where(batch.valid_mask, batch.data["x"], 0))
+
+    key, zero = jax.random.key(4), jnp.int32(0)
+    total, state = jb.scan(batcher, consumer, zero, bulk_elements(13, 0), key=key)
+    assert traces["n"] == 1 and int(total) == sum(range(13))
+    assert int(state.filled) == int(state.count) == 0
+    traces["n"] = 0
+    state = batcher.init(BULK_SPEC, key=key)
+    total, state = jb.scan(batcher, consumer, zero, bulk_elements(6, 0), state=state, flush=False)
+    total, state = jb.scan(batcher, consumer, total, bulk_elements(6, 6), state=state, flush=False)
+    assert traces["n"] == 1
+    # 12 in, 4 buffered, the other 8 in two batches and the partial one (2 rows).
+    assert int(state.filled) == 4 and int(state.count) == 2
+    assert int(total) + sum(int(v) for v in state.buffer.data["x"][:4]) + sum(
+        int(v) for v in state.batch.data["x"][:2]
+    ) == sum(range(12))
 
 
 # --------------------------------------------------------------------------- resume
