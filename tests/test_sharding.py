@@ -252,6 +252,33 @@ def test_bulk_per_device_continues_a_stream_and_checks_its_room():
         jb.scan_per_device(PACK, collect_pack, empty_pack_record(m), streams, m, max_batches=1)
 
 
+def test_a_shuffle_buffer_drains_per_device_with_the_default_room():
+    """`shuffle` (bulk feed) holds many batches at the end: the default room covers its
+    drain; each stream's batches are those of the stream alone with its own key."""
+    m, key = mesh(), jax.random.key(5)
+    data = {"i": np.arange(DEVICES * 12, dtype=np.int32)}
+    idx = jb.stream_indices(len(data["i"]), m)
+    per_stream = data["i"][idx]
+    batcher = jb.shuffle(2, 8)
+
+    def keep(carry, batch):
+        out, k = carry
+        rows = jax.sharding.reshard(jnp.where(batch.valid_mask, batch.data["i"], -1), P())
+        return jax.lax.dynamic_update_index_in_dim(out, rows, k, 0), k + 1
+
+    empty = jax.device_put(jnp.full((16, DEVICES * 2), -2, jnp.int32), NamedSharding(m, P()))
+    (out, count), _ = jb.scan_per_device(
+        batcher, keep, (empty, jnp.int32(0)), jb.device_streams({"i": per_stream}, m), m, key=key
+    )
+    out = np.asarray(out)[: int(count)]
+    assert sorted(out[out >= 0].tolist()) == data["i"].tolist()  # every element once
+    keys = jax.random.split(key, DEVICES)
+    for d in range(DEVICES):
+        alone, n = jb.batch_all(batcher, {"i": per_stream[d]}, max_batches=16, key=keys[d])
+        want = np.where(alone.valid_mask, alone.data["i"], -1)[: int(n)]
+        np.testing.assert_array_equal(out[: int(n), 2 * d : 2 * d + 2], want)
+
+
 def test_per_device_streams_refuse_tree_emissions_and_bad_shapes():
     m = mesh()
     streams = streams_of(stream(16), m)

@@ -36,7 +36,6 @@ from .base import Batcher, Carry, Emit, State, when_ready
 from .batch import Batch, rows_mask
 from .drivers import _check_room, collect
 from .element import as_element
-from .spec import batch_spec
 
 _WHOLE_BATCH_FIELDS = ("batch_state", "batch_metadata")
 
@@ -558,6 +557,22 @@ def _bulk_per_device(batcher, fn, flush, carry, streams, states, room, local):
     return jax.lax.fori_loop(0, total, body, carry), states, needed
 
 
+def _default_room(batcher: Batcher, streams: Any, states: Any, key: Any, flush: bool) -> int:
+    """Batch slots per stream for the bulk path: one batch per `b` elements (and the one
+    the buffered rows may start), and with `flush` the drain: at most `ceil(R / b) + 1`
+    batches for a state whose leaves hold at most `R` rows (a shuffle buffer: many)."""
+    length = jax.tree.leaves(streams)[0].shape[1]
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
+    if states is None:
+        one = jax.eval_shape(lambda: batcher.init(spec, key=key))
+    else:
+        one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states)
+    emitted = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, one, spec)
+    size = emitted.valid_mask.shape[-1]
+    rows = max((x.shape[0] for x in jax.tree.leaves(one) if x.shape), default=0)
+    return math.ceil(length / size) + 1 + (math.ceil(rows / size) + 1 if flush else 0)
+
+
 def scan_per_device(
     batcher: Batcher,
     fn: Callable[[Carry, Batch], Carry],
@@ -604,9 +619,9 @@ def scan_per_device(
         key: PRNG key for a stochastic batcher, split into one per stream.
         flush: drain every stream at the end.
         max_batches: with a bulk `feed`, room for each stream's batches in this call, the
-            drain's included; default `ceil(n / b) + 1` (`+ 1` with `flush`), enough for
-            batchers that emit at most one batch per `b` elements and drain in one
-            (`fixed_size`, `pack`).
+            drain's included; default `ceil(n / b) + 1`, plus `ceil(R / b) + 1` with `flush`
+            for a state whose leaves hold at most `R` rows: enough for the batchers of
+            jaxbatch (one batch per `b` elements; a drain of at most its buffered rows).
 
     Returns:
         `(carry, states)`.
@@ -638,15 +653,8 @@ def scan_per_device(
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
         raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
-    if max_batches is None and batcher.feed is not None:  # room for one batch per b elements
-        count, length = jax.tree.leaves(streams)[0].shape[:2]
-        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
-        if states is None:
-            emitted = batch_spec(batcher, spec, key=key)
-        else:
-            one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states)
-            emitted = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, one, spec)
-        max_batches = math.ceil(length / emitted.valid_mask.shape[-1]) + 1 + flush
+    if max_batches is None and batcher.feed is not None:
+        max_batches = _default_room(batcher, streams, states, key, flush)
     with _on(mesh):
         carry, states, needed = _scan_per_device(
             batcher, fn, mesh, axis, flush, carry, streams, states, key, max_batches
