@@ -91,7 +91,7 @@ WORKLOADS = {
         "fused": {},
     },
 }
-SCALE_FULL, SCALE_QUICK = (12, 13, 14, 15, 16), (9, 10, 11)
+SCALE_FULL, SCALE_QUICK = (12, 13, 14, 15, 16), (9, 10)
 PEERS = ("grain", "tf.data")
 PEER_NAMES = {"grain": "Grain", "tf.data": "tf.data"}
 

@@ -198,7 +198,9 @@ def test_bulk_feed_equals_stepping(batch_size, flush):
     batcher = jb.fixed_size(batch_size, pad_value=-3)
     spec = row_spec(make_stream("element", 1, 0))
     step, flush_fn = jax.jit(batcher.step), jax.jit(batcher.flush)
-    lengths = sorted({0, max(batch_size - 1, 1), batch_size, batch_size + 1, 3 * batch_size - 1})
+    # With every starting fill `r` below, these lengths reach totals 0..b-1 (no batch), b
+    # exactly, b..2b-1 (one batch and a tail) and 3b-1..4b-2 (several).
+    lengths = sorted({0, batch_size, 3 * batch_size - 1})
     for length in lengths:
         capacity = length // batch_size + 2
         both = _bulk_and_by_step(batcher, flush, capacity)

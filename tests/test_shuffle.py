@@ -267,7 +267,7 @@ def assert_same_state(got, want):
     )
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(
     config=st.sampled_from(CONFIGS),
     n=st.sampled_from(BULK_LENGTHS),
