@@ -629,8 +629,8 @@ def scan_per_device(
     Raises:
         ValueError: `S` not divisible by the axis size, or leaves of different `[S, n]`;
             `max_batches` not a positive int; a stream that needed more than `max_batches`
-            (checked when the call returns; under your own `jit` it cannot be, so size
-            `max_batches` for your batcher there).
+            (checked when the call returns, so the call waits for its result; under your
+            own `jit` it cannot be checked, so size `max_batches` for your batcher there).
         TypeError: a batcher that emits a tree of batches (such as `bucket_by`).
 
     Examples:
