@@ -474,9 +474,8 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
         spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
         states = _init_states(batcher, spec, count, key)
     states = _constrain(states, per_stream)
-    everyone = _constrain(jnp.ones(count, bool), per_stream)
 
-    # Each device steps its own streams' states on its own elements: no communication.
+    # Each device runs its own streams' states on its own elements: no communication.
     # Every value inside is per device, so the varying-axes check has nothing to find (and
     # it would refuse batchers whose `eqx.error_if` mixes per-device and constant values).
     def local(f):
@@ -484,9 +483,12 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
             jax.vmap(f), mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False
         )
 
-    step_all, flush_all = local(batcher.step), local(batcher.flush)
     if batcher.feed is not None:
         return _bulk_per_device(batcher, fn, flush, carry, streams, states, room, local)
+
+    # Without a bulk `feed`: step every stream, one element per iteration.
+    everyone = _constrain(jnp.ones(count, bool), per_stream)
+    step_all, flush_all = local(batcher.step), local(batcher.flush)
 
     def column(i):
         return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, False), streams)
