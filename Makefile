@@ -1,17 +1,34 @@
 # Thin targets: each is the command CI (or a new user) runs. `.venv` is made on first use,
 # with every extra: tests compare against Grain and orbax where they are installed.
+#
+# Two ends of the supported JAX range (pyproject.toml): `.venv` uses the machine's `python3`
+# (3.11 resolves JAX 0.10.2, the oldest we support); `.venv-newest` uses the newest Python
+# found (pyenv's or on PATH: 3.12+ resolves the newest JAX release on the registry). `make test` tests the
+# first, `make test-newest` the second; `.ci/run` runs both.
 PY ?= python3
+PY_NEWEST ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[2-9]*/bin/python 2>/dev/null | sort -V -r) python3.14 python3.13 python3.12; do $$p -c '' >/dev/null 2>&1 && { echo $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NEWEST := .venv-newest
+NEWEST_STAMP := $(NEWEST)/.installed
+EXTRAS := '.[test,bench,distributed,demo]'
 
-.PHONY: test demo lint typecheck bench clean
+.PHONY: test test-newest demo lint typecheck bench bench-sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,bench,distributed,demo]'
+	$(BIN)/python -m pip install --quiet -e $(EXTRAS)
 	touch $(STAMP)
+
+# The newest JAX: `--upgrade` so an existing venv moves to a release published since.
+$(NEWEST_STAMP): pyproject.toml
+	@test -n "$(PY_NEWEST)" || { echo "no python3.12+ found: set PY_NEWEST=/path/to/python"; exit 1; }
+	test -x $(NEWEST)/bin/python || $(PY_NEWEST) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(NEWEST)/bin/python -m pip install --quiet --upgrade -e $(EXTRAS) jax jaxlib
+	touch $(NEWEST_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check jaxbatch tests examples benchmarks
@@ -26,12 +43,22 @@ typecheck: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+# The same suite on the newest JAX (lint is version-independent: run once, by `test`).
+test-newest: $(NEWEST_STAMP)
+	$(NEWEST)/bin/python -c 'import jax, sys; print("JAX", jax.__version__, "on Python", sys.version.split()[0])'
+	$(NEWEST)/bin/python -m pytest -q -n 2 --dist loadfile
+
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 # Peers (Grain; tf.data where TensorFlow is installed) are compared against where present.
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+# `make bench` measures on the newest JAX; `make bench-sweep` adds the headline ratios on
+# the oldest supported JAX, 0.11.x and the newest (benchmarks/version_sweep.py).
+bench: $(NEWEST_STAMP)
+	$(NEWEST)/bin/python benchmarks/run.py
+
+bench-sweep: $(STAMP) $(NEWEST_STAMP)
+	$(BIN)/python benchmarks/version_sweep.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(NEWEST) build dist *.egg-info
