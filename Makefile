@@ -57,8 +57,15 @@ demo: $(STAMP)
 bench: $(NEWEST_STAMP)
 	$(NEWEST)/bin/python benchmarks/run.py
 
-bench-sweep: $(STAMP) $(NEWEST_STAMP)
+bench-sweep: $(STAMP) $(NEWEST_STAMP) .venv-0.11/.installed
 	$(BIN)/python benchmarks/version_sweep.py
 
+# JAX 0.11.x, between the two ends: only for the benchmark sweep.
+.venv-0.11/.installed: pyproject.toml
+	test -x .venv-0.11/bin/python || $(PY_NEWEST) -m venv .venv-0.11
+	.venv-0.11/bin/python -m pip install --quiet --upgrade pip
+	.venv-0.11/bin/python -m pip install --quiet -e $(EXTRAS) 'jax==0.11.*' 'jaxlib==0.11.*'
+	touch .venv-0.11/.installed
+
 clean:
-	rm -rf $(VENV) $(NEWEST) build dist *.egg-info
+	rm -rf $(VENV) $(NEWEST) .venv-0.11 build dist *.egg-info
