@@ -1,6 +1,7 @@
 """`pack`: variable-length sequences packed into fixed `[num_rows, row_length]` rows (a
-row length per packed feature if asked, as Grain's `length_struct`), inside `jit`, with the semantics of Grain 0.2.18's `FirstFitPackIterDataset` /
-`BestFitPackIterDataset` (`shuffle_bins=False`).
+row length per packed feature if asked, as Grain's `length_struct`), inside `jit`, with the
+semantics of Grain 0.2.18's `FirstFitPackIterDataset` / `BestFitPackIterDataset`
+(`shuffle_bins=False`).
 
 Data flow (DESIGN.md, "decide on metadata, move payload in bulk"):
 
@@ -263,8 +264,9 @@ def pack(
             (the longest one if per feature: as many as can fit when every sequence has a
             token in that feature). It sizes the tables.
         alignment: Grain's `pack_alignment_struct`, an int in `[1, row_length]` or a dict
-            of them per packed feature (default 1; each at most its feature's row length): after each sequence, the feature's next
-            free slot is rounded up to a multiple of it, the gap being padding. The rounded
+            of them per packed feature (default 1; each at most its feature's row length):
+            after each sequence, the feature's next free slot is rounded up to a multiple of
+            it, the gap being padding. The rounded
             fill may pass `row_length` (6 tokens, alignment 4: the fill is 8), which closes
             the row for that feature, as in Grain.
         shuffle_rows: Grain's `shuffle_bins`: each emitted batch's rows (the `flush`ed one
@@ -655,7 +657,8 @@ def pack(
 
         buffer = dict(state.data)
         for f, k in enumerate(features):
-            at = jnp.arange(limits[f], dtype=jnp.int32) - offsets[f]  # position within the new sequence
+            # The position of each slot within the new sequence.
+            at = jnp.arange(limits[f], dtype=jnp.int32) - offsets[f]
             before, inside = at < 0, (at >= 0) & (at < lens[f])
             x = data[k]
             shifted = jnp.take(x, jnp.clip(at, 0, x.shape[0] - 1), axis=0)
@@ -863,9 +866,7 @@ def pack(
                 x = data[key]
                 src = jnp.clip(position - start_at, 0, x.shape[1] - 1)
                 tokens = (
-                    x[source, src]
-                    if n
-                    else jnp.zeros((num_rows, row_len, *x.shape[2:]), x.dtype)
+                    x[source, src] if n else jnp.zeros((num_rows, row_len, *x.shape[2:]), x.dtype)
                 )
                 old = first & (position < fill0[f][:, None])
                 seg_key, pos_key = _output_keys(key)
