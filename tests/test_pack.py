@@ -876,3 +876,87 @@ def test_per_feature_row_lengths_pass_check_batcher():
         batcher, stream, lengths=LENGTHS, resume_steps=2, check_vmap=False, check_jit=False
     )
     assert report.stats["emitted"] == len(lengths)
+
+
+# --------------------------------------------------------------------------- MaxText
+
+
+def _maxtext_grain_path(docs, row_length, batch_size, max_segments, pad_id):
+    """MaxText's `format_and_batch` with Grain packing (first fit), its steps reproduced
+    from MaxText's source without importing it: Grain's packer, `Rekey`, `batch_and_pad`,
+    `ShiftData(ignored_ids=[pad_id], axis=1)`; `shuffle_bins=False`."""
+    grain = pytest.importorskip("grain", reason="compared with Grain only where it is installed")
+    from grain import experimental
+
+    sequences = [
+        {"inputs": docs["inputs"][i, :n], "targets": docs["targets"][i, :n]}
+        for i, n in enumerate(docs["length"])
+    ]
+    dataset = experimental.FirstFitPackIterDataset(
+        grain.MapDataset.source(sequences).to_iter_dataset(),
+        length_struct={"inputs": row_length, "targets": row_length},
+        num_packing_bins=batch_size,
+        max_sequences_per_bin=max_segments,
+        shuffle_bins=False,
+    )
+    renames = {
+        f"{col}_{new}": f"{col}_{old}"
+        for col in ("inputs", "targets")
+        for new, old in (("segmentation", "segment_ids"), ("position", "positions"))
+    }
+
+    def rekey(element):  # MaxText's `Rekey`: each new key takes an old one's value
+        for new, old in renames.items():
+            element[new] = element.pop(old)
+        return element
+
+    def shift_left(x, fill):
+        return np.concatenate([x[:, 1:], np.full_like(x[:, :1], fill)], axis=1)
+
+    def shift(element):
+        element["targets"] = shift_left(element["targets"], pad_id)
+        segmentation = shift_left(element["targets_segmentation"], 0)
+        element["targets_segmentation"] = np.where(element["targets"] != pad_id, segmentation, 0)
+        return element
+
+    dataset = dataset.map(rekey).batch(
+        batch_size,
+        batch_fn=functools.partial(
+            experimental.batch_and_pad, batch_size=batch_size, pad_value=pad_id
+        ),
+    )
+    return list(dataset.map(shift))
+
+
+def test_maxtext_example_equals_grain_then_maxtext_steps():
+    """examples/maxtext_packing.py: `jb.pack` and `to_maxtext` inside `jit` give exactly the
+    arrays of MaxText's Grain packing path. A pad id that is also a real token: MaxText's
+    shift zeroes the loss weight of such a target, and so does the example."""
+    from test_examples import load
+
+    example = load("maxtext_packing")
+    pad_id = 7
+    docs = example.make_documents(26, seed=1)  # the last batch has 2 rows, padded to 4
+    assert (docs["inputs"] == pad_id).any()
+    theirs = _maxtext_grain_path(
+        docs,
+        example.MAX_TARGET_LENGTH,
+        example.LOCAL_BATCH_SIZE,
+        example.MAX_SEGMENTS_PER_SEQ,
+        pad_id,
+    )
+    carry = jax.device_get(example.run(docs, pad_id=pad_id, max_batches=len(theirs) + 1))
+    assert int(carry["batches"]) == len(theirs) > 1
+    assert (theirs[-1]["inputs_segmentation"][-1] == pad_id).all()  # a row batch_and_pad adds
+    for k, their in enumerate(theirs):
+        mine = {key: value[k] for key, value in carry["kept"].items()}
+        chex.assert_trees_all_equal(mine, dict(their))
+
+
+@pytest.mark.parametrize("config", [CONFIGS[6]])  # per-feature rows, best fit, aligned, capped
+def test_bulk_feed_per_feature_row_lengths_equals_stepping(config):
+    batcher, spec = batcher_for(*config[:5], config[6]), spec_for(config[5])
+    pairs = [(3, 1), (6, 3), (0, 0), (5, 2), (1, 3), (2, 0), (4, 1), (6, 2), (1, 1), (2, 2)]
+    elements = make_elements(pairs, config[5], seed=9)
+    state = run(batcher, elements[:2], spec)[0]
+    check_bulk_equals_stepping(batcher, spec, state, elements[2 : 2 + CHUNK], flush=False)
