@@ -37,7 +37,7 @@ class ReferenceRun(NamedTuple):
 
 def concat_and_split(
     sequences: list[dict[str, Any]],
-    row_length: int,
+    row_length: int | dict[str, int],
     num_rows: int,
     *,
     like: dict[str, np.ndarray],
@@ -59,10 +59,14 @@ def concat_and_split(
     `split_full_length_features=False`: a sequence with a feature of exactly `row_length`
     tokens (none longer) is a row of its own, closed at once, before the open row.
     `bos_features`: their token at every position 0 (a piece's start) is `bos_token_id`.
+    `row_length` may be a dict per feature (Grain's `length_struct`): each feature's rows
+    are then of its own length, and "full length" means every feature at most its row
+    length and one exactly.
     """
     features = sorted(like)
+    limit = row_length if isinstance(row_length, dict) else dict.fromkeys(features, row_length)
     meta_like = meta_like or {}
-    width = max_sequences_per_row or row_length * len(features)
+    width = max_sequences_per_row or sum(limit[k] for k in features)
     closed: list[dict[str, list]] = []  # closed rows, emitted or not
     closed_meta: list[list[dict]] = []  # per closed row, its pieces' meta values
     open_row: dict[str, list] = {k: [] for k in features}
@@ -91,7 +95,7 @@ def concat_and_split(
                 for m, example in meta_like.items()}  # fmt: skip
         for k in features:
             pad = (np.full_like(like[k], pad_value), 0, 0)
-            cells = [row[k] + [pad] * (row_length - len(row[k])) for row in rows]
+            cells = [row[k] + [pad] * (limit[k] - len(row[k])) for row in rows]
             if k in bos_features:
                 bos = np.full_like(like[k], bos_token_id)
                 cells = [
@@ -111,9 +115,10 @@ def concat_and_split(
         stats["accepted"] += 1
         for k in features:
             tokens[k] += len(sequence[k])
-        sizes = [len(sequence[k]) for k in features]
         meta = {m: sequence[m] for m in meta_like}
-        if not split_full_length_features and max(sizes) == row_length:
+        whole = all(len(sequence[k]) <= limit[k] for k in features)
+        exact = any(len(sequence[k]) == limit[k] for k in features)
+        if not split_full_length_features and whole and exact:
             # A row of its own, before the open row (whose sequences end one row later).
             ends = [e + 1 if e == len(closed) else e for e in ends]
             ends.append(len(closed))
@@ -122,7 +127,7 @@ def concat_and_split(
         else:
             rest = {k: list(enumerate(sequence[k])) for k in features}
             while True:
-                room = {k: row_length - len(open_row[k]) for k in features}
+                room = {k: limit[k] - len(open_row[k]) for k in features}
                 overflow = any(len(rest[k]) > room[k] for k in features)
                 segment += 1
                 placed = False
@@ -139,7 +144,7 @@ def concat_and_split(
                 closed_meta.append(open_meta)
                 open_row, open_meta, segment = {k: [] for k in features}, [], 0
             ends.append(len(closed))
-            full = all(len(open_row[k]) == row_length for k in features)
+            full = all(len(open_row[k]) == limit[k] for k in features)
             if full or segment == max_sequences_per_row:
                 closed.append(open_row)
                 closed_meta.append(open_meta)

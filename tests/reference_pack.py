@@ -37,7 +37,7 @@ class PackRun:
 def pack(
     elements: list[Elem],
     *,
-    row_length: int,
+    row_length: int | dict[str, int],
     num_rows: int,
     lengths: dict[str, str],
     strategy: str = "first_fit",
@@ -50,9 +50,11 @@ def pack(
 
     `alignment` (Grain's `pack_alignment_struct`): after a sequence, the feature's next
     free slot is rounded up to a multiple of it. `pad_value` may be a dict per key (others 0).
+    `row_length` may be a dict per packed feature (Grain's `length_struct`).
     """
-    max_segments = row_length if max_segments is None else max_segments
     features = sorted(lengths)
+    limit = row_length if isinstance(row_length, dict) else dict.fromkeys(features, row_length)
+    max_segments = max(limit.values()) if max_segments is None else max_segments
 
     def align(k):
         return alignment.get(k, 1) if isinstance(alignment, dict) else alignment
@@ -77,7 +79,7 @@ def pack(
         return sum(lens[k] for _, lens in row)
 
     def fits(row, lens):
-        room = all(fill(row, k) + lens[k] <= row_length for k in features)
+        room = all(fill(row, k) + lens[k] <= limit[k] for k in features)
         return room and len(row) < max_segments
 
     def build(rows) -> dict[str, np.ndarray]:
@@ -85,9 +87,10 @@ def pack(
         for key, value in like.items():
             value = np.asarray(value)
             if key in lengths:
-                tokens = np.full((num_rows, row_length, *value.shape[1:]), pad(key), value.dtype)
-                seg = np.zeros((num_rows, row_length), np.int32)
-                pos = np.zeros((num_rows, row_length), np.int32)
+                shape = (num_rows, limit[key])
+                tokens = np.full((*shape, *value.shape[1:]), pad(key), value.dtype)
+                seg = np.zeros(shape, np.int32)
+                pos = np.zeros(shape, np.int32)
                 for j, row in enumerate(rows):
                     start = 0
                     for s, (e, lens) in enumerate(row):
@@ -113,17 +116,17 @@ def pack(
         packing["sequences"] += in_rows
         packing["rows"] += used
         packing["tokens"] += tokens
-        packing["padding_tokens"] += len(features) * num_rows * row_length - tokens
+        packing["padding_tokens"] += num_rows * sum(limit.values()) - tokens
         return out
 
     emitted: list[dict[str, np.ndarray] | None] = []
     for e in elements:
         given = {k: int(e[lengths[k]]) for k in features}
-        if any(n > row_length for n in given.values()):
+        if any(n > limit[k] for k, n in given.items()):
             if too_long == "error":
                 raise ValueError(f"sequence longer than row_length: {given}")
             packing["truncated"] += 1
-        lens = {k: min(n, row_length) for k, n in given.items()}
+        lens = {k: min(n, limit[k]) for k, n in given.items()}
         packing["truncated_tokens"] += sum(given[k] - lens[k] for k in features)
         if all(n == 0 for n in given.values()):
             stats["skipped"] += 1

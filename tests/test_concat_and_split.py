@@ -34,7 +34,7 @@ def batcher_for(
     """One batcher per configuration, so that jitted runs of it are compiled once."""
     lengths = {k: f"{k}_len" for k in features}
     return jb.concat_and_split(
-        row_length,
+        dict(row_length) if isinstance(row_length, tuple) else row_length,
         num_rows,
         lengths=lengths,
         pad_value=pad_value,
@@ -109,16 +109,31 @@ def ready_batches(emits):
     return [as_ref(jax.tree.map(lambda x, i=i: x[i], emits.batch)) for i in np.flatnonzero(ready)]
 
 
+def limits_of(config):
+    """Each packed feature's row length (`config["row_length"]`: an int, or pairs)."""
+    row_length = config["row_length"]
+    if isinstance(row_length, tuple):
+        return dict(row_length)
+    return dict.fromkeys(config["features"], row_length)
+
+
 @st.composite
-def configs(draw, features=("x",)):
-    row_length = draw(st.sampled_from([1, 2, 3, 4]), label="row_length")
+def configs(draw, features=("x",), per_feature=False):
+    """A configuration; `per_feature`: a row length of its own for each feature (as pairs,
+    so that the cached batcher factory can hash it)."""
+    sizes = st.sampled_from([1, 2, 3, 4])
+    if per_feature:
+        limit = {k: draw(sizes, label=f"row_length[{k}]") for k in features}
+        row_length = tuple(limit.items())
+    else:
+        row_length = draw(sizes, label="row_length")
+        limit = dict.fromkeys(features, row_length)
     num_rows = draw(st.sampled_from([1, 2, 3]), label="num_rows")
-    capacity = row_length * num_rows
     # max_len from the interesting values: 1, row_length, past row_length, the bound.
-    max_len = {
-        k: draw(st.sampled_from(sorted({1, row_length, min(row_length + 1, capacity), capacity})))
-        for k in features
-    }
+    max_len = {}
+    for k in features:
+        r, capacity = limit[k], limit[k] * num_rows
+        max_len[k] = draw(st.sampled_from(sorted({1, r, min(r + 1, capacity), capacity})))
     n = draw(st.integers(0, 9), label="n")
     lengths = {
         k: draw(st.lists(st.integers(0, max_len[k]), min_size=n, max_size=n)) for k in features
@@ -153,7 +168,7 @@ def setup(config):
     stream = ref.make_stream(config["lengths"], config["max_len"], config["seed"], config["meta"])
     expected = ref.concat_and_split(
         ref.sequences_of(stream),
-        config["row_length"],
+        limits_of(config),
         config["num_rows"],
         like=ref.like_of(stream),
         meta_like=ref.meta_like_of(stream),
@@ -193,6 +208,12 @@ def check_run(batcher, stream, expected, use_jit):
 @given(config=configs())
 def test_one_feature_matches_reference(use_jit, config):
     check_run(*setup(config), use_jit)
+
+
+@settings(max_examples=3)
+@given(config=configs(features=("x", "y"), per_feature=True))
+def test_per_feature_row_lengths_match_reference(config):
+    check_run(*setup(config), use_jit=True)
 
 
 @settings(max_examples=4)
@@ -435,6 +456,41 @@ def test_bad_configuration_raises_value_error(kwargs, match):
         jb.concat_and_split(args.pop("row_length"), args.pop("num_rows"), **args)
 
 
+@pytest.mark.parametrize(
+    ("row_length", "match"),
+    [
+        ({"x": 4}, r"`row_length`.*\['y'\]"),
+        ({"x": 4, "y": 2, "n": 3}, r"`row_length` names 'n'"),
+        ({"x": 4, "y": 0}, r"`row_length\['y'\]`.*got 0"),
+        ({"x": 1.5, "y": 2}, r"`row_length\['x'\]`"),
+        ({"x": 4, "y": False}, r"`row_length\['y'\]`"),
+    ],
+)
+def test_bad_per_feature_row_length_raises_naming_the_feature(row_length, match):
+    with pytest.raises(ValueError, match=match):
+        jb.concat_and_split(row_length, 2, lengths={"x": "n", "y": "m"})
+
+
+def test_per_feature_row_lengths_pass_check_batcher():
+    # Rows of 3 `x` tokens beside 2 `y` tokens; sequences split across rows in both.
+    jt = pytest.importorskip("jaxbatch.testing")
+    batcher = batcher_for((("x", 3), ("y", 2)), 2, ("x", "y"))
+    stream = ref.make_stream(
+        {"x": [1, 3, 5, 2, 0, 4], "y": [2, 1, 3, 0, 0, 2]}, {"x": 5, "y": 3}, 0, meta=("src",)
+    )
+    lengths = {"x": "x_len", "y": "y_len"}
+    report = jt.check_batcher(
+        batcher,
+        stream,
+        lengths=lengths,
+        split_sequences=True,
+        resume_steps=[3],
+        check_vmap=False,
+        check_jit=False,
+    )
+    assert report.stats["skipped"] == 1 and report.stats["emitted"] == 5
+
+
 def _spec(**overrides):
     spec = {"x": jnp.zeros(4, jnp.int32), "n": jnp.zeros((), jnp.int32)}
     return spec | overrides
@@ -512,7 +568,8 @@ def test_stats_count_skipped_and_tokens():
 
 def grain_rows(stream, row_length, split_full=True, bos=False, meta_len=None):
     """Grain 0.2.18's `ConcatThenSplitIterDataset` over the same sequences: its rows. The
-    stream's meta features (scalars) are Grain's `meta_features`, of length `meta_len`."""
+    stream's meta features (scalars) are Grain's `meta_features`, of length `meta_len`.
+    `row_length`: an int, or a dict per feature (Grain's `length_struct`)."""
     grain = pytest.importorskip("grain", reason="compares with Grain's ConcatThenSplit")
     from grain.experimental import BOSHandling, ConcatThenSplitIterDataset
 
@@ -523,7 +580,9 @@ def grain_rows(stream, row_length, split_full=True, bos=False, meta_len=None):
         for s in ref.sequences_of(stream)
     ]  # fmt: skip
     dataset = grain.MapDataset.source(sequences).to_iter_dataset()
-    lengths = dict.fromkeys(like, row_length) | dict.fromkeys(metas, meta_len)
+    if not isinstance(row_length, dict):
+        row_length = dict.fromkeys(like, row_length)
+    lengths = {k: row_length[k] for k in like} | dict.fromkeys(metas, meta_len)
     bos_options = (
         {
             "bos_handling": BOSHandling.REPLACE_FIRST_TOKEN_WITH_BOS,
@@ -557,7 +616,7 @@ def check_against_grain(config, meta_len=None, cap=None):
     config["cap"], config["meta"] = cap, ("src",) if meta_len else ()
     batcher, stream, _ = setup(config)
     ours = our_rows(batcher, stream)
-    theirs = grain_rows(stream, config["row_length"], config["split_full"], config["bos"], meta_len)
+    theirs = grain_rows(stream, limits_of(config), config["split_full"], config["bos"], meta_len)
     if config["split_full"]:
         chex.assert_trees_all_equal(ours, theirs)
     else:
@@ -581,7 +640,7 @@ def meta_len_of(meta, config, data):
     if meta == "binds":
         length = data.draw(st.sampled_from([1, 2]), label="meta_len")
         return length, length
-    return config["row_length"] * len(config["features"]), None
+    return sum(limits_of(config).values()), None
 
 
 @pytest.mark.parametrize("meta", ["binds", "free"])
@@ -610,6 +669,24 @@ def test_rows_match_grain_two_features(meta, config, data):
     config["max_len"] = {"x": r, "y": r}
     config["lengths"] = {
         k: data.draw(st.lists(st.integers(1, r), min_size=n, max_size=n)) for k in "xy"
+    }
+    check_against_grain(config, *meta_len_of(meta, config, data))
+
+
+@settings(max_examples=2)
+@given(config=configs(features=("x", "y"), per_feature=True), data=st.data())
+def test_rows_match_grain_per_feature_row_lengths(config, data):
+    """Grain's `length_struct` with a length per feature (`{"x": 3, "y": 1}`, say)."""
+    pytest.importorskip("grain", reason="compares with Grain's ConcatThenSplit")
+    meta = data.draw(st.sampled_from(["binds", "free"]), label="meta")
+    config["bos"] = False  # as in the two-feature test above
+    limit = limits_of(config)
+    # At most a row of each feature per sequence: Grain re-reads tokens when a rest spans
+    # more than one further row while another feature's rest fits (see above).
+    n = len(config["lengths"]["x"])
+    config["max_len"] = dict(limit)
+    config["lengths"] = {
+        k: data.draw(st.lists(st.integers(1, limit[k]), min_size=n, max_size=n)) for k in "xy"
     }
     check_against_grain(config, *meta_len_of(meta, config, data))
 

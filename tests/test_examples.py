@@ -83,6 +83,14 @@ def check_streaming(r: dict) -> None:
         assert r["grain"]
 
 
+def check_maxtext_packing(r: dict) -> None:
+    # (Its arrays equal MaxText's Grain path: tests/test_pack.py runs Grain beside it.)
+    assert r["tokens"] == r["expected_tokens"]  # every token in a row, none lost
+    assert r["loss_tokens"] == r["tokens"] - r["rows"]  # the shift: one target fewer per row
+    size = r["batch_size"]
+    assert r["batches"] * size >= r["rows"] > (r["batches"] - 1) * size  # full, then the last
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "quickstart": check_quickstart,
     "training_loop": check_training_loop,
@@ -90,6 +98,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "bucketing": check_bucketing,
     "shuffling": check_shuffling,
     "streaming": check_streaming,
+    "maxtext_packing": check_maxtext_packing,
 }
 
 

@@ -27,7 +27,20 @@ CONFIGS = [
     (3, 1, "best_fit", "error", 2, 3, ()),
     (6, 2, "first_fit", "truncate", 2, 8, (("alignment", 4),)),  # 6 is not a multiple of 4
     (1, 2, "first_fit", "error", None, 2, ()),
+    # A row length per packed feature (Grain's `length_struct`), as a tuple of pairs.
+    ((("inputs", 4), ("targets", 2)), 2, "first_fit", "error", None, 4, ()),
+    ((("inputs", 5), ("targets", 3)), 3, "best_fit", "truncate", 2, 6, ALIGNED),
 ]
+
+
+def _row_length(row_length):
+    """A configuration's `row_length` as `jb.pack` takes it (a dict from pairs)."""
+    return dict(row_length) if isinstance(row_length, tuple) else row_length
+
+
+def _limit(row_length, feature):
+    """The row length of one packed feature."""
+    return _row_length(row_length)[feature] if isinstance(row_length, tuple) else row_length
 
 
 def _options(options):
@@ -37,7 +50,7 @@ def _options(options):
 @functools.cache
 def batcher_for(row_length, num_rows, strategy, too_long, max_segments, options=()):
     return jb.pack(
-        row_length,
+        _row_length(row_length),
         num_rows,
         lengths=LENGTHS,
         strategy=strategy,
@@ -128,7 +141,7 @@ def expected(elements, config):
     row_length, num_rows, strategy, too_long, max_segments, _, options = config
     return ref.pack(
         elements,
-        row_length=row_length,
+        row_length=_row_length(row_length),
         num_rows=num_rows,
         lengths=LENGTHS,
         strategy=strategy,
@@ -147,13 +160,19 @@ def assert_batches_equal(got, want):
             chex.assert_trees_all_equal(g, w)
 
 
+def length_strategies(config):
+    """Lengths of `inputs` and `targets` a configuration takes (longer ones if it truncates)."""
+    row_length, _, _, too_long, _, max_len, _ = config
+    return tuple(
+        st.integers(0, max_len if too_long == "truncate" else min(max_len, _limit(row_length, k)))
+        for k in ("inputs", "targets")
+    )
+
+
 @st.composite
 def streams(draw):
     config = draw(st.sampled_from(CONFIGS))
-    row_length, _, _, too_long, _, max_len, _ = config
-    top = max_len if too_long == "truncate" else min(max_len, row_length)
-    length = st.integers(0, top)
-    lengths = draw(st.lists(st.tuples(length, length), max_size=14))
+    lengths = draw(st.lists(st.tuples(*length_strategies(config)), max_size=14))
     return config, lengths, draw(st.integers(0, 2**16))
 
 
@@ -372,6 +391,28 @@ def test_bad_configuration_raises_naming_the_argument(kwargs, argument):
         jb.pack(row_length, num_rows, **args)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"row_length": {"inputs": 4}}, r"`row_length`.*\['targets'\]"),
+        ({"row_length": {"inputs": 4, "targets": 2, "n_in": 3}}, r"`row_length` names 'n_in'"),
+        ({"row_length": {"inputs": 4, "targets": 0}}, r"`row_length\['targets'\]`.*got 0"),
+        ({"row_length": {"inputs": -1, "targets": 2}}, r"`row_length\['inputs'\]`"),
+        ({"row_length": {"inputs": 4, "targets": 2.0}}, r"`row_length\['targets'\]`"),
+        ({"row_length": {"inputs": 4, "targets": True}}, r"`row_length\['targets'\]`"),
+        ({"row_length": {"inputs": 4, "targets": 2}, "alignment": 3}, r"`alignment`.*'targets'"),
+        (
+            {"row_length": {"inputs": 4, "targets": 2}, "alignment": {"inputs": 3, "targets": 4}},
+            r"`alignment`.*'targets'",
+        ),
+    ],
+)
+def test_bad_per_feature_row_length_raises_naming_the_feature(kwargs, match):
+    args = {"num_rows": 2, "lengths": LENGTHS, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        jb.pack(args.pop("row_length"), args.pop("num_rows"), **args)
+
+
 def test_bad_element_spec_raises_at_init():
     batcher = jb.pack(4, 2, lengths=LENGTHS)
     spec = spec_for(4)
@@ -448,7 +489,7 @@ def grain_rows(
     pads = options.get("pad_value", {})
     dataset = packer(
         grain.MapDataset.source(sliced).to_iter_dataset(),
-        length_struct={"inputs": row_length, "targets": row_length},
+        length_struct={k: _limit(row_length, k) for k in ("inputs", "targets")},
         num_packing_bins=num_rows,
         shuffle_bins=shuffle,
         shuffle_bins_group_by_feature=group_by,
@@ -483,23 +524,30 @@ def assert_row_equal(mine, theirs, id_pad):
     assert (mine["id"][len(ids) :] == id_pad).all()
 
 
+# Grain's `length_struct` per feature, as an encoder-decoder's inputs and targets.
+PER_FEATURE = (("inputs", 6), ("targets", 3))
+
+
 @pytest.mark.parametrize(
-    ("strategy", "max_segments", "options"),
+    ("strategy", "max_segments", "options", "row_length"),
     [
-        ("first_fit", None, ()),
-        ("best_fit", 2, ()),
-        ("first_fit", 2, GRAIN_OPTIONS),
-        ("best_fit", None, GRAIN_OPTIONS),
+        ("first_fit", None, (), 6),
+        ("best_fit", 2, (), 6),
+        ("first_fit", 2, GRAIN_OPTIONS, 6),
+        ("best_fit", None, GRAIN_OPTIONS, 6),
+        ("first_fit", 3, GRAIN_OPTIONS, PER_FEATURE),
+        ("best_fit", 2, GRAIN_OPTIONS, PER_FEATURE),  # max_sequences_per_bin, padding_struct
     ],
 )
-def test_rows_equal_grain(strategy, max_segments, options):
+def test_rows_equal_grain(strategy, max_segments, options, row_length):
     pytest.importorskip("grain", reason="compared with Grain only where it is installed")
-    row_length, num_rows, max_len = 6, 3, 6
+    num_rows, max_len = 3, 6
     batcher = batcher_for(row_length, num_rows, strategy, "error", max_segments, options)
     id_pad = _options(options).get("pad_value", {}).get("id", 0)
     rng = np.random.default_rng(0)
+    top = [_limit(row_length, k) + 1 for k in ("inputs", "targets")]
     for trial in range(4):
-        lengths = rng.integers(1, row_length + 1, size=(25, 2)).tolist()
+        lengths = rng.integers(1, top, size=(25, 2)).tolist()
         elements = make_elements(lengths, max_len, trial)
         theirs = grain_rows(strategy, elements, row_length, num_rows, max_segments, options, False)
         ours = [row for batch in our_batches(batcher, elements, spec_for(max_len)) for row in batch]
@@ -747,10 +795,10 @@ def check_bulk_equals_stepping(batcher, spec, state, chunk, flush):
 @given(case=streams(), flush=st.booleans(), data=st.data())
 def test_bulk_feed_equals_stepping(case, flush, data):
     config, _, seed = case
-    row_length, _, _, too_long, _, max_len, _ = config
-    top = max_len if too_long == "truncate" else min(max_len, row_length)
-    length = st.integers(0, top)
-    pairs = data.draw(st.lists(st.tuples(length, length), min_size=CHUNK + 6, max_size=CHUNK + 6))
+    max_len = config[5]
+    pairs = data.draw(
+        st.lists(st.tuples(*length_strategies(config)), min_size=CHUNK + 6, max_size=CHUNK + 6)
+    )
     k = data.draw(st.integers(0, 6), label="elements stepped before the chunk")
     batcher, spec = batcher_for(*config[:5], config[6]), spec_for(max_len)
     elements = make_elements(pairs, max_len, seed)
@@ -813,3 +861,121 @@ def test_aligned_pack_passes_check_batcher():
         batcher, stream, lengths=LENGTHS, resume_steps=2, check_vmap=False, check_jit=False
     )
     assert report.stats["emitted"] == len(lengths)
+
+
+def test_per_feature_row_lengths_pass_check_batcher():
+    # Grain's `length_struct` per feature: the checker reads each feature's row length off
+    # the batch (a sequence longer than its feature's row comes out truncated to it).
+    from jaxbatch.testing import check_batcher
+
+    lengths = [(3, 1), (1, 2), (6, 3), (2, 0), (4, 2), (1, 1)]
+    stream = stack(make_elements(lengths, 6, seed=4))
+    batcher = jb.pack({"inputs": 5, "targets": 2}, 2, lengths=LENGTHS, too_long="truncate")
+    report = check_batcher(
+        batcher, stream, lengths=LENGTHS, resume_steps=2, check_vmap=False, check_jit=False
+    )
+    assert report.stats["emitted"] == len(lengths)
+
+
+# --------------------------------------------------------------------------- MaxText
+
+
+def _maxtext_grain_path(docs, row_length, batch_size, max_segments, pad_id):
+    """MaxText's `format_and_batch` with Grain packing (first fit), its steps reproduced
+    from MaxText's source without importing it: Grain's packer, `Rekey`, `batch_and_pad`,
+    `ShiftData(ignored_ids=[pad_id], axis=1)`; `shuffle_bins=False`."""
+    grain = pytest.importorskip("grain", reason="compared with Grain only where it is installed")
+    from grain import experimental
+
+    sequences = [
+        {"inputs": docs["inputs"][i, :n], "targets": docs["targets"][i, :n]}
+        for i, n in enumerate(docs["length"])
+    ]
+    dataset = experimental.FirstFitPackIterDataset(
+        grain.MapDataset.source(sequences).to_iter_dataset(),
+        length_struct={"inputs": row_length, "targets": row_length},
+        num_packing_bins=batch_size,
+        max_sequences_per_bin=max_segments,
+        shuffle_bins=False,
+    )
+    renames = {
+        f"{col}_{new}": f"{col}_{old}"
+        for col in ("inputs", "targets")
+        for new, old in (("segmentation", "segment_ids"), ("position", "positions"))
+    }
+
+    def rekey(element):  # MaxText's `Rekey`: each new key takes an old one's value
+        for new, old in renames.items():
+            element[new] = element.pop(old)
+        return element
+
+    def shift_left(x, fill):
+        return np.concatenate([x[:, 1:], np.full_like(x[:, :1], fill)], axis=1)
+
+    def shift(element):
+        element["targets"] = shift_left(element["targets"], pad_id)
+        segmentation = shift_left(element["targets_segmentation"], 0)
+        element["targets_segmentation"] = np.where(element["targets"] != pad_id, segmentation, 0)
+        return element
+
+    dataset = dataset.map(rekey).batch(
+        batch_size,
+        batch_fn=functools.partial(
+            experimental.batch_and_pad, batch_size=batch_size, pad_value=pad_id
+        ),
+    )
+    return list(dataset.map(shift))
+
+
+def test_maxtext_example_equals_grain_then_maxtext_steps():
+    """examples/maxtext_packing.py: `jb.pack` and `to_maxtext` inside `jit` give exactly the
+    arrays of MaxText's Grain packing path. A pad id that is also a real token: MaxText's
+    shift zeroes the loss weight of such a target, and so does the example."""
+    from test_examples import load
+
+    example = load("maxtext_packing")
+    pad_id = 7
+    docs = example.make_documents(26, seed=1)  # the last batch has 2 rows, padded to 4
+    assert (docs["inputs"] == pad_id).any()
+    theirs = _maxtext_grain_path(
+        docs,
+        example.MAX_TARGET_LENGTH,
+        example.LOCAL_BATCH_SIZE,
+        example.MAX_SEGMENTS_PER_SEQ,
+        pad_id,
+    )
+    carry = jax.device_get(example.run(docs, pad_id=pad_id, max_batches=len(theirs) + 1))
+    assert int(carry["batches"]) == len(theirs) > 1
+    assert (theirs[-1]["inputs_segmentation"][-1] == pad_id).all()  # a row batch_and_pad adds
+    for k, their in enumerate(theirs):
+        mine = {key: value[k] for key, value in carry["kept"].items()}
+        chex.assert_trees_all_equal(mine, dict(their))
+
+
+@functools.cache
+def _fed(batcher):
+    """Jitted: `feed` over one chunk (no flush), its batches built with `vmap(batch)`."""
+
+    def go(state, chunk):
+        state, emissions = batcher.feed(state, chunk, False)
+        return state, emissions.count, jax.vmap(emissions.batch)(jnp.arange(CHUNK + 1))
+
+    return jax.jit(go)
+
+
+def test_bulk_feed_per_feature_row_lengths_equals_stepping():
+    config = CONFIGS[6]  # a row length per feature, best fit, aligned, capped, truncating
+    batcher, spec = batcher_for(*config[:5], config[6]), spec_for(config[5])
+    pairs = [(3, 1), (6, 3), (0, 0), (5, 2), (1, 3), (2, 0), (4, 1), (6, 2), (1, 1), (2, 2)]
+    elements = make_elements(pairs, config[5], seed=9)
+    state = run(batcher, elements[:2], spec)[0]
+    chunk = elements[2 : 2 + CHUNK]
+    before, emitted, flushed, _ = run(batcher, chunk, spec, state=state)
+    want = [b for b in emitted if b is not None]
+    fed, count, batches = _fed(batcher)(state, stack(chunk))
+    assert int(count) == len(want) > 0
+    assert_batches_equal(_slots(batches, len(want)), want)
+    assert stats_of(fed) == stats_of(before)
+    assert counters(jb.packing_stats(fed)) == counters(jb.packing_stats(before))
+    chex.assert_trees_all_equal((fed.fills, fed.segments), (before.fills, before.segments))
+    assert_batches_equal(run(batcher, [], spec, state=fed)[2], flushed)  # the open rows

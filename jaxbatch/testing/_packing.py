@@ -10,7 +10,9 @@ padding) and `<feature>_positions`. `check_packed` follows every token:
   others; padding, id 0, may sit between runs when sequences are aligned); positions
   count up by one within a segment and are 0 on padding;
 * whole sequences (`split=False`): every segment, read across all packed features, is an
-  input sequence (its first `row_length` tokens if it was longer than the row), each input
+  input sequence (in each feature its first `row_length` tokens if it was longer than the
+  row, `row_length` read off the batch per feature, so rows of different lengths per
+  feature, Grain's `length_struct`, are followed too), each input
   sequence comes out at most once, positions run 0..len-1, and those that never come out
   are exactly the ones the Stats count as skipped or dropped;
 * split sequences (`split=True`, e.g. concat-and-split): the segments, read in emission

@@ -1,6 +1,7 @@
 """The configuration checks every batcher factory shares: each raises the `ValueError` the
 laws ask for (law 8), naming the argument, what was given and what is expected."""
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -45,3 +46,34 @@ def pad_value_fits(pad_value: bool | int | float, spec: Element) -> None:
                 f"`element{jax.tree_util.keystr(path)}` of dtype {dtype} (integers in "
                 f"[{low}, {high}]); pick a pad value every leaf can hold, such as 0."
             )
+
+
+def row_lengths(value: Any, features: Sequence[str]) -> tuple[int, ...]:
+    """`row_length` as one positive int per packed feature, in the order of `features`.
+
+    An int is every feature's row length; a mapping (Grain's `length_struct`) gives each
+    packed feature its own and must name exactly the packed features. Each `ValueError`
+    names the feature at fault.
+    """
+    if not isinstance(value, Mapping):
+        return (positive_int(value, "row_length"),) * len(features)
+    missing = [k for k in features if k not in value]
+    if missing:
+        raise ValueError(
+            f"`row_length` has no length for packed features {missing} (the keys of "
+            f"`lengths`); give every one of {list(features)} a length, got {dict(value)!r}."
+        )
+    unknown = sorted(map(repr, set(value) - set(features)))
+    if unknown:
+        raise ValueError(
+            f"`row_length` names {', '.join(unknown)}, which are not packed features (the "
+            f"keys of `lengths`: {list(features)}); drop them, got {dict(value)!r}."
+        )
+    for k in features:
+        n = value[k]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(
+                f"`row_length[{k!r}]` must be a positive int (the row length of packed "
+                f"feature {k!r}), got {n!r}."
+            )
+    return tuple(value[k] for k in features)

@@ -61,8 +61,13 @@ is not placed there and has no entry there, as in Grain.
 
 Differences from Grain, by design: a sequence that is empty in every feature is skipped
 (counted in `stats.skipped`; Grain gives it a segment id with no tokens, a gap in the ids
-that changes no attention mask, and a meta entry in its row), the features share one
-`row_length`, and meta values have a fixed shape (Grain's may vary in their first axis).
+that changes no attention mask, and a meta entry in its row), and meta values have a fixed
+shape (Grain's may vary in their first axis).
+
+`row_length` may differ per packed feature (Grain's `length_struct`, e.g. `{"inputs": 8,
+"targets": 4}`): every `row_length` above is then the feature's own, a row is a row of each
+feature side by side, and a sequence's rest takes, in each further row, up to a row of each
+feature (so it spans as many rows as its feature that needs the most).
 """
 
 from collections.abc import Mapping
@@ -78,7 +83,7 @@ from ..base import Batcher, Counter, Emit, Stats
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import pad_number, pad_value_fits, positive_int
+from ._checks import pad_number, pad_value_fits, positive_int, row_lengths as _row_lengths
 
 
 class ConcatAndSplitState(eqx.Module):
@@ -99,7 +104,7 @@ class ConcatAndSplitState(eqx.Module):
             *shape]`: entry `[j, s - 1]` is the value of the sequence whose piece has
             segment id `s` in row `j` of the buffers (slots `[j * row_length, (j + 1) *
             row_length)`). `table_rows` covers the longest buffer; `width` is
-            `max_sequences_per_row`, or `row_length * len(lengths)` without one. Entries
+            `max_sequences_per_row`, or the row lengths summed without one. Entries
             past the write frontier hold `pad_value`.
         row: the open row of the batch, in `[0, num_rows)` between calls.
         fill: per feature, tokens in the open row, in `[0, row_length]`.
@@ -230,16 +235,20 @@ def concat_and_split(
     piece, restarting at 1 in every row, 0 on padding) and `k_positions` int32 (position in
     the piece, 0 on padding). Every meta feature `m` becomes a per-piece table `[num_rows,
     width, *shape]` (each leaf of its pytree), `width` being `max_sequences_per_row` or, by
-    default, `row_length * len(lengths)` (a row cannot hold more pieces): entry `[j, s -
+    default, the row lengths summed over the packed features (a row cannot hold more
+    pieces): entry `[j, s -
     1]` is the value of the sequence whose piece has segment id `s` in row `j`, so a
     sequence's value is copied into every row it spans; unused entries hold `pad_value`.
     The length keys are not in the output. `valid_mask[i]` is True when row `i` holds a
     token.
 
     Args:
-        row_length: tokens per row, a positive int.
+        row_length: tokens per row, a positive int (for every packed feature), or a dict
+            `{packed_feature: positive int}` naming every key of `lengths` (Grain's
+            `length_struct`; each feature's rows are then of its own length).
         num_rows: rows per batch, a positive int. Every `max_len` must be at most
-            `row_length * num_rows` (so that a step completes at most one batch).
+            `row_length * num_rows` (its feature's; so that a step completes at most one
+            batch).
         lengths: `{packed_feature: length_key}`; the element must have these features and
             length keys (several features may share a length key); its other keys are
             meta features.
@@ -289,6 +298,20 @@ def concat_and_split(
         >>> emit.batch.data["x"], emit.batch.data["x_segment_ids"]
         (Array([[9, 0, 0, 0]], dtype=int32), Array([[1, 0, 0, 0]], dtype=int32))
 
+        A row length per packed feature (Grain's `length_struct`): rows of 4 `inputs` beside
+        2 `targets`; the second sequence's rest goes on in the next row in both:
+
+        >>> batcher = jb.concat_and_split({"inputs": 4, "targets": 2}, 1,
+        ...                               lengths={"inputs": "n_in", "targets": "n_tg"})
+        >>> elements = {"inputs": jnp.array([[1, 2, 3], [4, 5, 0]]),
+        ...             "targets": jnp.array([[7, 0], [8, 9]]),
+        ...             "n_in": jnp.array([3, 2]), "n_tg": jnp.array([1, 2])}
+        >>> batches, count = jb.batch_all(batcher, elements)
+        >>> batches.data["inputs"][:2, 0].tolist(), batches.data["targets"][:2, 0].tolist()
+        ([[1, 2, 3, 4], [5, 0, 0, 0]], [[7, 8], [9, 0]])
+        >>> batches.data["targets_segment_ids"][:2, 0].tolist()
+        [[1, 2], [1, 0]]
+
         A meta feature `"src"` (one int per sequence), at most two pieces per row:
 
         >>> batcher = jb.concat_and_split(4, 2, lengths={"x": "n"}, max_sequences_per_row=2)
@@ -307,7 +330,8 @@ def concat_and_split(
         >>> emit.batch.data["src"].tolist()  # [row, segment id - 1]
         [[3, 4], [5, 0]]
     """
-    row_length = positive_int(row_length, "row_length")
+    if not isinstance(row_length, Mapping):  # a mapping is checked against `lengths` below
+        positive_int(row_length, "row_length")
     num_rows = positive_int(num_rows, "num_rows")
     lengths = _check_lengths(lengths)
     pad_number(pad_value)
@@ -322,15 +346,19 @@ def concat_and_split(
         )
     bos_features = _check_bos(bos_handling, bos_features, bos_token_id, lengths)
     features = sorted(lengths)
-    capacity = row_length * num_rows  # token slots of one batch, per feature
-    # Room past the batch: a sequence's overflow (`max_len`), and with full-length
+    # Each packed feature's row length (Grain's `length_struct`), token slots of one batch,
+    # and room past the batch: a sequence's overflow (`max_len`), and with full-length
     # sequences passed through, the open row pushed one row on.
-    extra = 0 if split_full_length_features else row_length
-    width = row_length * len(features) if cap is None else cap  # table entries per row
+    limit = dict(zip(features, _row_lengths(row_length, features)))
+    capacity = {k: limit[k] * num_rows for k in features}
+    extra = {k: 0 if split_full_length_features else limit[k] for k in features}
+    width = sum(limit.values()) if cap is None else cap  # table entries per row
     outputs = {f"{k}{suffix}" for k in features for suffix in ("_segment_ids", "_positions")}
 
-    def fresh(max_len: int, rest: tuple[int, ...], dtype: Any) -> tuple[Array, Array, Array]:
-        size = capacity + max_len + extra
+    def fresh(
+        key: str, max_len: int, rest: tuple[int, ...], dtype: Any
+    ) -> tuple[Array, Array, Array]:
+        size = capacity[key] + max_len + extra[key]
         zeros = jnp.zeros((size,), jnp.int32)
         return jnp.full((size, *rest), pad_value, dtype), zeros, zeros
 
@@ -363,11 +391,11 @@ def concat_and_split(
             )
         for key in features:
             leaf = spec.data[key]
-            if len(leaf.shape) < 1 or not 1 <= leaf.shape[0] <= capacity:
+            if len(leaf.shape) < 1 or not 1 <= leaf.shape[0] <= capacity[key]:
                 raise ValueError(
                     f"Packed feature `element.data[{key!r}]` has shape {leaf.shape}; it needs "
                     f"a sequence axis of length `max_len` in [1, row_length * num_rows] = "
-                    f"[1, {capacity}]. Raise `row_length` or `num_rows`, or split long "
+                    f"[1, {capacity[key]}]. Raise `row_length` or `num_rows`, or split long "
                     "sequences before batching."
                 )
         for length_key in sorted(set(lengths.values())):
@@ -394,11 +422,12 @@ def concat_and_split(
         del key  # deterministic
         spec = spec_of(element_spec)
         check_spec(spec)
-        buffers = {k: fresh(spec.data[k].shape[0], spec.data[k].shape[1:], spec.data[k].dtype)
+        buffers = {k: fresh(k, spec.data[k].shape[0], spec.data[k].shape[1:], spec.data[k].dtype)
                    for k in features}  # fmt: skip
-        # Table rows: the buffer rows, `ceil((capacity + max_len + extra) / row_length)`.
-        longest = max(spec.data[k].shape[0] for k in features) + extra
-        table_rows = num_rows + -(-longest // row_length)
+        # Table rows: the most buffer rows of a feature, `(capacity + max_len + extra) / row`.
+        table_rows = num_rows + max(
+            -(-(spec.data[k].shape[0] + extra[k]) // limit[k]) for k in features
+        )
 
         def table(leaf: Any) -> Array:
             return jnp.full((table_rows, width, *leaf.shape), pad_value, leaf.dtype)
@@ -420,7 +449,7 @@ def concat_and_split(
         )
 
     def max_len_of(state: ConcatAndSplitState, key: str) -> int:
-        return state.buffer[key].shape[0] - capacity - extra
+        return state.buffer[key].shape[0] - capacity[key] - extra[key]
 
     def spec_from(state: ConcatAndSplitState) -> Element:
         data = {
@@ -444,18 +473,18 @@ def concat_and_split(
         )
 
     def rows_valid(segment_ids: dict[str, Array]) -> Array:
-        any_token = [jnp.any(s[:capacity].reshape(num_rows, row_length) > 0, axis=1)
-                     for s in segment_ids.values()]  # fmt: skip
+        any_token = [jnp.any(s[: capacity[k]].reshape(num_rows, limit[k]) > 0, axis=1)
+                     for k, s in segment_ids.items()]  # fmt: skip
         return jnp.any(jnp.stack(any_token), axis=0)
 
     def batch_of(state_parts: tuple, valid_mask: Array) -> Batch:
         buffer, segment_ids, positions, tables = state_parts
         data = {m: jax.tree.map(lambda t: t[:num_rows], tree) for m, tree in tables.items()}
         for k in features:
-            tok = buffer[k][:capacity]
-            tok = tok.reshape(num_rows, row_length, *tok.shape[1:])
-            ids = segment_ids[k][:capacity].reshape(num_rows, row_length)
-            pos = positions[k][:capacity].reshape(num_rows, row_length)
+            tok = buffer[k][: capacity[k]]
+            tok = tok.reshape(num_rows, limit[k], *tok.shape[1:])
+            ids = segment_ids[k][: capacity[k]].reshape(num_rows, limit[k])
+            pos = positions[k][: capacity[k]].reshape(num_rows, limit[k])
             if k in bos_features:  # Grain's REPLACE_FIRST_TOKEN_WITH_BOS: every piece's start
                 starts = (ids > 0) & (pos == 0)
                 tok = jnp.where(
@@ -465,7 +494,7 @@ def concat_and_split(
         return Batch(data=data, valid_mask=valid_mask)
 
     def padding_of(segment_ids: dict[str, Array]) -> dict[str, Array]:
-        return {k: jnp.sum(s[:capacity] == 0, dtype=jnp.int32) for k, s in segment_ids.items()}
+        return {k: jnp.sum(s[: capacity[k]] == 0, dtype=jnp.int32) for k, s in segment_ids.items()}
 
     def step_fn(state: ConcatAndSplitState, element: Any) -> tuple[ConcatAndSplitState, Emit]:
         element = as_element(element)
@@ -474,23 +503,24 @@ def concat_and_split(
 
         # The plan, on scalars. `first`: tokens that fit in the open row; `rest`: the
         # others, from the start of the next row on; `more`: rows the rest reaches into.
-        fits = {k: jnp.minimum(n[k], row_length - state.fill[k]) for k in features}
+        fits = {k: jnp.minimum(n[k], limit[k] - state.fill[k]) for k in features}
         rest = {k: n[k] - fits[k] for k in features}
-        max_rest = jnp.max(jnp.stack([rest[k] for k in features]))
-        overflow = max_rest > 0
-        more = (max_rest + row_length - 1) // row_length
+        overflow = jnp.any(jnp.stack([rest[k] > 0 for k in features]))
+        # Each further row takes up to a row of every feature, so the rest spans the most
+        # rows any feature's rest needs.
+        more = jnp.max(jnp.stack([(rest[k] + limit[k] - 1) // limit[k] for k in features]))
         last_row = state.row + more  # the row the sequence ends in
         end_fill = {
             k: jnp.where(
                 overflow,
-                jnp.clip(rest[k] - (more - 1) * row_length, 0, row_length),
+                jnp.clip(rest[k] - (more - 1) * limit[k], 0, limit[k]),
                 state.fill[k] + n[k],
             )
             for k in features
         }
         nonempty = jnp.any(jnp.stack([n[k] > 0 for k in features]))
         pieces = jnp.where(overflow, 1, state.segments + nonempty.astype(jnp.int32))
-        full = jnp.all(jnp.stack([end_fill[k] == row_length for k in features]))
+        full = jnp.all(jnp.stack([end_fill[k] == limit[k] for k in features]))
         if cap is not None:  # a row holding `max_sequences_per_row` pieces is full too
             full = full | (pieces >= cap)
         next_row = last_row + full.astype(jnp.int32)
@@ -508,8 +538,8 @@ def concat_and_split(
             if continue_positions:
                 rest_position = t + fits[k]
             else:
-                rest_position = t % row_length
-            starts = (state.row * row_length + state.fill[k], (state.row + 1) * row_length)
+                rest_position = t % limit[k]
+            starts = (state.row * limit[k] + state.fill[k], (state.row + 1) * limit[k])
             masks = (in_first, in_rest)
             buffer[k] = _write(state.buffer[k], (x, later), masks, starts, pad)
             segment_ids[k] = _write(
@@ -529,7 +559,7 @@ def concat_and_split(
         tables = {}
         if state.tables:
             table_rows = jax.tree.leaves(state.tables)[0].shape[0]
-            most = -(-max(max_len_of(state, k) for k in features) // row_length)
+            most = max(-(-max_len_of(state, k) // limit[k]) for k in features)
             follow = jnp.arange(1, most + 1, dtype=jnp.int32)
             placed = jnp.any(jnp.stack([fits[k] > 0 for k in features]))
             rows = jnp.concatenate([
@@ -561,11 +591,9 @@ def concat_and_split(
             # Grain's `split_full_length_features=False`: a sequence that has a feature of
             # exactly `row_length` tokens (and none longer) is a row of its own. It takes
             # the open row's place and pushes the open row (still filling) one row on.
-            whole = jnp.stack([n[k] <= row_length for k in features])
-            exact = jnp.stack([n[k] == row_length for k in features])
+            whole = jnp.stack([n[k] <= limit[k] for k in features])
+            exact = jnp.stack([n[k] == limit[k] for k in features])
             through = jnp.all(whole) & jnp.any(exact)
-            start = state.row * row_length
-            t = jnp.arange(row_length, dtype=jnp.int32)
 
             def move(table: Array, value: Any) -> Array:
                 # The open row's entries go one row on; the sequence's value is entry 0.
@@ -579,6 +607,8 @@ def concat_and_split(
                 for m in state.tables:
                     out[3][m] = jax.tree.map(move, state.tables[m], element.data[m])
                 for k in features:
+                    start, row_len = state.row * limit[k], limit[k]
+                    t = jnp.arange(row_len, dtype=jnp.int32)
                     x = jnp.asarray(element.data[k])
                     inside = t < n[k]
                     tokens = jnp.take(x, jnp.minimum(t, x.shape[0] - 1), axis=0)
@@ -591,10 +621,8 @@ def concat_and_split(
                     )
                     olds = (state.buffer[k], state.segment_ids[k], state.positions[k])
                     for i, (old, new) in enumerate(zip(olds, row_parts)):
-                        open_row = jax.lax.dynamic_slice_in_dim(old, start, row_length)
-                        old = jax.lax.dynamic_update_slice_in_dim(
-                            old, open_row, start + row_length, 0
-                        )
+                        open_row = jax.lax.dynamic_slice_in_dim(old, start, row_len)
+                        old = jax.lax.dynamic_update_slice_in_dim(old, open_row, start + row_len, 0)
                         out[i][k] = jax.lax.dynamic_update_slice_in_dim(old, new, start, 0)
                 return out
 
@@ -615,14 +643,14 @@ def concat_and_split(
         padding = padding_of(parts[1])
 
         def shift(parts):  # the overflow becomes the start of the next batch
-            def left(buf, fill, by=capacity):
+            def left(buf, fill, by):
                 return jnp.concatenate([buf[by:], jnp.full_like(buf[:by], fill)])
 
             buffer, segment_ids, positions, tables = parts
             return (
-                {k: left(b, pad_value) for k, b in buffer.items()},
-                {k: left(b, 0) for k, b in segment_ids.items()},
-                {k: left(b, 0) for k, b in positions.items()},
+                {k: left(b, pad_value, capacity[k]) for k, b in buffer.items()},
+                {k: left(b, 0, capacity[k]) for k, b in segment_ids.items()},
+                {k: left(b, 0, capacity[k]) for k, b in positions.items()},
                 jax.tree.map(lambda t: left(t, pad_value, num_rows), tables),
             )
 
@@ -654,7 +682,7 @@ def concat_and_split(
         valid = rows_valid(state.segment_ids) & ready
         batch = batch_of((state.buffer, state.segment_ids, state.positions, state.tables), valid)
         padding = padding_of(state.segment_ids)
-        buffers = {k: fresh(max_len_of(state, k), b.shape[1:], b.dtype)
+        buffers = {k: fresh(k, max_len_of(state, k), b.shape[1:], b.dtype)
                    for k, b in state.buffer.items()}  # fmt: skip
         zero = jnp.zeros((), jnp.int32)
         padded_rows = jnp.where(ready, num_rows - jnp.sum(valid, dtype=jnp.int32), 0)

@@ -1,6 +1,7 @@
-"""`pack`: variable-length sequences packed into fixed `[num_rows, row_length]` rows, inside
-`jit`, with the semantics of Grain 0.2.18's `FirstFitPackIterDataset` /
-`BestFitPackIterDataset` (`shuffle_bins=False`).
+"""`pack`: variable-length sequences packed into fixed `[num_rows, row_length]` rows (a
+row length per packed feature if asked, as Grain's `length_struct`), inside `jit`, with the
+semantics of Grain 0.2.18's `FirstFitPackIterDataset` / `BestFitPackIterDataset`
+(`shuffle_bins=False`).
 
 Data flow (DESIGN.md, "decide on metadata, move payload in bulk"):
 
@@ -42,7 +43,7 @@ from ..base import Batcher, Counter, Emissions, Emit, Stats, prng_key, row_spec
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import pad_value_fits, positive_int
+from ._checks import pad_value_fits, positive_int, row_lengths as _row_lengths
 
 _STRATEGIES = ("first_fit", "best_fit")
 _TOO_LONG = ("error", "truncate")
@@ -151,8 +152,9 @@ def _check_pads(pad_value: Any) -> dict[str, int | float] | int | float:
     )
 
 
-def _check_alignment(alignment: Any, features: tuple[str, ...], row_length: int) -> tuple:
-    """`alignment` (an int, or a dict per packed feature, default 1) as a tuple by feature."""
+def _check_alignment(alignment: Any, features: tuple[str, ...], limits: tuple[int, ...]) -> tuple:
+    """`alignment` (an int, or a dict per packed feature, default 1) as a tuple by feature,
+    each in `[1, its feature's row length]`."""
     if isinstance(alignment, Mapping):
         unknown = sorted(set(map(str, alignment)) - set(features))
         if unknown:
@@ -163,11 +165,12 @@ def _check_alignment(alignment: Any, features: tuple[str, ...], row_length: int)
         aligns = tuple(alignment.get(k, 1) for k in features)
     else:
         aligns = (alignment,) * len(features)
-    for a in aligns:
-        if isinstance(a, bool) or not isinstance(a, int) or not 1 <= a <= row_length:
+    for k, a, limit in zip(features, aligns, limits):
+        if isinstance(a, bool) or not isinstance(a, int) or not 1 <= a <= limit:
             raise ValueError(
-                f"`alignment` must be an int in [1, row_length] = [1, {row_length}] (or a "
-                f"dict of them per packed feature), got {alignment!r}."
+                f"`alignment` of packed feature {k!r} must be an int in [1, row_length] = "
+                f"[1, {limit}] (an int for every feature, or a dict of them per packed "
+                f"feature), got {alignment!r}."
             )
     return aligns
 
@@ -205,7 +208,7 @@ def pack(
     become exactly full), and `flush` emits the last rows at the end of the stream.
 
     This is Grain 0.2.18's `FirstFitPackIterDataset` / `BestFitPackIterDataset` with
-    `num_packing_bins=num_rows`, the same length for every packed feature,
+    `num_packing_bins=num_rows`, `length_struct=row_length` (for every packed feature),
     `max_sequences_per_bin=max_sequences_per_row`, `pack_alignment_struct=alignment`,
     `padding_struct=pad_value`, `shuffle_bins=shuffle_rows`,
     `shuffle_bins_group_by_feature=shuffle_rows_group_by` and the other keys as
@@ -223,7 +226,8 @@ def pack(
     placed); Grain raises on a too-long sequence, `too_long="truncate"` is an option here.
 
     Output `Batch.data`, for every packed feature `k`: `k` `[num_rows, row_length, ...]` (the
-    tokens; `pad_value` past each row's fill), `k_segment_ids` int32 `[num_rows, row_length]` (1, 2,
+    tokens; `pad_value` past each row's fill; `row_length` being `k`'s own when it is a
+    dict), `k_segment_ids` int32 `[num_rows, row_length]` (1, 2,
     3... per sequence within a row, 0 on padding) and `k_positions` int32 (0..len-1 within each
     sequence, 0 on padding). Every other key of the element (the length keys included) is a
     per-sequence feature and becomes a per-segment table `[num_rows, max_sequences_per_row, ...]`:
@@ -236,13 +240,17 @@ def pack(
     `packing_stats` has the token counters.
 
     Args:
-        row_length: tokens per row, a positive int (every packed feature).
+        row_length: tokens per row, a positive int (for every packed feature), or a dict
+            `{packed_feature: positive int}` naming every key of `lengths` (Grain's
+            `length_struct`; an encoder-decoder's `{"inputs": 512, "targets": 114}`): a
+            sequence fits a row when each feature fits its own length.
         num_rows: rows per batch, a positive int.
         lengths: dict `{packed_feature_key: length_key}`, both top-level keys of the
             element's data; the length is a scalar int. Several features may share a length
             key; a length key may not be a packed feature.
         strategy: `"first_fit"` or `"best_fit"`.
-        too_long: for a sequence longer than `row_length`: `"error"` raises at run time
+        too_long: for a sequence longer than `row_length` (in any feature, against that
+            feature's length): `"error"` raises at run time
             (`eqx.error_if`), `"truncate"` keeps its first `row_length` tokens and counts
             it in `packing_stats` (`truncated`, `truncated_tokens`). A length below 0 or
             above the feature's `max_len` is always a run-time error.
@@ -253,10 +261,12 @@ def pack(
             Segment ids and positions are 0 on padding.
         max_sequences_per_row: sequences per row at most (Grain's `max_sequences_per_bin`;
             a row holding that many counts as full), a positive int; default `row_length`
-            (as many as can fit). It sizes the tables.
+            (the longest one if per feature: as many as can fit when every sequence has a
+            token in that feature). It sizes the tables.
         alignment: Grain's `pack_alignment_struct`, an int in `[1, row_length]` or a dict
-            of them per packed feature (default 1): after each sequence, the feature's next
-            free slot is rounded up to a multiple of it, the gap being padding. The rounded
+            of them per packed feature (default 1; each at most its feature's row length):
+            after each sequence, the feature's next free slot is rounded up to a multiple of
+            it, the gap being padding. The rounded
             fill may pass `row_length` (6 tokens, alignment 4: the fill is 8), which closes
             the row for that feature, as in Grain.
         shuffle_rows: Grain's `shuffle_bins`: each emitted batch's rows (the `flush`ed one
@@ -313,6 +323,18 @@ def pack(
         Array([[3, 0, 0, 0],
                [0, 0, 0, 0]], dtype=int32)
 
+        A row length per packed feature (Grain's `length_struct`), as an encoder-decoder
+        model's inputs and targets:
+
+        >>> batcher = jb.pack({"inputs": 4, "targets": 2}, 1,
+        ...                   lengths={"inputs": "n_in", "targets": "n_tg"})
+        >>> elements = {"inputs": jnp.array([[1, 1, 0, 0], [2, 0, 0, 0], [3, 3, 3, 0]]),
+        ...             "targets": jnp.array([[7, 0], [8, 0], [9, 9]]),
+        ...             "n_in": jnp.array([2, 1, 3]), "n_tg": jnp.array([1, 1, 2])}
+        >>> batches, count = jb.batch_all(batcher, elements)
+        >>> batches.data["inputs"][:2, 0].tolist(), batches.data["targets"][:2, 0].tolist()
+        ([[1, 1, 2, 0], [3, 3, 3, 0]], [[7, 8], [9, 9]])
+
         Rows shuffled, but those of one task together (Grain's `shuffle_bins_group_by_feature`):
 
         >>> import jax
@@ -324,7 +346,8 @@ def pack(
         >>> batches.data["task"][0, :, 0]  # each row holds one sequence; rows by task
         Array([1, 1, 2, 2], dtype=int32)
     """
-    positive_int(row_length, "row_length")
+    if not isinstance(row_length, Mapping):  # a mapping is checked against `lengths` below
+        positive_int(row_length, "row_length")
     positive_int(num_rows, "num_rows")
     if strategy not in _STRATEGIES:
         raise ValueError(f"`strategy` must be one of {_STRATEGIES}, got {strategy!r}.")
@@ -338,10 +361,8 @@ def pack(
                 f"both ({max_segments!r} and {max_sequences_per_row!r})."
             )
         max_sequences_per_row = max_segments
-    if max_sequences_per_row is None:
-        max_sequences_per_row = row_length
-    positive_int(max_sequences_per_row, "max_sequences_per_row")
-    max_segments = max_sequences_per_row
+    if max_sequences_per_row is not None:
+        positive_int(max_sequences_per_row, "max_sequences_per_row")
     if not isinstance(shuffle_rows, bool):
         raise ValueError(f"`shuffle_rows` must be a bool, got {shuffle_rows!r}.")
     if shuffle_rows_group_by is not None:
@@ -372,14 +393,18 @@ def pack(
             f"`lengths` uses {clash} both as a packed feature and as a length key; a length "
             "is a scalar per sequence, so give each packed feature its own length key."
         )
-    if len(features) * num_rows * row_length > _INT32_MAX:
+    limits = _row_lengths(row_length, features)  # each packed feature's row length
+    if num_rows * sum(limits) > _INT32_MAX:
         raise ValueError(
-            f"`num_rows` * `row_length` * (packed features) must be below 2**31 (int32 "
-            f"counts), got {num_rows} * {row_length} * {len(features)}."
+            f"`num_rows` * `row_length` (summed over packed features) must be below 2**31 "
+            f"(int32 counts), got {num_rows} * {sum(limits)}."
         )
-    aligns = _check_alignment(alignment, features, row_length)
+    # Default: as many sequences as the longest row has tokens.
+    max_segments = max(limits) if max_sequences_per_row is None else max_sequences_per_row
+    aligns = _check_alignment(alignment, features, limits)
     num_features = len(features)
-    all_tokens = num_features * num_rows * row_length
+    all_tokens = num_rows * sum(limits)
+    limit_of = dict(zip(features, limits))
     derived = {key for k in features for key in _output_keys(k)}
 
     def check_spec(spec: Element) -> dict[str, Any]:
@@ -464,10 +489,10 @@ def pack(
         buffer = {}
         for name, leaf in data.items():
             if name in lengths:
-                shape = (num_rows, row_length, *leaf.shape[1:])
+                shape = (num_rows, limit_of[name], *leaf.shape[1:])
                 buffer[name] = jnp.full(shape, pad_of(name), leaf.dtype)
                 for out in _output_keys(name):
-                    buffer[out] = jnp.zeros((num_rows, row_length), jnp.int32)
+                    buffer[out] = jnp.zeros((num_rows, limit_of[name]), jnp.int32)
             else:
                 pad = pad_of(name)
                 buffer[name] = jax.tree.map(
@@ -523,14 +548,15 @@ def pack(
             "`pack`: a sequence length is negative or larger than its feature's max_len "
             f"(max_lens {dict(max_lens)}).",
         )
+        limit = jnp.asarray(limits, jnp.int32)
         if too_long == "error":
             given = eqx.error_if(
                 given,
-                jnp.any(given > row_length),
-                f"`pack`: a sequence is longer than `row_length`={row_length}; truncate it "
+                jnp.any(given > limit),
+                f"`pack`: a sequence is longer than `row_length`={row_length!r}; truncate it "
                 "first or pass `too_long='truncate'`.",
             )
-        return given, jnp.minimum(given, row_length)
+        return given, jnp.minimum(given, limit)
 
     def decide(
         fills: Array, segments: Array, tokens: Array, given: Array, lens: Array
@@ -545,7 +571,8 @@ def pack(
         skip = jnp.all(given == 0)
 
         def fitting(fills, segments):
-            fit = jnp.all(fills + lens[:, None] <= row_length, axis=0)
+            limit = jnp.asarray(limits, jnp.int32)[:, None]
+            fit = jnp.all(fills + lens[:, None] <= limit, axis=0)
             return fit & (segments < max_segments)
 
         full = ~jnp.any(fitting(fills, segments)) & ~skip
@@ -629,9 +656,9 @@ def pack(
         )
 
         buffer = dict(state.data)
-        index = jnp.arange(row_length, dtype=jnp.int32)
         for f, k in enumerate(features):
-            at = index - offsets[f]  # position within the new sequence
+            # The position of each slot within the new sequence.
+            at = jnp.arange(limits[f], dtype=jnp.int32) - offsets[f]
             before, inside = at < 0, (at >= 0) & (at < lens[f])
             x = data[k]
             shifted = jnp.take(x, jnp.clip(at, 0, x.shape[0] - 1), axis=0)
@@ -820,17 +847,18 @@ def pack(
             elem = c_elem[q][w]  # [rows, segments]
             old_segment = first & (jnp.arange(max_segments)[None, :] < segments0[:, None])
             out = {}
-            position = jnp.arange(row_length, dtype=jnp.int32)[None, :]
             for f, key in enumerate(features):
+                row_len = limits[f]
+                position = jnp.arange(row_len, dtype=jnp.int32)[None, :]
                 off, length = c_offsets[q][w][..., f], c_lens[q][w][..., f]
                 # The segment covering each position: the last one starting at or before it.
-                marks = jnp.zeros((num_rows, row_length + 1), jnp.int32)
+                marks = jnp.zeros((num_rows, row_len + 1), jnp.int32)
                 rows_index = jnp.broadcast_to(jnp.arange(num_rows)[:, None], off.shape)
                 ids = jnp.broadcast_to(jnp.arange(1, max_segments + 1), off.shape)
                 marks = marks.at[jnp.where(present, rows_index, num_rows), off].max(
                     ids, mode="drop"
                 )
-                seg = jax.lax.cummax(marks[:, :row_length], axis=1)
+                seg = jax.lax.cummax(marks[:, :row_len], axis=1)
                 s = jnp.maximum(seg - 1, 0)
                 start_at = jnp.take_along_axis(off, s, axis=1)
                 inside = (seg > 0) & (position < start_at + jnp.take_along_axis(length, s, axis=1))
@@ -838,9 +866,7 @@ def pack(
                 x = data[key]
                 src = jnp.clip(position - start_at, 0, x.shape[1] - 1)
                 tokens = (
-                    x[source, src]
-                    if n
-                    else jnp.zeros((num_rows, row_length, *x.shape[2:]), x.dtype)
+                    x[source, src] if n else jnp.zeros((num_rows, row_len, *x.shape[2:]), x.dtype)
                 )
                 old = first & (position < fill0[f][:, None])
                 seg_key, pos_key = _output_keys(key)
