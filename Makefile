@@ -14,7 +14,7 @@ NEWEST := .venv-newest
 NEWEST_STAMP := $(NEWEST)/.installed
 EXTRAS := '.[test,bench,distributed,demo]'
 
-.PHONY: test test-newest demo lint typecheck bench bench-sweep clean
+.PHONY: test test-slow test-newest demo lint typecheck bench bench-sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,9 +41,15 @@ typecheck: $(STAMP)
 # Two workers (one per core: JAX compile time dominates and is single-threaded); a test
 # module stays on one worker, so the compiled functions it shares are compiled once.
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'not slow'
 
-# The same suite on the newest JAX (lint is version-independent: run once, by `test`).
+# The heaviest sweeps (marked `slow`): every path of the law checker per batcher, the
+# examples, the demo and the bench smoke run. CI runs them after `make test`.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow
+
+# The whole suite, `slow` included, on the newest JAX (lint is version-independent: run once,
+# by `test`).
 test-newest: $(NEWEST_STAMP)
 	$(NEWEST)/bin/python -c 'import jax, sys; print("JAX", jax.__version__, "on Python", sys.version.split()[0])'
 	$(NEWEST)/bin/python -m pytest -q -n 2 --dist loadfile

@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("fixed_size", "fixed_size_mlp", "pack", "bucket", "shuffle", "per_device")
 
 
+@pytest.mark.slow
 def test_run_quick_writes_tables_results_and_chart(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],

@@ -194,6 +194,7 @@ def length_configs(draw, too_long=None):
 
 
 # Few examples: each one compiles its own program (2 CPU cores shared by the suite).
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [False, True])
 @settings(max_examples=5)
 @given(c=length_configs())
@@ -206,6 +207,7 @@ def test_bucket_by_length_matches_reference(use_jit, c):
     run_and_check(batcher, stacked, expected, use_jit)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [False, True])
 @settings(max_examples=3)
 @given(
@@ -338,6 +340,7 @@ def test_when_ready_and_consume_with_by_bucket():
 # --------------------------------------------------------------------------- drivers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drop_remainder", [False, True])
 def test_batch_all_stacks_the_bucketed_batches(drop_remainder):
     config = ((2, 5), (1, 3))
@@ -379,6 +382,7 @@ def test_batch_spec_is_the_bucketed_of_batch_specs():
 # --------------------------------------------------------------------------- resume, vmap
 
 
+@pytest.mark.slow
 @settings(max_examples=3)
 @given(c=length_configs("skip"), data=st.data())
 def test_resume_from_saved_state_is_bit_identical(tmp_path, c, data):
@@ -406,6 +410,7 @@ def test_resume_from_saved_state_is_bit_identical(tmp_path, c, data):
     chex.assert_trees_all_equal(resumed_final, final)
 
 
+@pytest.mark.slow
 def test_vmap_over_two_streams_equals_separate_runs():
     batcher = length_batcher(((2, 5), (1, 3)), too_long="skip")
     streams = [
@@ -537,6 +542,7 @@ def test_run_time_errors(use_jit):
 # --------------------------------------------------------------------------- the law checker
 
 
+@pytest.mark.slow
 def test_bucket_by_passes_check_batcher():
     batcher = jb.bucket_by(lambda e: e.data["k"], (2, 3))
     stream = {"k": jnp.array([0, 1, 1, 0, 1, 0, 0], jnp.int32), "x": jnp.arange(7.0)}
@@ -544,6 +550,7 @@ def test_bucket_by_passes_check_batcher():
     assert report.num_batches == 3 and report.stats["emitted"] == 7
 
 
+@pytest.mark.slow
 def test_bucket_by_length_passes_check_batcher():
     # Rows are the elements cut to their bucket's bound; past its length a sequence is
     # padding (zeros), as the batcher writes it.

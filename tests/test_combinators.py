@@ -73,6 +73,7 @@ def reference_filter(elements, batch_size):
 # --------------------------------------------------------------------------- laws
 
 
+@pytest.mark.slow
 def test_filter_passes_check_batcher():
     report = check_batcher(
         filtered(2), stream(7), reference=lambda e: reference_filter(e, 2), resume_steps=2
@@ -81,6 +82,7 @@ def test_filter_passes_check_batcher():
     assert report.stats["accepted"] == 5
 
 
+@pytest.mark.slow
 def test_map_passes_check_batcher_with_bulk_feed():
     # `check_batcher` follows rows by value, so `fn` must leave values alone here; a map
     # that changes them is checked against the mapped stream below.
@@ -89,6 +91,7 @@ def test_map_passes_check_batcher_with_bulk_feed():
     check_batcher(batcher, stream(7), resume_steps=2, check_vmap=False)
 
 
+@pytest.mark.slow
 def test_nested_combinators_pass_check_batcher():
     batcher = jb.with_statistics(
         jb.filter_elements(jb.map_elements(jb.fixed_size(2), identity), keep_flag)

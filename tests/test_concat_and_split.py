@@ -203,6 +203,7 @@ def check_run(batcher, stream, expected, use_jit):
     assert counts(state.padding_tokens) == expected.padding_tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [False, True])
 @settings(max_examples=4)
 @given(config=configs())
@@ -216,6 +217,7 @@ def test_per_feature_row_lengths_match_reference(config):
     check_run(*setup(config), use_jit=True)
 
 
+@pytest.mark.slow
 @settings(max_examples=4)
 @given(config=configs(features=("x", "y")))
 def test_two_features_match_reference(config):
@@ -277,6 +279,7 @@ def test_cap_closes_rows_and_meta_tables_follow_the_pieces():
 # --------------------------------------------------------------------------- drivers
 
 
+@pytest.mark.slow
 @settings(max_examples=3)
 @given(config=configs())
 def test_drivers_give_the_reference_batches(config):
@@ -362,6 +365,7 @@ def test_one_trace_for_new_values():
     assert not bool(emit.ready)
 
 
+@pytest.mark.slow
 def test_vmap_over_two_streams_equals_separate_runs():
     batcher = batcher_for(2, 2, cap=1)
     streams = [
@@ -402,6 +406,7 @@ def test_empty_stream_emits_nothing():
     assert not bool(emit.ready) and stats_of(state) == dict.fromkeys(STAT_NAMES, 0)
 
 
+@pytest.mark.slow
 def test_the_batcher_laws_of_jaxbatch_testing():
     # One packed feature only: with several, a sequence keeps one segment id in every
     # feature (as in Grain), so a feature's ids can skip a number, which the packing check

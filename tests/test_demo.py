@@ -29,6 +29,7 @@ def quick_run(tmp_path_factory):
     return result.stdout, out
 
 
+@pytest.mark.slow
 def test_prints_every_section(quick_run):
     stdout, _ = quick_run
     for section in (

@@ -114,6 +114,7 @@ def _jit_scan(batcher):
     return jax.jit(lambda carry, elements: jb.scan(batcher, append, carry, elements))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [False, True])
 @settings(max_examples=8)
 @given(config=configs)
@@ -282,6 +283,7 @@ def test_iterate_over_an_empty_source():
     assert list(jb.iterate(jb.fixed_size(2), [], chunk_size=3)) == []
 
 
+@pytest.mark.slow
 def test_iterate_drains_a_batcher_that_holds_many_batches():
     """At the end of the stream `iterate` flushes until nothing is ready: a shuffle buffer
     of 16 batches drains with the default room, every element exactly once, and equal
@@ -480,6 +482,7 @@ def _packer():
     return jb.pack(8, 2, lengths={"tokens": "length"})
 
 
+@pytest.mark.slow
 def test_iterate_pads_ragged_arrays_for_pack_like_a_padded_stream():
     docs = _documents(23)
     ragged = {"tokens": (8, "length")}
@@ -495,6 +498,7 @@ def test_iterate_pads_ragged_arrays_for_pack_like_a_padded_stream():
         chex.assert_trees_all_equal(batch, jax.tree.map(lambda x, k=k: x[k], batches))
 
 
+@pytest.mark.slow
 def test_iterate_ragged_resumes_exactly():
     docs, ragged = _documents(17, 1), {"tokens": (8, "length")}
     whole = list(jb.iterate(_packer(), docs, chunk_size=4, ragged=ragged))
@@ -504,6 +508,7 @@ def test_iterate_ragged_resumes_exactly():
     chex.assert_trees_all_equal(first + rest, whole)
 
 
+@pytest.mark.slow
 def test_iterate_ragged_errors():
     docs = _documents(5)
     docs[3] = {"tokens": np.arange(12, dtype=np.int32), "doc": np.int32(3)}

@@ -113,6 +113,7 @@ def test_every_example_is_run_somewhere():
         assert example in (TESTS / test_file).read_text(), f"{test_file} does not run {example}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_example_runs_small_and_shows_its_lesson(name, capsys):
     module = load(name)

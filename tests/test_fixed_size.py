@@ -93,6 +93,7 @@ def setup(config):
 # --------------------------------------------------------------------------- reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [False, True])
 @settings(max_examples=8)
 @given(config=configs)
@@ -192,6 +193,7 @@ def _bulk_and_by_step(batcher, flush, capacity):
     return jax.jit(run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flush", [False, True])
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 def test_bulk_feed_equals_stepping(batch_size, flush):
@@ -234,6 +236,7 @@ def test_bulk_feed_equals_stepping(batch_size, flush):
             chex.assert_trees_all_equal(flushed_bulk, flushed_step)
 
 
+@pytest.mark.slow
 def test_emissions_batch_past_count_is_masked_and_vmaps():
     batcher = jb.fixed_size(3)
     stream = make_stream("element", 7, 0)
@@ -250,6 +253,7 @@ def test_emissions_batch_past_count_is_masked_and_vmaps():
 # --------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 @settings(max_examples=6)
 @given(config=configs, data=st.data())
 def test_resume_from_saved_state_is_bit_identical(tmp_path, config, data):
@@ -301,6 +305,7 @@ def _runs(batcher):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_vmap_over_two_streams_equals_separate_runs(use_jit):
     batcher = batcher_for(3, False, -1)

@@ -226,6 +226,7 @@ def test_exact_resume_through_checkpoint():
         assert eqx.tree_equal(state.stats, whole_state.stats)
 
 
+@pytest.mark.slow
 def test_vmap_over_streams():
     batcher = batcher_for(2, 4)
     a = make_stream(interleaved(6))
@@ -273,6 +274,7 @@ def window_samples(batch):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("batch_size", "capacity", "channels", "stats"),
     [

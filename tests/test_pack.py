@@ -179,6 +179,7 @@ def streams(draw):
 # --------------------------------------------------------------------------- reference
 
 
+@pytest.mark.slow
 @settings(max_examples=12)
 @given(case=streams())
 def test_step_and_flush_match_reference(case):
@@ -232,6 +233,7 @@ def test_empty_sequences_are_skipped_and_counted():
     assert stats_of(state)["skipped"] == 1 and stats_of(state)["accepted"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_jit_and_no_jit_agree(use_jit):
     config = CONFIGS[1]
@@ -291,6 +293,7 @@ def _vmapped(batcher):
     return jax.jit(run_one), jax.jit(jax.vmap(run_one))
 
 
+@pytest.mark.slow
 def test_vmap_over_two_streams_equals_separate_runs():
     config = CONFIGS[1]
     batcher, spec = batcher_for(*config[:5], config[6]), spec_for(config[5])
@@ -576,6 +579,7 @@ def _row_key(row):
     return b"".join(np.ascontiguousarray(row[k]).tobytes() for k in sorted(row))
 
 
+@pytest.mark.slow
 def test_shuffled_batches_hold_grains_rows_in_a_seeded_order():
     """Each emitted batch holds the rows of Grain's batch (`shuffle_bins=True`: Grain
     shuffles within a batch too), in an order set by the key alone."""
@@ -646,6 +650,7 @@ def test_grouped_shuffle_orders_rows_by_group_like_grain(group_by):
     assert any(len({_group(r, group_by) for r in b}) > 1 for b in ours)  # not vacuous
 
 
+@pytest.mark.slow
 @settings(max_examples=6)
 @given(data=st.data(), group_by=st.sampled_from(["inputs", "id"]))
 def test_grouped_shuffle_permutes_the_reference_batches_by_group(data, group_by):
@@ -675,6 +680,7 @@ def test_grouped_shuffle_permutes_the_reference_batches_by_group(data, group_by)
         assert groups == sorted(groups)
 
 
+@pytest.mark.slow
 def test_grouped_shuffle_bulk_feed_equals_stepping():
     batcher, spec = shuffling("first_fit", "id"), spec_for(5)
     lengths = np.random.default_rng(5).integers(0, 6, size=(CHUNK + 3, 2)).tolist()
@@ -791,6 +797,7 @@ def check_bulk_equals_stepping(batcher, spec, state, chunk, flush):
         assert_batches_equal(run(batcher, [], spec, state=s)[2], flushed if not flush else [])
 
 
+@pytest.mark.slow
 @settings(max_examples=5)
 @given(case=streams(), flush=st.booleans(), data=st.data())
 def test_bulk_feed_equals_stepping(case, flush, data):
@@ -817,6 +824,7 @@ def test_bulk_feed_of_an_empty_chunk(flush):
 # --------------------------------------------------------------------------- the law checker
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, too_long", [("first_fit", "error"), ("best_fit", "truncate")])
 def test_pack_passes_check_batcher(strategy, too_long):
     from jaxbatch.testing import check_batcher
@@ -850,6 +858,7 @@ def test_pack_passes_check_batcher(strategy, too_long):
     assert report.stats["emitted"] == len(lengths) - 1
 
 
+@pytest.mark.slow
 def test_aligned_pack_passes_check_batcher():
     # Alignment leaves padding between the sequences of a row: the checker allows it.
     from jaxbatch.testing import check_batcher

@@ -109,6 +109,7 @@ def stats_of(state):
 # --------------------------------------------------------------------------- reference
 
 
+@pytest.mark.slow
 @settings(max_examples=10)
 @given(
     config=st.sampled_from(CONFIGS),
@@ -223,6 +224,7 @@ def rows(batch):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("in_size", "batch_size", "drop_remainder", "seed"),
     [(2, 3, False, 0), (2, 4, True, 1)],

@@ -188,6 +188,7 @@ def empty_pack_record(m, slots=12):
     return jax.device_put(out, NamedSharding(m, P())), jnp.int32(0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bulk", [True, False], ids=["bulk-feed", "stepped"])
 def test_streams_that_emit_at_different_steps_batch_as_alone(bulk):
     """`pack`'s streams emit different numbers of batches: with the bulk `feed` global
@@ -226,6 +227,7 @@ def test_streams_that_emit_at_different_steps_batch_as_alone(bulk):
         assert int(count) == max(alone_counts)
 
 
+@pytest.mark.slow
 def test_bulk_per_device_continues_a_stream_and_checks_its_room():
     m, data = mesh(), pack_streams(1)
     streams = jb.device_streams(data, m)
@@ -252,6 +254,7 @@ def test_bulk_per_device_continues_a_stream_and_checks_its_room():
         jb.scan_per_device(PACK, collect_pack, empty_pack_record(m), streams, m, max_batches=1)
 
 
+@pytest.mark.slow
 def test_a_shuffle_buffer_drains_per_device_with_the_default_room():
     """`shuffle` (bulk feed) holds many batches at the end: the default room covers its
     drain; each stream's batches are those of the stream alone with its own key."""

@@ -90,6 +90,7 @@ def ready_batches(emits, flushes):
 # --------------------------------------------------------------------------- the laws
 
 
+@pytest.mark.slow
 def test_check_batcher():
     key = jax.random.key(0)
     stream = {"x": jnp.arange(10, dtype=jnp.int32), "y": jnp.arange(20.0).reshape(10, 2)}
@@ -105,6 +106,7 @@ def test_check_batcher():
     assert {"reference", "resume", "vmap", "one trace"} <= set(report.checks)
 
 
+@pytest.mark.slow
 @settings(max_examples=8)
 @given(
     config=st.sampled_from(CONFIGS),
@@ -267,6 +269,7 @@ def assert_same_state(got, want):
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=6)
 @given(
     config=st.sampled_from(CONFIGS),
@@ -328,6 +331,7 @@ def test_bulk_feed_batches_past_count_are_masked_and_vmap():
     assert sorted(rows.tolist()) == list(range(13))
 
 
+@pytest.mark.slow
 def test_scan_with_the_bulk_feed_traces_the_consumer_once():
     """`jb.scan` builds every batch (steps and drain) at the consumer's one call site,
     and continuing a stream from the returned state reuses the program."""
@@ -362,6 +366,7 @@ def _collect(count_and_rows, batch):
     return count + 1, rows
 
 
+@pytest.mark.slow
 def test_resume_through_a_checkpoint_is_bit_identical(tmp_path):
     batcher, key = batcher_for(3, 4), jax.random.key(21)
     stream = {"x": jnp.arange(14, dtype=jnp.int32)}

@@ -51,6 +51,7 @@ def fixed_size_reference(batch_size, drop_remainder=False, pad_value=0):
 # --------------------------------------------------------------------------- lawful
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "batch_size, drop_remainder, pad_value",
     [(2, False, -1), (3, True, 0), (1, False, 0)],
@@ -93,6 +94,7 @@ def test_fixed_size_on_random_streams(stream, config):
     check_batcher(jb.fixed_size(**config), stream, reference=reference, **kwargs)
 
 
+@pytest.mark.slow
 def test_custom_batcher_example_runs():
     path = pathlib.Path(__file__).parents[1] / "examples" / "custom_batcher.py"
     example = runpy.run_path(str(path), run_name="custom_batcher")

@@ -96,6 +96,7 @@ STREAM = stream([3, 2, 4, 6, 1, 1, 5])
 QUICK = {"check_vmap": False, "resume_steps": 3, "lengths": LENGTHS}
 
 
+@pytest.mark.slow
 def test_a_users_packer_passes_the_token_checks():
     report = check_batcher(next_fit(ROW), STREAM, resume_steps=3, lengths=LENGTHS)
     assert report.stats["emitted"] == 7 and report.num_batches == 5
