@@ -337,7 +337,7 @@ def workload_markdown(result):
     unit, num = t["unit"], t["num"]
     copy_s = t["numpy_copy_s"]
     present = [p for p in PEERS if any(r["system"] == p for r in t["rows"])]
-    lines = [f"### `{result['name']}`: {t['title']}", ""]
+    lines = [f"### `{result['name']}`: {t['title']} (JAX {result.get('jax', '?')})", ""]
     exponent = fit_exponent(result["scaling"]) if len(result["scaling"]) > 1 else float("nan")
     ns = [n for n, _ in result["scaling"]]
     scale_text = f"2**{ns[0].bit_length() - 1}..2**{ns[-1].bit_length() - 1}" if ns else "-"
@@ -519,7 +519,8 @@ def results_markdown(results, info, quick, wall_s):
         "## How to reproduce",
         "",
         "```",
-        "make bench                                  # = .venv/bin/python benchmarks/run.py",
+        "make bench                                  # = .venv-newest/bin/python benchmarks/run.py",
+        "make bench-sweep                            # headline ratios per JAX release",
         ".venv/bin/python benchmarks/run.py --quick  # small sizes, under a minute",
         ".venv/bin/python benchmarks/run.py --only pack --out /tmp/bench",
         ".venv/bin/python benchmarks/bench_fixed_size.py   # one workload, with its targets",
@@ -611,6 +612,15 @@ def chart(results, path):
     plt.close(fig)
 
 
+def _version_sweep_block(text):
+    """The `make bench-sweep` table of an earlier RESULTS.md (kept: this run measures one
+    JAX release only)."""
+    begin, end = "<!-- version-sweep -->", "<!-- /version-sweep -->"
+    if begin in text and end in text:
+        return begin + text.split(begin, 1)[1].split(end, 1)[0] + end
+    return ""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -650,7 +660,10 @@ def main(argv=None):
     print("Scaling\n" + scaling_markdown(results) + "\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "RESULTS.md").write_text(results_markdown(results, info, args.quick, wall))
+    text = results_markdown(results, info, args.quick, wall)
+    previous = out / "RESULTS.md"
+    sweep = _version_sweep_block(previous.read_text() if previous.exists() else "")
+    (out / "RESULTS.md").write_text(text + ("\n" + sweep + "\n" if sweep else ""))
     chart(results, out / "throughput.png")
     print(f"wrote {out / 'RESULTS.md'} and {out / 'throughput.png'} ({wall:.0f} s)")
 
