@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a subprocess run of minutes: `make test-slow`
+
 DEMO = pathlib.Path(__file__).resolve().parent.parent / "examples" / "demo.py"
 
 
@@ -29,7 +31,6 @@ def quick_run(tmp_path_factory):
     return result.stdout, out
 
 
-@pytest.mark.slow
 def test_prints_every_section(quick_run):
     stdout, _ = quick_run
     for section in (

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a subprocess run of minutes: `make test-slow`
+
 WORKER = pathlib.Path(worker.__file__)
 TIMEOUT_S = 60
 

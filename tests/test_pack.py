@@ -709,6 +709,7 @@ def test_shuffle_rows_needs_a_key():
     assert state.key is None  # deterministic without shuffling
 
 
+@pytest.mark.slow
 @settings(max_examples=2)
 @given(seed=st.integers(0, 2**16), data=st.data())
 def test_shuffled_resume_and_bulk_feed_are_bit_identical(tmp_path_factory, seed, data):
@@ -972,6 +973,7 @@ def _fed(batcher):
     return jax.jit(go)
 
 
+@pytest.mark.slow
 def test_bulk_feed_per_feature_row_lengths_equals_stepping():
     config = CONFIGS[6]  # a row length per feature, best fit, aligned, capped, truncating
     batcher, spec = batcher_for(*config[:5], config[6]), spec_for(config[5])

@@ -237,6 +237,7 @@ def test_law_5_reorders_while_claiming_fifo():
     assert "order" not in check_batcher(broken, STREAM, fifo=False, **QUICK).checks
 
 
+@pytest.mark.slow
 def test_law_6_progress_kept_on_the_host():
     host = {"position": 0}  # survives `jit`, but not a save and load
 
