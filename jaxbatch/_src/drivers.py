@@ -128,13 +128,13 @@ def _by_step(batcher: Batcher, state: State, elements: Element, flush: bool, fn,
 
 def consume(
     batcher: Batcher,
-    state: State,
-    elements: Any,
     fn: Callable[[Carry, Batch], Carry],
     carry: Carry,
+    state: State,
+    elements: Any,
     *,
     flush: bool = False,
-) -> tuple[State, Carry]:
+) -> tuple[Carry, State]:
     """Feed a stack of elements to a batcher and run `carry = fn(carry, batch)` on every
     ready batch, in order: the un-jitted core of `scan`, for use inside your own `jit`.
 
@@ -144,16 +144,20 @@ def consume(
     each element (and, if `flush`, flushes until nothing is ready) with `fn` under
     `lax.cond`.
 
+    Every driver takes `(batcher, fn, carry, ...)` first where it has a consumer, then the
+    batcher state, then the elements; and returns the user's values first and the batcher
+    state last, like `scan`.
+
     Args:
         batcher: the batcher.
-        state: its state.
-        elements: elements stacked along a leading axis (an `Element` or a PyTree).
         fn: the consumer.
         carry: the consumer's initial carry.
+        state: the batcher's state.
+        elements: elements stacked along a leading axis (an `Element` or a PyTree).
         flush: drain the batcher after the last element (end of stream).
 
     Returns:
-        `(state, carry)`.
+        `(carry, state)`.
 
     Examples:
         >>> import jax
@@ -162,30 +166,34 @@ def consume(
         >>> batcher = jb.fixed_size(2)
         >>> state = batcher.init({"x": jnp.zeros(())})
         >>> count = lambda n, batch: n + 1
-        >>> run = jax.jit(lambda s, e: jb.consume(batcher, s, e, count, jnp.int32(0)))
-        >>> state, n = run(state, {"x": jnp.arange(5.0)})
+        >>> run = jax.jit(lambda s, e: jb.consume(batcher, count, jnp.int32(0), s, e))
+        >>> n, state = run(state, {"x": jnp.arange(5.0)})
         >>> int(n), int(state.count)
         (2, 1)
     """
     elements = as_element(elements)
     if batcher.feed is None:
-        return _by_step(batcher, state, elements, flush, fn, carry)
+        state, carry = _by_step(batcher, state, elements, flush, fn, carry)
+        return carry, state
     state, emissions = batcher.feed(state, elements, flush)
     carry = jax.lax.fori_loop(0, emissions.count, lambda k, c: fn(c, emissions.batch(k)), carry)
-    return state, carry
+    return carry, state
 
 
 def drain(
-    batcher: Batcher, state: State, fn: Callable[[Carry, Batch], Carry], carry: Carry
-) -> tuple[State, Carry]:
+    batcher: Batcher, fn: Callable[[Carry, Batch], Carry], carry: Carry, state: State
+) -> tuple[Carry, State]:
     """Call `flush` until it emits nothing, passing every ready batch to `fn` (one site).
+
+    Returns:
+        `(carry, state)`.
 
     Examples:
         >>> import jax.numpy as jnp
         >>> import jaxbatch as jb
         >>> batcher = jb.fixed_size(4)
         >>> state, _ = batcher.step(batcher.init({"x": jnp.zeros(())}), {"x": jnp.ones(())})
-        >>> state, valid = jb.drain(batcher, state, lambda n, b: n + b.num_valid, jnp.int32(0))
+        >>> valid, state = jb.drain(batcher, lambda n, b: n + b.num_valid, jnp.int32(0), state)
         >>> int(valid), int(state.count)
         (1, 0)
     """
@@ -196,12 +204,12 @@ def drain(
         return state, when_ready(emit, fn, carry), emit.ready
 
     state, carry, _ = jax.lax.while_loop(lambda c: c[2], body, (state, carry, jnp.array(True)))
-    return state, carry
+    return carry, state
 
 
 def collect(
     batcher: Batcher, state: State, elements: Any, capacity: int, *, flush: bool = False
-) -> tuple[State, PyTree, Int[Array, ""]]:
+) -> tuple[PyTree, Int[Array, ""], State]:
     """Feed a stack of elements and return every ready batch, stacked: `consume` that
     materialises, for `batch_all` and `iterate` (call it inside `jit`).
 
@@ -209,7 +217,7 @@ def collect(
     `jax.vmap(Emissions.batch)`; without one, each ready batch is written into its slot.
 
     Returns:
-        `(state, batches, count)`: leaves `[capacity, ...]`; slots at or past `count` have an
+        `(batches, count, state)`: leaves `[capacity, ...]`; slots at or past `count` have an
         all-False `valid_mask` (their data is unspecified). `batches` is what the batcher's
         `Emit.batch` is, stacked: a `Batch`, or a tree of them (every mask is handled).
         Batches past `capacity` are counted in `count` but not stored: the caller checks
@@ -240,7 +248,7 @@ def collect(
         state, (out, count) = _by_step(
             batcher, state, elements, flush, write, (out, jnp.zeros((), jnp.int32))
         )
-    return state, _mask_slots(out, slots < count), count
+    return _mask_slots(out, slots < count), count, state
 
 
 def _mask_slots(out: Any, keep: Array) -> Any:
@@ -259,8 +267,7 @@ def _mask_slots(out: Any, keep: Array) -> Any:
 def _scan(batcher, fn, carry, elements, state, key, flush):
     if state is None:
         state = batcher.init(row_spec(elements), key=key)
-    state, carry = consume(batcher, state, elements, fn, carry, flush=flush)
-    return carry, state
+    return consume(batcher, fn, carry, state, elements, flush=flush)
 
 
 def scan(
@@ -333,7 +340,7 @@ def _check_room(count: Array, capacity: int, argument: str) -> Array:
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _batch_all(batcher, elements, key, capacity):
     state = batcher.init(row_spec(elements), key=key)
-    _, out, count = collect(batcher, state, elements, capacity, flush=True)
+    out, count, _ = collect(batcher, state, elements, capacity, flush=True)
     return out, count
 
 
@@ -533,7 +540,7 @@ class BatchIterator(Iterator[Batch]):
             self._max_batches = math.ceil(self._chunk_size / batch.batch_size) + 1
 
     def _feed(self, state, rows, flush=False):
-        state, out, count = _feed_chunk(self._batcher, state, rows, flush, self._max_batches)
+        out, count, state = _feed_chunk(self._batcher, state, rows, flush, self._max_batches)
         _check_room(count, self._max_batches, "max_batches_per_chunk")
         return state, _unstack(out)[: int(count)]
 
