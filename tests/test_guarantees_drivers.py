@@ -79,7 +79,7 @@ def _resume_after(it, taken, source, chunk_size):
 
 
 @settings(max_examples=12)
-@given(fail_at=st.integers(0, N_ROWS - 1), chunk_size=st.sampled_from([2, 3]))
+@given(fail_at=st.integers(0, N_ROWS - 1), chunk_size=st.sampled_from([1, 3]))
 def test_1_a_source_error_loses_no_row_and_the_checkpoint_resumes_exactly(fail_at, chunk_size):
     it = jb.iterate(FIXED, _Flaky(ROWS, fail_at), chunk_size=chunk_size)
     taken = []
@@ -174,45 +174,36 @@ def test_4_an_int_that_does_not_fit_int32_is_refused_by_row_and_leaf(row, value,
     rows = [{"x": np.int64(i)} for i in range(5)]
     rows[row] = {"x": value if python else np.int64(value)}
     with pytest.raises(ValueError, match=rf"source\[{row}\] leaf `element.data\['x'\]`.*int32"):
-        list(jb.iterate(FIXED, rows, chunk_size=2))
+        list(jb.iterate(FIXED, rows, chunk_size=3))
 
 
 def test_4_values_that_fit_pass_exactly():
     rows = [{"x": np.int64(v)} for v in (2**31 - 1, -(2**31), 5)]
-    assert _rows_of(jb.iterate(FIXED, rows, chunk_size=2)) == [2**31 - 1, -(2**31), 5]
-    floats = [{"x": np.float64(v)} for v in (3.4e38, -np.inf, 0.5)]
-    got = [
-        float(x) for b in jb.iterate(FIXED, floats) for x, m in zip(b.data["x"], b.valid_mask) if m
-    ]
-    assert got[1:] == [-np.inf, 0.5] and got[0] == pytest.approx(3.4e38, rel=1e-6)
+    assert _rows_of(jb.iterate(FIXED, rows, chunk_size=3)) == [2**31 - 1, -(2**31), 5]
 
 
 @pytest.mark.parametrize("value", [1e300, -1e39])
 def test_4_a_float_that_overflows_float32_is_refused(value):
     rows = [{"x": 1.0}, {"x": 2.0}, {"x": value}]
     with pytest.raises(ValueError, match=r"source\[2\] leaf `element.data\['x'\]`.*float32"):
-        list(jb.iterate(FIXED, rows, chunk_size=2))
+        list(jb.iterate(FIXED, rows, chunk_size=3))
 
 
 def test_4_ragged_rows_of_different_dtypes_are_refused():
     docs = [{"tokens": np.arange(2, dtype=np.int32)}, {"tokens": np.arange(3, dtype=np.int64)}]
     with pytest.raises(TypeError, match=r"source\[1\]\['tokens'\] has dtype int64.*int32"):
-        list(jb.iterate(PACK, docs, ragged={"tokens": (4, "length")}))
+        list(jb.iterate(FIXED, docs, chunk_size=2, ragged={"tokens": (4, "length")}))
 
 
 # --------------------------------------------------------------------------- 6. run-time errors
 
 
-def _tokens(lengths):
-    n = len(lengths)
-    return {"tokens": jnp.ones((n, 6), jnp.int32), "length": jnp.asarray(lengths, jnp.int32)}
-
-
+BY_KEY = jb.by_bucket(lambda c, b: c + b.num_valid)
 RUN = {
-    "scan": lambda xs: jb.scan(PACK, lambda c, b: c, jnp.int32(0), xs),
-    "batch_all": lambda xs: jb.batch_all(PACK, xs, max_batches=8),
-    "iterate": lambda xs: list(
-        jb.iterate(PACK, [jax.tree.map(lambda x, i=i: np.asarray(x[i]), xs) for i in range(6)])
+    "scan": lambda ks: jb.scan(KEYED, BY_KEY, jnp.int32(0), {"k": ks}),
+    "batch_all": lambda ks: jb.batch_all(KEYED, {"k": ks}, max_batches=8),
+    "iterate": lambda ks: list(
+        jb.iterate(KEYED, [{"k": np.int32(k)} for k in ks], max_batches_per_chunk=8)
     ),
 }
 
@@ -220,21 +211,24 @@ RUN = {
 @settings(max_examples=6)
 @given(bad=st.integers(0, 5), driver=st.sampled_from(list(RUN)))
 def test_6_a_refused_element_is_named_on_the_first_line(bad, driver):
-    lengths = [2, 1, 3, 2, 1, 2]
-    lengths[bad] = 6  # longer than `row_length` = 4
+    keys = [0, 1, 1, 0, 1, 0]
+    keys[bad] = 7  # outside the 2 buckets
     with pytest.raises(jb.BatcherRuntimeError) as info:
-        RUN[driver](_tokens(lengths))
+        RUN[driver](jnp.asarray(keys, jnp.int32))
     first = str(info.value).splitlines()[0]
     assert first.startswith(f"`jb.{driver}`: element {bad} of ")
-    assert "`data['length']`=6" in first and "`row_length`=4" in first
+    assert "`data['k']`=7" in first and "outside [0, 2)" in first
     assert "CpuCallback" not in first and "filter_jit" not in str(info.value)
     assert info.value.position == bad
     assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
 
 
-def test_6_a_key_out_of_range_is_named():
-    with pytest.raises(jb.BatcherRuntimeError, match=r"^`jb.scan`: element 2 of .*`data\['k'\]`=7"):
-        jb.scan(KEYED, jb.by_bucket(lambda c, b: c), 0, {"k": jnp.array([0, 1, 7, 0])})
+def test_6_a_too_long_sequence_is_named():
+    lengths = jnp.array([2, 1, 6, 1], jnp.int32)  # element 2 is longer than `row_length` 4
+    xs = {"tokens": jnp.ones((4, 6), jnp.int32), "length": lengths}
+    pattern = r"^`jb.scan`: element 2 of `elements` \(`data\['length'\]`=6\).*`row_length`=4"
+    with pytest.raises(jb.BatcherRuntimeError, match=pattern):
+        jb.scan(PACK, lambda c, b: c, jnp.int32(0), xs)
 
 
 def test_6_a_check_in_the_consumer_says_so():
@@ -262,6 +256,8 @@ def _endless():
 
 
 ENDLESS = _endless()
+# With the bulk `feed`, `iterate`'s chunks compile cheaply; its drain is still `flush`.
+ENDLESS_FED = ENDLESS._replace(feed=FIXED.feed)
 
 
 @pytest.mark.parametrize("driver", ["scan", "batch_all", "iterate", "drain"])
@@ -270,7 +266,7 @@ def test_7_a_flush_that_never_stops_raises_naming_law_3(driver):
     run = {
         "scan": lambda: jb.scan(ENDLESS, lambda c, b: c + 1, 0, xs),
         "batch_all": lambda: jb.batch_all(ENDLESS, xs, max_batches=100),
-        "iterate": lambda: list(jb.iterate(ENDLESS, [{"x": np.int32(1)}] * 3)),
+        "iterate": lambda: list(jb.iterate(ENDLESS_FED, ROWS[:4], chunk_size=3)),
         "drain": lambda: jax.jit(lambda s: jb.drain(ENDLESS, lambda c, b: c + 1, 0, s))(
             ENDLESS.init({"x": jnp.zeros((), jnp.int32)})
         ),
