@@ -525,7 +525,9 @@ def scan(
 
     `carry = fn(carry, batch)` runs for each ready batch in order (inside the same XLA
     loop, never materialising the batches), then `flush` is drained unless `flush=False`
-    (pass the returned state to the next call to continue a stream across calls).
+    (pass the returned state to the next call to continue a stream across calls). Called
+    outside `jit`, it waits for its result, so that a failing run-time check is reported
+    here, naming the element (`BatcherRuntimeError`).
 
     Args:
         batcher: the batcher (build it once: it is a static argument).
@@ -568,7 +570,13 @@ def scan(
     """
     elements = _stream(elements)
     try:
-        return _scan(batcher, fn, carry, elements, state, key, flush)
+        out = _scan(batcher, fn, carry, elements, state, key, flush)
+        # Wait for the result, so that a run-time check failing on an accelerator (reported
+        # when the program finishes) is explained here. Under an outer `jit` there is
+        # nothing to wait for: its errors come from that `jit` (see `consume`).
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(out)):  # pyright: ignore
+            jax.block_until_ready(out)
+        return out
     except Exception as e:
         if _runtime_reason(e) is None:
             raise
@@ -821,9 +829,10 @@ class BatchIterator(Iterator[Batch]):
                 if (arrays[-1].dtype, arrays[-1].shape[1:]) != (dtype, trailing):
                     raise TypeError(
                         f"{where}[{name!r}] has dtype {arrays[-1].dtype} and shape "
-                        f"{arrays[-1].shape}, but the first row's has dtype {dtype} and shape "
-                        f"(n, *{trailing}): the rows of a `ragged` feature must share one dtype "
-                        "and trailing shape. Cast them to one dtype on the host."
+                        f"{arrays[-1].shape}, but the first row's has dtype {dtype} and "
+                        f"trailing shape {trailing} (after the ragged axis): the rows of a "
+                        "`ragged` feature must share one dtype and trailing shape. Cast them "
+                        "to one dtype on the host."
                     )
             like = arrays[0]
             chunk = np.zeros((len(rows), max_len, *like.shape[1:]), like.dtype)
@@ -947,7 +956,8 @@ class BatchIterator(Iterator[Batch]):
             if not ready:
                 return state, batches
             batches.append(emit.batch)
-        raise ValueError(f"`jb.iterate`: {_runaway_message(bound)}")
+        message = _runaway_message(bound)
+        raise BatcherRuntimeError(f"`jb.iterate`: {message}", None, message)
 
     def _run_chunk(self) -> None:
         rows = list(itertools.islice(self._source, self._chunk_size))
