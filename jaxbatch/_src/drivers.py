@@ -1085,7 +1085,7 @@ def iterate(
             f"`source` must be an iterable of elements (dicts or PyTrees of arrays), got a "
             f"{type(source).__name__} ({source[:20]!r}), whose items are characters."
         )
-    if isinstance(source, Mapping | Element | jax.Array):
+    if isinstance(source, Mapping | Element):
         raise ValueError(
             f"`source` must be an iterable of elements, one per item, got a "
             f"{type(source).__name__}: a stacked stream. Batch a stack with `jb.scan` or "
