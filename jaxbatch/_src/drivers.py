@@ -66,7 +66,7 @@ def _stream(elements: Any) -> Element:
 # --------------------------------------------------------------------------- bounded drains
 
 
-def max_flushes(state: State) -> int:
+def _max_flushes(state: State) -> int:
     """How many `flush` calls a drain of `state` may take before the drivers call it a
     runaway: one per row the state can hold (the sum of its arrays' leading lengths, a
     bound on its buffered rows, since each ready flush emits at least one) and two more.
@@ -189,7 +189,7 @@ def _locate(batcher: Batcher, state: State, elements: Element, flush: bool) -> t
                     return "element", start + i
                 state = after
         if flush:
-            for k in range(max_flushes(state)):
+            for k in range(_max_flushes(state)):
                 failed, after = _attempt(_flush, batcher, state)
                 if failed:
                     return "flush", k
@@ -324,7 +324,7 @@ def _by_step(batcher: Batcher, state: State, elements: Element, flush: bool, fn,
     def flush_once(i, state):
         return (i, *batcher.flush(state))
 
-    bound = max_flushes(state)
+    bound = _max_flushes(state)
 
     def body(c):
         i, state, carry, _, flushes = c
@@ -419,8 +419,9 @@ def drain(
 ) -> tuple[Carry, State]:
     """Call `flush` until it emits nothing, passing every ready batch to `fn` (one site).
 
-    The drain is bounded by `max_flushes(state)` calls; past it, a run-time error names
-    law 3 (see `consume` for run-time errors under your own `jit`).
+    The drain is bounded: one call per row the state can hold (the sum of its arrays'
+    leading lengths) and two more; past that, a run-time error names law 3 (see `consume`
+    for run-time errors under your own `jit`).
 
     Returns:
         `(carry, state)`.
@@ -435,7 +436,7 @@ def drain(
         (1, 0)
     """
 
-    fn, bound = _guard(fn), max_flushes(state)
+    fn, bound = _guard(fn), _max_flushes(state)
 
     def body(c):
         state, carry, _, flushes = c
@@ -939,7 +940,7 @@ class BatchIterator(Iterator[Batch]):
         """`flush` until it emits nothing (law 3: one batch per call, so a batcher holding
         many batches, a shuffle buffer, needs no room for them); bounded, so a `flush` that
         never stops raises instead of hanging."""
-        batches, bound = [], max_flushes(state)
+        batches, bound = [], _max_flushes(state)
         for _ in range(bound):
             try:
                 state, emit = _flush(self._batcher, state)
