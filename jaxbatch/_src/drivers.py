@@ -172,22 +172,25 @@ def _rows(elements: Element, start: int, stop: int) -> Element:
 
 
 def _locate(batcher: Batcher, state: State, elements: Element, flush: bool) -> tuple:
-    """Step `elements` from `state` again, a chunk at a time, to find the first element whose
-    `step` fails a run-time check: `("element", i)`, `("flush", k)` for the `k`-th call of
-    the end-of-stream drain, or `(None, None)`."""
-    n, chunk = _num_rows(elements), 128
+    """Step `elements` from `state` again to find the first element whose `step` fails a
+    run-time check: `("element", i)`, `("flush", k)` for the `k`-th call of the
+    end-of-stream drain, or `(None, None)`. Runs chunks of 4096, then 128, then 1 element
+    inside the failing chunk: a few hundred jitted calls for a million elements."""
+    start, stop = 0, _num_rows(elements)
     with _quiet_callbacks():
-        for start in range(0, n, chunk):
-            part = _rows(elements, start, start + chunk)
-            failed, after = _attempt(_steps, batcher, state, part)
-            if not failed:
+        for size in (4096, 128, 1):
+            found = False
+            for first in range(start, stop, size):
+                part = _rows(elements, first, min(first + size, stop))
+                failed, after = _attempt(_steps, batcher, state, part)
+                if failed:  # the element is in this chunk: look inside it, from `state`
+                    start, stop, found = first, min(first + size, stop), True
+                    break
                 state = after
-                continue
-            for i in range(_num_rows(part)):
-                failed, after = _attempt(_steps, batcher, state, _rows(part, i, i + 1))
-                if failed:
-                    return "element", start + i
-                state = after
+            if not found:
+                break
+        else:
+            return "element", start
         if flush:
             for k in range(_max_flushes(state)):
                 failed, after = _attempt(_flush, batcher, state)
