@@ -1096,6 +1096,10 @@ def iterate(
             "`jb.batch_all`, or pass its rows, e.g. "
             "`(jax.tree.map(lambda x: x[i], stack) for i in range(n))`."
         )
-    if not isinstance(source, Iterable):
-        raise TypeError(f"`source` must be an iterable of elements, got a {type(source).__name__}.")
+    try:
+        iter(source)  # a generator is not advanced; a `__getitem__` sequence counts
+    except TypeError:
+        raise TypeError(
+            f"`source` must be an iterable of elements, got a {type(source).__name__}."
+        ) from None
     return BatchIterator(batcher, source, chunk_size, max_batches_per_chunk, resume, key, ragged)
