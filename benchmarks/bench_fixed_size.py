@@ -169,7 +169,7 @@ def _light(images, labels, stream, reshaped, repeats, host_repeats, have, copy_s
     @jax.jit
     def by_element(elements):
         state = batcher.init(jb.element_spec(jax.tree.map(lambda x: x[0], elements)))
-        return jb.consume(stepper, state, elements, consume, CARRY)[1]
+        return jb.consume(stepper, consume, CARRY, state, elements)[0]
 
     xla_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
     t = {

@@ -94,8 +94,8 @@ def main(quick: bool = False) -> None:
         # `flush` calls): the consumer at two sites (see the module docstring).
         def steps_then_drain(key, stream, b=batcher):
             state = b.init(jb.element_spec(first), key=key)
-            state, carry = jb.consume(b, state, stream, consume, CARRY)
-            return jb.drain(b, state, consume, carry)[1]
+            carry, state = jb.consume(b, consume, CARRY, state, stream)
+            return jb.drain(b, consume, carry, state)[0]
 
         two_loops = jax.jit(steps_then_drain)
         results[f"jb.shuffle(buffer={buffer_size}) consume+drain"] = timeit(

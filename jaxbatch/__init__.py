@@ -60,6 +60,7 @@ from ._src.distributed_checkpoint import (
     save_distributed as save_distributed,
 )
 from ._src.drivers import (
+    BatcherRuntimeError as BatcherRuntimeError,
     BatchIterator as BatchIterator,
     IterateCheckpoint as IterateCheckpoint,
     batch_all as batch_all,

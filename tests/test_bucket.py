@@ -331,8 +331,8 @@ def test_when_ready_and_consume_with_by_bucket():
     batcher = key_batcher((1, 2))
     stacked = keyed_stream("dict", [1, 0, 1], 0)
     consumer = jb.by_bucket([lambda c, b: c + 1, lambda c, b: c + 10])
-    state, carry = jax.jit(
-        lambda s, e: jb.consume(batcher, s, e, consumer, jnp.int32(0), flush=True)
+    carry, state = jax.jit(
+        lambda s, e: jb.consume(batcher, consumer, jnp.int32(0), s, e, flush=True)
     )(batcher.init(row_spec(stacked)), stacked)
     assert int(carry) == 11 and int(state.stats.batches) == 2
 

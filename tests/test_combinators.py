@@ -119,7 +119,7 @@ def test_map_changes_values_against_mapped_stream():
     )
     # the bulk path and stepping agree bit for bit
     state = batcher.init(jax.tree.map(lambda v: v[0], elements))
-    _, stepped, stepped_count = jb.collect(
+    stepped, stepped_count, _ = jb.collect(
         batcher._replace(feed=None), state, elements, 3, flush=True
     )
     assert int(stepped_count) == 3
@@ -205,7 +205,7 @@ def test_running_moments_long_stream_float32_without_drift():
 @functools.cache
 def collect_all(batcher):
     """jitted: the state after a stream of 2 elements and the end-of-stream flush."""
-    return jax.jit(lambda state, xs: jb.collect(batcher, state, xs, 1, flush=True)[0])
+    return jax.jit(lambda state, xs: jb.collect(batcher, state, xs, 1, flush=True)[2])
 
 
 def test_precedence_initial_reset_set():
@@ -262,7 +262,7 @@ def test_plain_stats_fn_is_per_batch():
     batcher = jb.with_statistics(jb.fixed_size(2), lambda b: jnp.sum(b.data["x"]))
     state = batcher.init({"x": jnp.zeros(())})
     assert float(jb.get_statistics(state)) == 0.0
-    state, _, _ = jb.collect(batcher, state, {"x": jnp.array([1.0, 2.0, 3.0])}, 2, flush=True)
+    _, _, state = jb.collect(batcher, state, {"x": jnp.array([1.0, 2.0, 3.0])}, 2, flush=True)
     assert float(jb.get_statistics(state)) == 3.0  # the last batch: [3, pad 0]
 
 

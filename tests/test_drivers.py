@@ -456,7 +456,7 @@ def test_every_driver_program_traces_the_consumer_once(name):
     _, state = jb.scan(batcher, continued, zero, stream, state=batcher.init(spec), flush=False)
     jb.scan(batcher, continued, zero, make_stream("dict", 10, 3), state=state, flush=False)
     inner = consumer("consume in the user's jit")
-    jax.jit(lambda s, e: jb.consume(batcher, s, e, inner, zero, flush=True))(
+    jax.jit(lambda s, e: jb.consume(batcher, inner, zero, s, e, flush=True))(
         batcher.init(spec), stream
     )
     assert dict(traces) == {

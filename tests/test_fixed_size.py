@@ -185,7 +185,7 @@ def _bulk_and_by_step(batcher, flush, capacity):
 
     def run(state, chunk, carry):
         return {
-            name: (jb.consume(b, state, chunk, append, carry, flush=flush),)
+            name: (jb.consume(b, append, carry, state, chunk, flush=flush),)
             + jb.collect(b, state, chunk, capacity, flush=flush)
             for name, b in (("bulk", batcher), ("step", by_step))
         }
@@ -215,8 +215,8 @@ def test_bulk_feed_equals_stepping(batch_size, flush):
             assert int(state.count) == r
             chunk = make_stream("element", length, 5000 + 10 * length + r)
             runs = both(state, chunk, carry)
-            (s_bulk, (out_bulk, n_bulk)), s_coll, stacked, n_coll = runs["bulk"]
-            (s_step, (out_step, n_step)), _, stacked_step, n_coll_step = runs["step"]
+            ((out_bulk, n_bulk), s_bulk), stacked, n_coll, s_coll = runs["bulk"]
+            ((out_step, n_step), s_step), stacked_step, n_coll_step, _ = runs["step"]
             want = (r + length) // batch_size + (flush and (r + length) % batch_size > 0)
             assert int(n_bulk) == int(n_step) == int(n_coll) == int(n_coll_step) == want
             chex.assert_trees_all_equal(out_bulk, out_step)  # the batches, in order

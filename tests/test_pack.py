@@ -759,8 +759,8 @@ def _bulk(batcher, flush, n=CHUNK):
 
     def go(state, chunk):
         collected = jb.collect(batcher, state, chunk, n + 1, flush=flush)
-        empty = jax.tree.map(jnp.zeros_like, collected[1])
-        consumed = jb.consume(batcher, state, chunk, append, (empty, jnp.int32(0)), flush=flush)
+        empty = jax.tree.map(jnp.zeros_like, collected[0])
+        consumed = jb.consume(batcher, append, (empty, jnp.int32(0)), state, chunk, flush=flush)
         return collected, consumed
 
     return jax.jit(go)
@@ -783,7 +783,7 @@ def check_bulk_equals_stepping(batcher, spec, state, chunk, flush):
         tree = stack(chunk)
     else:
         tree = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), spec)
-    (s_bulk, out_bulk, n_bulk), (s_cons, (out_cons, n_cons)) = _bulk(batcher, flush, len(chunk))(
+    (out_bulk, n_bulk, s_bulk), ((out_cons, n_cons), s_cons) = _bulk(batcher, flush, len(chunk))(
         state, tree
     )
     assert int(n_bulk) == int(n_cons) == len(want)

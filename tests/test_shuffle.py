@@ -228,7 +228,7 @@ def _bulk(batcher, flush, capacity):
     def run(state, chunk):
         spec = jax.eval_shape(lambda s: batcher.flush(s)[1].batch, state)
         room = jax.tree.map(lambda s: jnp.zeros((capacity, *s.shape), s.dtype), spec)
-        consumed = jb.consume(batcher, state, chunk, _append, (room, jnp.int32(0)), flush=flush)
+        consumed = jb.consume(batcher, _append, (room, jnp.int32(0)), state, chunk, flush=flush)
         return consumed, jb.collect(batcher, state, chunk, capacity, flush=flush)
 
     return jax.jit(run)
@@ -296,7 +296,7 @@ def test_bulk_feed_equals_stepping(config, n, flush, prefix, flushed, seed):
     capacity = (batch_size - 1 + buffer_size + max(BULK_LENGTHS)) // batch_size + 1
     chunk = bulk_elements(n, 0)
     want, s_step = stepped(batcher, state, chunk, n, flush)
-    (s_bulk, (out, k_bulk)), (s_coll, stacked, k_coll) = _bulk(batcher, flush, capacity)(
+    ((out, k_bulk), s_bulk), (stacked, k_coll, s_coll) = _bulk(batcher, flush, capacity)(
         state, chunk
     )
     k = len(want)

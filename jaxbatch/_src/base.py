@@ -327,6 +327,41 @@ def prng_key(key: Any, who: str) -> Array:
     return key
 
 
-def row_spec(stacked: PyTree) -> PyTree:
-    """The spec of one row of a stacked tree (leading axis removed)."""
+def stream_length(stacked: PyTree, what: str = "elements") -> int:
+    """The number of rows of a stacked tree: the one leading length of all its leaves.
+
+    The one place every driver and every bulk `feed` checks a stream (through `row_spec`):
+    a tree whose leaves disagree on their leading length, or with a 0-d leaf, is not a
+    stack of elements, and batching it would drop or invent rows.
+
+    Raises:
+        ValueError: a leaf is 0-d, or the leaves' leading lengths differ (each leaf and its
+            length are named).
+    """
+    flat = jax.tree_util.tree_flatten_with_path(stacked)[0]
+    lengths: dict[int, list[str]] = {}
+    for path, x in flat:
+        shape = jnp.shape(x)
+        name = f"`{what}{jax.tree_util.keystr(path)}`"
+        if not shape:
+            raise ValueError(
+                f"{what} leaf {name} is 0-d (shape ()), but a stream stacks its elements "
+                "along a leading axis, so every leaf needs shape [n, ...]. For one element, "
+                "pass `jax.tree.map(lambda x: x[None], element)` or call `batcher.step`."
+            )
+        lengths.setdefault(shape[0], []).append(name)
+    if len(lengths) > 1:
+        listed = "; ".join(f"{', '.join(names)}: {n}" for n, names in lengths.items())
+        raise ValueError(
+            f"The leaves of `{what}` have different leading lengths ({listed}), so they are "
+            "not one stream of elements: every leaf needs the same number of rows n along "
+            "axis 0. Cut or pad them to one length."
+        )
+    return next(iter(lengths), 0)
+
+
+def row_spec(stacked: PyTree, what: str = "elements") -> PyTree:
+    """The spec of one row of a stacked tree (leading axis removed); checks that it is one
+    stack (`stream_length`)."""
+    stream_length(stacked, what)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], x.dtype), stacked)

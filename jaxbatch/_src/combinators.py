@@ -272,7 +272,7 @@ class StatsFn(NamedTuple):
         ... )
         >>> batcher = jb.with_statistics(jb.fixed_size(2), rows_seen)
         >>> state = batcher.init({"x": jnp.zeros((), jnp.int32)})
-        >>> state, _, _ = jb.collect(batcher, state, {"x": jnp.arange(5)}, 3, flush=True)
+        >>> _, _, state = jb.collect(batcher, state, {"x": jnp.arange(5)}, 3, flush=True)
         >>> int(jb.get_statistics(state))
         5
     """
@@ -381,7 +381,7 @@ def running_moments() -> StatsFn:
         >>> batcher = jb.with_statistics(jb.fixed_size(2), jb.running_moments())
         >>> xs = {"x": jnp.array([1.0, 2.0, 3.0, 6.0, 8.0])}
         >>> state = batcher.init({"x": jnp.zeros(())})
-        >>> state, _, _ = jb.collect(batcher, state, xs, 3, flush=True)
+        >>> _, _, state = jb.collect(batcher, state, xs, 3, flush=True)
         >>> moments = jb.get_statistics(state)
         >>> int(moments.count), moments.mean["x"], moments.variance()["x"]
         (5, Array(4., dtype=float32), Array(6.8, dtype=float32))
@@ -486,7 +486,7 @@ def with_statistics(batcher: Any, stats_fn: Any = None, *, initial: Any = None) 
         >>> batcher = jb.with_statistics(jb.fixed_size(2))
         >>> state = batcher.init({"x": jnp.zeros(())})
         >>> xs = {"x": jnp.array([1.0, 3.0, 5.0])}
-        >>> state, _, _ = jb.collect(batcher, state, xs, 2, flush=True)
+        >>> _, _, state = jb.collect(batcher, state, xs, 2, flush=True)
         >>> jb.get_statistics(state).mean["x"], bool(jb.has_statistics(state))
         (Array(3., dtype=float32), True)
         >>> bool(jb.has_statistics(jb.reset_statistics(state)))

@@ -156,10 +156,23 @@ def load_distributed(directory: str | os.PathLike, like: PyTree) -> PyTree:
             f"`directory` {directory!r} is not a checkpoint directory (it does not exist); "
             "pass the directory given to `save_distributed`."
         )
+    if not os.listdir(directory):
+        raise ValueError(
+            f"`directory` {directory!r} is empty: it holds no checkpoint (was the save "
+            "interrupted, or is this the parent of the step directories?); pass the directory "
+            "given to `save_distributed`."
+        )
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        saved = checkpointer.restore(
-            directory, ocp.args.Composite(structure=ocp.args.JsonRestore())
-        )["structure"]
+        try:
+            saved = checkpointer.restore(
+                directory, ocp.args.Composite(structure=ocp.args.JsonRestore())
+            )["structure"]
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            raise ValueError(
+                f"`directory` {directory!r} holds no checkpoint written by "
+                f"`jaxbatch.save_distributed` (it lacks the structure record: "
+                f"{type(e).__name__}: {e}); pass the directory given to `save_distributed`."
+            ) from e
         _check_compatible(directory, saved, like)
         flat, treedef = jax.tree_util.tree_flatten_with_path(like)
         targets = [_target(x, jax.tree_util.keystr(p)) for p, x in flat]

@@ -12,9 +12,12 @@ again with new values of the same shapes never retraces; build batchers and cons
 """
 
 import collections
+import contextlib
 import functools
 import itertools
+import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,17 +27,230 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int, PyTree
 
-from .base import Batcher, Carry, Counter, State, row_spec, stack_spec, when_ready
+from .base import (
+    Batcher,
+    Carry,
+    Counter,
+    State,
+    row_spec,
+    stack_spec,
+    stream_length,
+    when_ready,
+)
 from .batch import Batch, rows_mask
+from .batchers.bucket import Bucketed
 from .element import Element, as_element
 from .spec import batch_spec, check_against_spec, tree_spec
 
 
 def _num_rows(elements: Element) -> int:
-    leaves = jax.tree.leaves(elements)
-    if not leaves:
+    if not jax.tree.leaves(elements):
         raise ValueError("`elements` has no array leaves, so its length is unknown.")
-    return jnp.shape(leaves[0])[0]
+    return stream_length(elements)
+
+
+def _stream(elements: Any) -> Element:
+    """`elements` as one stacked `Element`, checked: every leaf `[n, ...]` with one `n`."""
+    if isinstance(elements, list) and any(isinstance(e, dict | Element) for e in elements):
+        raise ValueError(
+            f"`elements` is a list of {len(elements)} elements, but this driver takes one "
+            "stack of them (every leaf `[n, ...]`). Stack them first, e.g. "
+            "`jax.tree.map(lambda *xs: jnp.stack(xs), *elements)`, or stream them from the "
+            "host with `jb.iterate(batcher, elements)`."
+        )
+    elements = as_element(elements)
+    stream_length(elements)
+    return elements
+
+
+# --------------------------------------------------------------------------- bounded drains
+
+
+def _max_flushes(state: State) -> int:
+    """How many `flush` calls a drain of `state` may take before the drivers call it a
+    runaway: one per row the state can hold (the sum of its arrays' leading lengths, a
+    bound on its buffered rows, since each ready flush emits at least one) and two more.
+    A static int: it reads only shapes."""
+    rows = sum(jnp.shape(x)[0] for x in jax.tree.leaves(state) if jnp.ndim(x))
+    return int(rows) + 2
+
+
+def _runaway_message(bound: int) -> str:
+    return (
+        f"The batcher's `flush` still emitted a ready batch after {bound} calls in a row, "
+        "more than its state can hold (law 3: `flush` emits at most one batch per call, "
+        "and calling it until `ready` is False drains every buffer, so a drain ends). "
+        "Make `flush` return `ready=False` once its buffers are empty; "
+        "`jaxbatch.testing.check_batcher` checks this."
+    )
+
+
+def _guard(fn: Callable[[Carry, Batch], Carry]) -> Callable[[Carry, Batch], Carry]:
+    """`fn`, with a clear error when a bucketing emission reaches a consumer of `Batch`es."""
+
+    def guarded(carry: Carry, batch: Any) -> Carry:
+        try:
+            return fn(carry, batch)
+        except AttributeError as e:
+            if isinstance(batch, Bucketed) and "Bucketed" in str(e):
+                raise TypeError(
+                    "The batcher emits a `Bucketed` (one batch per bucket shape, and which "
+                    f"one is ready), but the consumer `fn` reads it as a `Batch` ({e}). "
+                    "Wrap the consumer: `jb.by_bucket(fn)` runs it on the ready bucket's "
+                    "batch (or pass one consumer per bucket, `jb.by_bucket([fn0, fn1, ...])`)."
+                ) from None
+            raise
+
+    return guarded
+
+
+# --------------------------------------------------------------------------- run-time errors
+
+
+class BatcherRuntimeError(ValueError, RuntimeError):
+    """A run-time check (an `eqx.error_if`) refused an element inside a jaxbatch driver.
+
+    The first line is jaxbatch's sentence: the driver, the element's position in the stream
+    and its scalar leaves, and the batcher's own message. Raised by `scan`, `batch_all` and
+    `iterate`, which re-run the stream's steps to find the element. It is both a
+    `ValueError` (bad data) and a `RuntimeError` (what JAX raises for it).
+
+    Attributes:
+        position: the element's 0-based position in the stream (for `iterate`, in the
+            source), or None when no element's `step` fails on its own (the failure is then
+            in the consumer or in the end-of-stream `flush`).
+        reason: the check's own message.
+    """
+
+    def __init__(self, message: str, position: int | None = None, reason: str = ""):
+        super().__init__(message)
+        self.position = position
+        self.reason = reason
+
+
+_EQX_MESSAGE = re.compile(r"EquinoxRuntimeError: (.*?)(?:\n\s*\n|\n-{5,}|$)", re.DOTALL)
+
+
+def _runtime_reason(error: BaseException) -> str | None:
+    """The `eqx.error_if` message inside a JAX run-time error, or None if it is not one."""
+    found = _EQX_MESSAGE.findall(str(error))
+    if not found:
+        return None
+    return found[-1].strip()
+
+
+@contextlib.contextmanager
+def _quiet_callbacks():
+    """JAX logs every failing callback with its traceback; the diagnosis runs some on
+    purpose."""
+    logger = logging.getLogger("jax._src.callback")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _steps(batcher, state, chunk):
+    return jax.lax.scan(lambda s, e: (batcher.step(s, e)[0], None), state, chunk)[0]
+
+
+def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+    """`(True, None)` if `fn(*args)` fails a run-time check, else `(False, fn(*args))`."""
+    try:
+        return False, jax.block_until_ready(fn(*args))
+    except Exception as e:  # noqa: BLE001  (only run-time check failures count)
+        if _runtime_reason(e) is None:
+            raise
+        return True, None
+
+
+def _rows(elements: Element, start: int, stop: int) -> Element:
+    return jax.tree.map(lambda x: x[start:stop], elements)
+
+
+def _locate(batcher: Batcher, state: State, elements: Element, flush: bool) -> tuple:
+    """Step `elements` from `state` again to find the first element whose `step` fails a
+    run-time check: `("element", i)`, `("flush", k)` for the `k`-th call of the
+    end-of-stream drain, or `(None, None)`. Runs chunks of 4096, then 128, then 1 element
+    inside the failing chunk: a few hundred jitted calls for a million elements."""
+    start, stop = 0, _num_rows(elements)
+    with _quiet_callbacks():
+        for size in (4096, 128, 1):
+            found = False
+            for first in range(start, stop, size):
+                part = _rows(elements, first, min(first + size, stop))
+                failed, after = _attempt(_steps, batcher, state, part)
+                if failed:  # the element is in this chunk: look inside it, from `state`
+                    start, stop, found = first, min(first + size, stop), True
+                    break
+                state = after
+            if not found:
+                break
+        else:
+            return "element", start
+        if flush:
+            for k in range(_max_flushes(state)):
+                failed, after = _attempt(_flush, batcher, state)
+                if failed:
+                    return "flush", k
+                state, emit = after
+                if not bool(jnp.any(jnp.asarray(emit.ready))):
+                    break
+    return None, None
+
+
+def _scalars(elements: Element, i: int) -> str:
+    """The 0-d leaves of element `i`, `name=value`, for an error message (at most 6)."""
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(elements.data)[0]:
+        if jnp.ndim(x) == 1 and len(out) < 6:
+            out.append(f"`data{jax.tree_util.keystr(path)}`={np.asarray(x[i]).item()!r}")
+    return ", ".join(out)
+
+
+def _explain(
+    error: BaseException,
+    who: str,
+    batcher: Batcher,
+    state: State,
+    elements: Element,
+    flush: bool,
+    offset: int = 0,
+    stream: str = "`elements`",
+) -> BatcherRuntimeError | None:
+    """The `BatcherRuntimeError` for a run-time check failure inside driver `who`, naming
+    the element (found by `_locate`), or None if `error` is not a run-time check failure."""
+    reason = _runtime_reason(error)
+    if reason is None:
+        return None
+    tail = (
+        "\n(Raised by an `eqx.error_if` inside the driver's jitted program; nothing of this "
+        "call's output was kept. The original JAX error is the `__cause__`.)"
+    )
+    if "law 3" in reason or "slots of room" in reason:  # the drivers' own checks
+        return BatcherRuntimeError(f"`{who}`: {reason}{tail}", None, reason)
+    kind, where = _locate(batcher, state, elements, flush)
+    if kind == "element":
+        scalars = _scalars(elements, where)
+        at = f"element {offset + where} of {stream}" + (f" ({scalars})" if scalars else "")
+        message = f"`{who}`: {at} was refused at run time: {reason}"
+        position = offset + where
+    elif kind == "flush":
+        message = (
+            f"`{who}`: the end-of-stream `flush` (call {where + 1}) failed a run-time check: "
+            f"{reason}"
+        )
+        position = None
+    else:
+        message = (
+            f"`{who}`: a run-time check failed, but no element's `step` fails it on its own, "
+            f"so it is in the consumer `fn` or in the batcher's `flush`: {reason}"
+        )
+        position = None
+    return BatcherRuntimeError(message + tail, position, reason)
 
 
 # --------------------------------------------------------------------------- the one call site
@@ -111,30 +327,37 @@ def _by_step(batcher: Batcher, state: State, elements: Element, flush: bool, fn,
     def flush_once(i, state):
         return (i, *batcher.flush(state))
 
+    bound = _max_flushes(state)
+
     def body(c):
-        i, state, carry, _ = c
+        i, state, carry, _, flushes = c
         stepping = i < n
         if n:
             i, state, emit = jax.lax.cond(stepping, steps_until_ready, flush_once, i, state)
         else:
             i, state, emit = flush_once(i, state)
+        flushes = flushes + (~stepping).astype(jnp.int32)
         # Go on after steps (a flush follows the last), and after a flush that emitted.
-        return i, state, when_ready(emit, fn, carry), stepping | emit.ready
+        return i, state, when_ready(emit, fn, carry), stepping | emit.ready, flushes
 
-    start = (jnp.zeros((), jnp.int32), state, carry, jnp.array(True))
-    _, state, carry, _ = jax.lax.while_loop(lambda c: c[3], body, start)
+    # The drain is bounded (law 3): a `flush` that never stops is an error, not a hang.
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, state, carry, jnp.array(True), zero)
+    going = lambda c: c[3] & (c[4] < bound)  # noqa: E731
+    _, state, carry, runaway, _ = jax.lax.while_loop(going, body, start)
+    carry = eqx.error_if(carry, runaway, _runaway_message(bound))
     return state, carry
 
 
 def consume(
     batcher: Batcher,
-    state: State,
-    elements: Any,
     fn: Callable[[Carry, Batch], Carry],
     carry: Carry,
+    state: State,
+    elements: Any,
     *,
     flush: bool = False,
-) -> tuple[State, Carry]:
+) -> tuple[Carry, State]:
     """Feed a stack of elements to a batcher and run `carry = fn(carry, batch)` on every
     ready batch, in order: the un-jitted core of `scan`, for use inside your own `jit`.
 
@@ -144,16 +367,34 @@ def consume(
     each element (and, if `flush`, flushes until nothing is ready) with `fn` under
     `lax.cond`.
 
+    Every driver takes `(batcher, fn, carry, ...)` first where it has a consumer, then the
+    batcher state, then the elements; and returns the user's values first and the batcher
+    state last, like `scan`.
+
     Args:
         batcher: the batcher.
-        state: its state.
-        elements: elements stacked along a leading axis (an `Element` or a PyTree).
         fn: the consumer.
         carry: the consumer's initial carry.
+        state: the batcher's state.
+        elements: elements stacked along a leading axis (an `Element` or a PyTree).
         flush: drain the batcher after the last element (end of stream).
 
     Returns:
-        `(state, carry)`.
+        `(carry, state)`.
+
+    Raises:
+        ValueError: `elements` is not one stack (leaves of different leading lengths, a
+            0-d leaf, a list of elements), at trace time.
+        TypeError: a bucketing batcher's `Bucketed` emission reaches a consumer of `Batch`es
+            (wrap it in `jb.by_bucket`), at trace time.
+
+    Run-time errors under your own `jit`: a batcher's run-time check (an `eqx.error_if`: a
+    sequence longer than a row, a key out of range) and the bounded drain (a `flush` that
+    never stops, law 3) raise JAX's `JaxRuntimeError` when the program runs; its text holds
+    the check's sentence (after `EquinoxRuntimeError:`), but not the element's position,
+    and equinox's advice to use `equinox.filter_jit` does not apply. To find the element,
+    run the same `state` and `elements` through `jb.scan` or `jb.batch_all`: they raise a
+    `jb.BatcherRuntimeError` whose first line names its position and scalar leaves.
 
     Examples:
         >>> import jax
@@ -162,46 +403,58 @@ def consume(
         >>> batcher = jb.fixed_size(2)
         >>> state = batcher.init({"x": jnp.zeros(())})
         >>> count = lambda n, batch: n + 1
-        >>> run = jax.jit(lambda s, e: jb.consume(batcher, s, e, count, jnp.int32(0)))
-        >>> state, n = run(state, {"x": jnp.arange(5.0)})
+        >>> run = jax.jit(lambda s, e: jb.consume(batcher, count, jnp.int32(0), s, e))
+        >>> n, state = run(state, {"x": jnp.arange(5.0)})
         >>> int(n), int(state.count)
         (2, 1)
     """
-    elements = as_element(elements)
+    elements, fn = _stream(elements), _guard(fn)
     if batcher.feed is None:
-        return _by_step(batcher, state, elements, flush, fn, carry)
+        state, carry = _by_step(batcher, state, elements, flush, fn, carry)
+        return carry, state
     state, emissions = batcher.feed(state, elements, flush)
     carry = jax.lax.fori_loop(0, emissions.count, lambda k, c: fn(c, emissions.batch(k)), carry)
-    return state, carry
+    return carry, state
 
 
 def drain(
-    batcher: Batcher, state: State, fn: Callable[[Carry, Batch], Carry], carry: Carry
-) -> tuple[State, Carry]:
+    batcher: Batcher, fn: Callable[[Carry, Batch], Carry], carry: Carry, state: State
+) -> tuple[Carry, State]:
     """Call `flush` until it emits nothing, passing every ready batch to `fn` (one site).
+
+    The drain is bounded: one call per row the state can hold (the sum of its arrays'
+    leading lengths) and two more; past that, a run-time error names law 3 (see `consume`
+    for run-time errors under your own `jit`).
+
+    Returns:
+        `(carry, state)`.
 
     Examples:
         >>> import jax.numpy as jnp
         >>> import jaxbatch as jb
         >>> batcher = jb.fixed_size(4)
         >>> state, _ = batcher.step(batcher.init({"x": jnp.zeros(())}), {"x": jnp.ones(())})
-        >>> state, valid = jb.drain(batcher, state, lambda n, b: n + b.num_valid, jnp.int32(0))
+        >>> valid, state = jb.drain(batcher, lambda n, b: n + b.num_valid, jnp.int32(0), state)
         >>> int(valid), int(state.count)
         (1, 0)
     """
 
-    def body(c):
-        state, carry, _ = c
-        state, emit = batcher.flush(state)
-        return state, when_ready(emit, fn, carry), emit.ready
+    fn, bound = _guard(fn), _max_flushes(state)
 
-    state, carry, _ = jax.lax.while_loop(lambda c: c[2], body, (state, carry, jnp.array(True)))
-    return state, carry
+    def body(c):
+        state, carry, _, flushes = c
+        state, emit = batcher.flush(state)
+        return state, when_ready(emit, fn, carry), emit.ready, flushes + 1
+
+    start = (state, carry, jnp.array(True), jnp.zeros((), jnp.int32))
+    going = lambda c: c[2] & (c[3] < bound)  # noqa: E731
+    state, carry, runaway, _ = jax.lax.while_loop(going, body, start)
+    return eqx.error_if(carry, runaway, _runaway_message(bound)), state
 
 
 def collect(
     batcher: Batcher, state: State, elements: Any, capacity: int, *, flush: bool = False
-) -> tuple[State, PyTree, Int[Array, ""]]:
+) -> tuple[PyTree, Int[Array, ""], State]:
     """Feed a stack of elements and return every ready batch, stacked: `consume` that
     materialises, for `batch_all` and `iterate` (call it inside `jit`).
 
@@ -209,13 +462,13 @@ def collect(
     `jax.vmap(Emissions.batch)`; without one, each ready batch is written into its slot.
 
     Returns:
-        `(state, batches, count)`: leaves `[capacity, ...]`; slots at or past `count` have an
+        `(batches, count, state)`: leaves `[capacity, ...]`; slots at or past `count` have an
         all-False `valid_mask` (their data is unspecified). `batches` is what the batcher's
         `Emit.batch` is, stacked: a `Batch`, or a tree of them (every mask is handled).
         Batches past `capacity` are counted in `count` but not stored: the caller checks
         `count <= capacity`.
     """
-    elements = as_element(elements)
+    elements = _stream(elements)
     slots = jnp.arange(capacity)
     if batcher.feed is not None:
         state, emissions = batcher.feed(state, elements, flush)
@@ -240,7 +493,7 @@ def collect(
         state, (out, count) = _by_step(
             batcher, state, elements, flush, write, (out, jnp.zeros((), jnp.int32))
         )
-    return state, _mask_slots(out, slots < count), count
+    return _mask_slots(out, slots < count), count, state
 
 
 def _mask_slots(out: Any, keep: Array) -> Any:
@@ -259,8 +512,7 @@ def _mask_slots(out: Any, keep: Array) -> Any:
 def _scan(batcher, fn, carry, elements, state, key, flush):
     if state is None:
         state = batcher.init(row_spec(elements), key=key)
-    state, carry = consume(batcher, state, elements, fn, carry, flush=flush)
-    return carry, state
+    return consume(batcher, fn, carry, state, elements, flush=flush)
 
 
 def scan(
@@ -277,7 +529,9 @@ def scan(
 
     `carry = fn(carry, batch)` runs for each ready batch in order (inside the same XLA
     loop, never materialising the batches), then `flush` is drained unless `flush=False`
-    (pass the returned state to the next call to continue a stream across calls).
+    (pass the returned state to the next call to continue a stream across calls). Called
+    outside `jit`, it waits for its result, so that a failing run-time check is reported
+    here, naming the element (`BatcherRuntimeError`).
 
     Args:
         batcher: the batcher (build it once: it is a static argument).
@@ -290,6 +544,13 @@ def scan(
 
     Returns:
         `(carry, state)` after the stream.
+
+    Raises:
+        ValueError: `elements` is not one stack of elements (leaves of different leading
+            lengths, a 0-d leaf, a list of elements).
+        BatcherRuntimeError: a run-time check of the batcher refused an element (its
+            position in `elements` and its scalar leaves are named on the first line), or
+            the end-of-stream drain did not end (law 3).
 
     Examples:
         Fit `y = 3x` with SGD, one step per batch of 8, in one `jit`:
@@ -311,7 +572,20 @@ def scan(
         >>> round(float(w), 3)
         3.0
     """
-    return _scan(batcher, fn, carry, as_element(elements), state, key, flush)
+    elements = _stream(elements)
+    try:
+        out = _scan(batcher, fn, carry, elements, state, key, flush)
+        # Wait for the result, so that a run-time check failing on an accelerator (reported
+        # when the program finishes) is explained here. Under an outer `jit` there is
+        # nothing to wait for: its errors come from that `jit` (see `consume`).
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(out)):  # pyright: ignore
+            jax.block_until_ready(out)
+        return out
+    except Exception as e:
+        if _runtime_reason(e) is None:
+            raise
+        start = batcher.init(row_spec(elements), key=key) if state is None else state
+        raise _explain(e, "jb.scan", batcher, start, elements, flush) from e
 
 
 # --------------------------------------------------------------------------- collecting
@@ -333,7 +607,7 @@ def _check_room(count: Array, capacity: int, argument: str) -> Array:
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _batch_all(batcher, elements, key, capacity):
     state = batcher.init(row_spec(elements), key=key)
-    _, out, count = collect(batcher, state, elements, capacity, flush=True)
+    out, count, _ = collect(batcher, state, elements, capacity, flush=True)
     return out, count
 
 
@@ -356,8 +630,11 @@ def batch_all(
         real batches.
 
     Raises:
-        ValueError: `max_batches` negative or not an int, or the stream produced more than
-            `max_batches` batches (under an outer `jit`, an `eqx.error_if` run-time error).
+        ValueError: `max_batches` negative or not an int, `elements` not one stack of
+            elements, or the stream produced more than `max_batches` batches (under an outer
+            `jit`, an `eqx.error_if` run-time error).
+        BatcherRuntimeError: a run-time check of the batcher refused an element (its
+            position in `elements` is named on the first line), or the drain did not end.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -368,13 +645,19 @@ def batch_all(
         >>> batches.valid_mask[2]
         Array([ True,  True, False, False], dtype=bool)
     """
-    elements = as_element(elements)
+    elements = _stream(elements)
     if max_batches is None:
         size = batch_spec(batcher, row_spec(elements), key=key).batch_size
         max_batches = math.ceil(_num_rows(elements) / size)
     if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 0:
         raise ValueError(f"`max_batches` must be a non-negative int, got {max_batches!r}.")
-    batches, count = _batch_all(batcher, elements, key, max_batches)
+    try:
+        batches, count = _batch_all(batcher, elements, key, max_batches)
+    except Exception as e:
+        if _runtime_reason(e) is None:
+            raise
+        start = batcher.init(row_spec(elements), key=key)
+        raise _explain(e, "jb.batch_all", batcher, start, elements, True) from e
     return batches, _check_room(count, max_batches, "max_batches")
 
 
@@ -420,6 +703,45 @@ def _from(source: Iterable[Any], position: int) -> Iterator[Any]:
     return itertools.islice(source, position, None)
 
 
+def _check_numeric(row: Any, where: str) -> None:
+    """Refuse a host row with a leaf that is not a number or an array of numbers."""
+    for path, x in jax.tree_util.tree_flatten_with_path(row)[0]:
+        if isinstance(x, jax.Array):
+            continue
+        try:
+            kind = np.asarray(x).dtype.kind
+        except (TypeError, ValueError):
+            kind = "O"
+        if kind in "OUS":
+            raise TypeError(
+                f"{where} leaf `{jax.tree_util.keystr(path) or 'element'}` is a "
+                f"{type(x).__name__} ({x!r:.40}), not a number or an array of numbers; "
+                "convert it on the host (tokenise text, encode labels as ints)."
+            )
+
+
+def _host(row: Any) -> Any:
+    """`row` with every leaf that is not a JAX array as a NumPy array (Python and NumPy
+    scalars keep their full precision, instead of becoming JAX's default dtypes)."""
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), row)
+
+
+def _misfits(x: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """Where the values of `x` do not fit `dtype` (a mask like `x`), or None if every value
+    of `x`'s dtype casts without changing beyond a float's rounding."""
+    if dtype.kind in "iu" and x.dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return (x < info.min) | (x > info.max)
+    if dtype.kind == "f" and x.dtype.kind == "f":
+        return np.isfinite(x) & (np.abs(x) > np.finfo(dtype).max)
+    if dtype.kind == "c" and x.dtype.kind == "c":
+        big = np.finfo(dtype).max
+        return (np.isfinite(x.real) & (np.abs(x.real) > big)) | (
+            np.isfinite(x.imag) & (np.abs(x.imag) > big)
+        )
+    return None
+
+
 class BatchIterator(Iterator[Batch]):
     """The iterator `iterate` returns; `checkpoint()` says where it stands."""
 
@@ -437,6 +759,8 @@ class BatchIterator(Iterator[Batch]):
         self._pending: collections.deque = collections.deque()
         self._next = None  # (state, position) once the current chunk is fully yielded
         self._done = False
+        self._error: BaseException | None = None  # sticky: rows may have been lost with it
+        self._ragged_like: dict[str, tuple[Any, tuple[int, ...]]] = {}
 
     def checkpoint(self) -> IterateCheckpoint:
         """The exact resume point: pass it back as `iterate(..., resume=checkpoint)`.
@@ -454,17 +778,33 @@ class BatchIterator(Iterator[Batch]):
         )
 
     def __next__(self) -> Batch:
+        if self._error is not None:
+            error = self._error
+            raise RuntimeError(
+                "This `jb.iterate` iterator stopped at an earlier error and does not go on "
+                "(the rows it had read for the failing chunk would be lost): "
+                f"{type(error).__name__}: {error}\nResume exactly from `checkpoint()` (it "
+                "stands before the error): `jb.iterate(batcher, source, resume=checkpoint)` "
+                "with a source that yields the same elements from the start."
+            ) from error
         while not self._pending:
             if self._next is not None:  # the previous chunk was fully yielded: commit it
                 self._state, self._position = self._next
                 self._next, self._skip = None, 0
             if self._done:
                 raise StopIteration
-            self._run_chunk()
+            try:
+                self._run_chunk()
+            except BaseException as e:
+                # Nothing of the failing chunk was committed: `checkpoint()` stands before it.
+                self._error = e
+                raise
         self._skip += 1
         return self._pending.popleft()
 
-    def _pad_ragged(self, rows: list[Any]) -> tuple[dict[str, np.ndarray], list[Any]]:
+    def _pad_ragged(
+        self, rows: list[Any], offset: int = 0
+    ) -> tuple[dict[str, np.ndarray], list[Any]]:
         """The `ragged` features of `rows` padded into one chunk array each (the payload's
         only copy) with their lengths; and the rows without those features."""
         if not self._ragged:
@@ -473,17 +813,30 @@ class BatchIterator(Iterator[Batch]):
         for name, (max_len, length_key) in self._ragged.items():
             arrays = []
             for i, row in enumerate(rows):
+                where = f"source[{self._position + offset + i}]"
                 if not isinstance(row, dict) or name not in row:
                     raise TypeError(
-                        f"`ragged` names feature {name!r}, but source[{self._position + i}] is "
+                        f"`ragged` names feature {name!r}, but {where} is "
                         f"not a dict holding it (got {type(row).__name__})."
                     )
                 arrays.append(np.asarray(row[name]))
                 if arrays[-1].ndim == 0 or len(arrays[-1]) > max_len:
                     raise ValueError(
-                        f"source[{self._position + i}][{name!r}] has shape "
+                        f"{where}[{name!r}] has shape "
                         f"{arrays[-1].shape}; `ragged` pads {name!r} to at most {max_len} "
                         "entries along its first axis: raise that bound or cut it on the host."
+                    )
+                # One dtype and trailing shape for all rows (the first row's): no silent cast.
+                dtype, trailing = self._ragged_like.setdefault(
+                    name, (arrays[-1].dtype, arrays[-1].shape[1:])
+                )
+                if (arrays[-1].dtype, arrays[-1].shape[1:]) != (dtype, trailing):
+                    raise TypeError(
+                        f"{where}[{name!r}] has dtype {arrays[-1].dtype} and shape "
+                        f"{arrays[-1].shape}, but the first row's has dtype {dtype} and "
+                        f"trailing shape {trailing} (after the ragged axis): the rows of a "
+                        "`ragged` feature must share one dtype and trailing shape. Cast them "
+                        "to one dtype on the host."
                     )
             like = arrays[0]
             chunk = np.zeros((len(rows), max_len, *like.shape[1:]), like.dtype)
@@ -493,9 +846,10 @@ class BatchIterator(Iterator[Batch]):
             padded[length_key] = np.array([len(a) for a in arrays], np.int32)
         return padded, [{k: v for k, v in row.items() if k not in self._ragged} for row in rows]
 
-    def _stack(self, rows: list[Any]) -> Element:
-        """Stack host rows leaf by leaf (numpy); on any mismatch, name the row that differs."""
-        padded, rows = self._pad_ragged(rows)
+    def _stack(self, rows: list[Any], offset: int = 0) -> Element:
+        """Stack host rows leaf by leaf (numpy); on any mismatch, name the row that differs.
+        `rows` start at `offset` in the current chunk."""
+        padded, rows = self._pad_ragged(rows, offset)
         try:
             stacked = jax.tree.map(lambda *xs: np.stack(xs), *rows)
             if padded:
@@ -510,17 +864,47 @@ class BatchIterator(Iterator[Batch]):
         except (ValueError, TypeError):
             consistent = False
         if not consistent:  # the slow path: raises naming the first row that differs
-            first = tree_spec(as_element(self._pad_ragged([self._first])[1][0]))
+            first = tree_spec(as_element(_host(self._pad_ragged([self._first])[1][0])))
             for i, row in enumerate(rows):
-                where = f"source[{self._position + i}]"
-                check_against_spec(first, as_element(row), what=where)
+                where = f"source[{self._position + offset + i}]"
+                _check_numeric(row, where)
+                check_against_spec(first, as_element(_host(row)), what=where)
         element = as_element(stacked)
-        return jax.tree.map(lambda x, s: x.astype(s.dtype, copy=False), element, self._spec)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x, s: self._narrow(path, x, s.dtype, offset), element, self._spec
+        )
+
+    def _narrow(self, path: Any, x: np.ndarray, dtype: Any, offset: int) -> np.ndarray:
+        """`x` cast to the batcher's `dtype` (int64 to int32 without x64, ...), refusing a
+        value that does not fit, by its row and leaf: a cast must never change a value
+        (beyond a float's rounding)."""
+        if x.dtype == dtype:
+            return x
+        bad = _misfits(x, np.dtype(dtype))
+        if bad is not None and bad.any():
+            i = int(np.argmax(bad.reshape(len(x), -1).any(axis=1)))
+            value = x[i] if x.ndim == 1 else x[i][bad[i]].flat[0]
+            raise ValueError(
+                f"source[{self._position + offset + i}] leaf "
+                f"`element{jax.tree_util.keystr(path)}` holds {value!r} ({x.dtype}), which "
+                f"does not fit the batcher's dtype {np.dtype(dtype).name} (JAX's dtype for "
+                f"{x.dtype} rows, as `jax_enable_x64` is "
+                f"{'on' if jax.config.jax_enable_x64 else 'off'}). Clip or cast it on the "
+                "host, or turn on `jax_enable_x64`."
+            )
+        return x.astype(dtype, copy=False)
 
     def _start(self, first: Any) -> None:
+        _check_numeric(first, f"source[{self._position}]")
+        first = _host(first)  # numpy, so nothing is cast before `_narrow` checks it
         padded, rest = self._pad_ragged([first])
         row = {**rest[0], **{k: v[0] for k, v in padded.items()}} if padded else first
-        self._first, self._row_spec = first, tree_spec(row)
+        # The rows' own dtypes (a leaf standing for each), so that stacking is checked
+        # before any cast; `_narrow` then casts to `_spec`, refusing a value that changes.
+        self._first = first
+        self._row_spec = jax.tree.map(
+            lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), row
+        )
         # Canonical dtypes (float64 rows become float32 without x64), as `jit` would see them.
         self._spec = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, jax.dtypes.canonicalize_dtype(s.dtype)),
@@ -532,10 +916,52 @@ class BatchIterator(Iterator[Batch]):
         if self._max_batches is None:
             self._max_batches = math.ceil(self._chunk_size / batch.batch_size) + 1
 
-    def _feed(self, state, rows, flush=False):
-        state, out, count = _feed_chunk(self._batcher, state, rows, flush, self._max_batches)
+    def _feed(self, state, rows, offset=0, flush=False):
+        try:
+            out, count, state_after = _feed_chunk(
+                self._batcher, state, rows, flush, self._max_batches
+            )
+            jax.block_until_ready(count)  # a run-time check fails here, inside the `try`
+        except Exception as e:
+            error = _explain(
+                e,
+                "jb.iterate",
+                self._batcher,
+                state,
+                rows,
+                flush,
+                self._position + offset,
+                "the source",
+            )
+            if error is None:
+                raise
+            raise error from e
         _check_room(count, self._max_batches, "max_batches_per_chunk")
-        return state, _unstack(out)[: int(count)]
+        return state_after, _unstack(out)[: int(count)]
+
+    def _drain(self, state):
+        """`flush` until it emits nothing (law 3: one batch per call, so a batcher holding
+        many batches, a shuffle buffer, needs no room for them); bounded, so a `flush` that
+        never stops raises instead of hanging."""
+        batches, bound = [], _max_flushes(state)
+        for _ in range(bound):
+            try:
+                state, emit = _flush(self._batcher, state)
+                ready = bool(jnp.any(jnp.asarray(emit.ready)))
+            except Exception as e:
+                reason = _runtime_reason(e)
+                if reason is None:
+                    raise
+                raise BatcherRuntimeError(
+                    f"`jb.iterate`: the end-of-stream `flush` failed a run-time check: {reason}",
+                    None,
+                    reason,
+                ) from e
+            if not ready:
+                return state, batches
+            batches.append(emit.batch)
+        message = _runaway_message(bound)
+        raise BatcherRuntimeError(f"`jb.iterate`: {message}", None, message)
 
     def _run_chunk(self) -> None:
         rows = list(itertools.islice(self._source, self._chunk_size))
@@ -550,15 +976,10 @@ class BatchIterator(Iterator[Batch]):
         else:  # the tail: one row at a time (one more compile, not one per tail length)
             batches = []
             for i in range(len(rows)):
-                state, more = self._feed(state, self._stack(rows[i : i + 1]))
+                state, more = self._feed(state, self._stack(rows[i : i + 1], i), i)
                 batches += more
-            # The drain: `flush` until it emits nothing (law 3: one batch per call), so a
-            # batcher holding many batches (a shuffle buffer) needs no room for them.
-            while True:
-                state, emit = _flush(self._batcher, state)
-                if not bool(jnp.any(jnp.asarray(emit.ready))):
-                    break
-                batches.append(emit.batch)
+            state, flushed = self._drain(state)
+            batches += flushed
             self._done = True
         self._pending.extend(batches[self._skip :])
         self._next = (state, self._position + len(rows))
@@ -566,10 +987,10 @@ class BatchIterator(Iterator[Batch]):
 
 def iterate(
     batcher: Batcher,
-    source: Iterable[Any],
+    source: Any,  # Iterable[Any]: validated below, with a ValueError or TypeError
     *,
     chunk_size: int = 256,
-    max_batches_per_chunk: int | None = None,
+    max_batches_per_chunk: Any = None,  # int | None: validated below, with a ValueError
     resume: IterateCheckpoint | None = None,
     key: Any = None,
     ragged: Any = None,  # Mapping[str, tuple[int, str]]: validated below, with a ValueError
@@ -603,6 +1024,22 @@ def iterate(
 
     Returns:
         A `BatchIterator` of `Batch`es.
+
+    Raises:
+        ValueError: a bad argument (`source` a string or a stacked stream, `chunk_size` or
+            `max_batches_per_chunk` not a positive int), or, while iterating, a host value
+            that does not fit the batcher's dtype (int64 `2**40` without x64, float64
+            `1e300` as float32), named by its source index and leaf.
+        TypeError: while iterating, rows of different structure, shapes or dtypes (ragged
+            features included), named by source index and leaf.
+        BatcherRuntimeError: while iterating, a run-time check of the batcher refused an
+            element (its source index is named on the first line), or the drain did not
+            end (law 3).
+
+    Errors never lose rows silently: once `next()` has raised (a source error, a refused
+    row), every later `next()` raises again, and `checkpoint()` still stands before the
+    failing chunk, so `iterate(..., resume=checkpoint)` on a source that yields the same
+    elements resumes exactly.
 
     Examples:
         >>> import numpy as np
@@ -638,4 +1075,31 @@ def iterate(
         )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
+    if max_batches_per_chunk is not None and (
+        isinstance(max_batches_per_chunk, bool)
+        or not isinstance(max_batches_per_chunk, int)
+        or max_batches_per_chunk < 1
+    ):
+        raise ValueError(
+            "`max_batches_per_chunk` must be a positive int (room for the batches one chunk "
+            f"emits) or None for the default, got {max_batches_per_chunk!r}."
+        )
+    if isinstance(source, str | bytes):
+        raise ValueError(
+            f"`source` must be an iterable of elements (dicts or PyTrees of arrays), got a "
+            f"{type(source).__name__} ({source[:20]!r}), whose items are characters."
+        )
+    if isinstance(source, Mapping | Element):
+        raise ValueError(
+            f"`source` must be an iterable of elements, one per item, got a "
+            f"{type(source).__name__}: a stacked stream. Batch a stack with `jb.scan` or "
+            "`jb.batch_all`, or pass its rows, e.g. "
+            "`(jax.tree.map(lambda x: x[i], stack) for i in range(n))`."
+        )
+    try:
+        iter(source)  # a generator is not advanced; a `__getitem__` sequence counts
+    except TypeError:
+        raise TypeError(
+            f"`source` must be an iterable of elements, got a {type(source).__name__}."
+        ) from None
     return BatchIterator(batcher, source, chunk_size, max_batches_per_chunk, resume, key, ragged)

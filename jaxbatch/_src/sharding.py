@@ -547,7 +547,7 @@ def _bulk_per_device(batcher, fn, flush, carry, streams, states, room, local):
     def gather(states, streams):
         return collect(batcher, states, streams, room, flush=flush)
 
-    states, out, counts = local(gather)(states, streams)
+    out, counts, states = local(gather)(states, streams)
 
     def body(k, carry):  # global batch `k`: every stream's `k`-th batch, side by side
         batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False), out)

@@ -93,7 +93,7 @@ def _check_feed_from(
             jax.tree.map(lambda s: jnp.zeros((room, *s.shape), s.dtype), checker.expected),
             jnp.zeros((), jnp.int32),
         )
-        consumed = consume(checker.batcher, state, elements, write, carry, flush=flush)
+        consumed = consume(checker.batcher, write, carry, state, elements, flush=flush)
         return consumed, collect(checker.batcher, state, elements, room, flush=flush)
 
     try:
@@ -102,7 +102,7 @@ def _check_feed_from(
         raise
     except Exception as e:
         _fail(1, f"{what} failed: {e}")
-    (state, (out, count)), (state_c, stacked, count_c) = consumed, collected
+    ((out, count), state), (stacked, count_c, state_c) = consumed, collected
     if int(count) != len(want_ready) or int(count_c) != len(want_ready):
         _fail(
             1,
