@@ -155,17 +155,27 @@ class Batcher(NamedTuple):
 class Counter(eqx.Module):
     """A count that never wraps: 64 bits held as two uint32 words (no `jax_enable_x64`).
 
-    Advance it with `add`; read it with `int()` outside `jit`.
+    Advance it with `add` (or sum many increments at once with `Counter.total`); read it
+    with `int()` outside `jit`. A count that would pass `2**64 - 1` saturates there: it
+    stays at `2**64 - 1` (`Counter.MAX`) instead of wrapping to a small number, so a
+    saturated count is visibly wrong, never silently small.
 
     Examples:
+        >>> import jax.numpy as jnp
         >>> import jaxbatch as jb
         >>> c = jb.Counter.of(2**32 - 1).add(3)
         >>> int(c)
         4294967298
+        >>> int(jb.Counter.total(jnp.full(3, 2**31, jnp.uint32)))  # no 32-bit overflow
+        6442450944
+        >>> int(jb.Counter.of(jb.Counter.MAX).add(1)) == jb.Counter.MAX  # saturates
+        True
     """
 
     lo: UInt32[Array, "*shape"]
     hi: UInt32[Array, "*shape"]
+
+    MAX = 2**64 - 1  # where a count saturates
 
     @classmethod
     def of(cls, value: int = 0) -> "Counter":
@@ -174,17 +184,52 @@ class Counter(eqx.Module):
             raise ValueError(f"`value` must be in [0, 2**64), got {value}.")
         return cls(lo=jnp.uint32(value & 0xFFFFFFFF), hi=jnp.uint32(value >> 32))
 
-    def add(self, n: ArrayLike) -> "Counter":
-        """This count plus `n` (a non-negative integer below 2**32), carrying into `hi`."""
-        lo = self.lo + jnp.asarray(n, dtype=jnp.uint32)
-        return Counter(lo=lo, hi=self.hi + (lo < self.lo).astype(jnp.uint32))
+    @classmethod
+    def total(cls, values: ArrayLike) -> "Counter":
+        """The exact sum of an array of non-negative integers (each below 2**32, or any
+        64-bit value under `jax_enable_x64`) as a `Counter`: no 32-bit overflow however many
+        there are, saturating at `Counter.MAX`."""
+        lo, hi = _words(jnp.ravel(jnp.asarray(values)))
+        zero = jnp.zeros((), jnp.uint32)
+
+        def plus(a, b):
+            total, over = _plus((a[0], a[1]), (b[0], b[1]))
+            return _saturate(total, over)
+
+        return cls(*jax.lax.reduce((lo, hi), (zero, zero), plus, (0,)))
+
+    def add(self, n: "ArrayLike | Counter") -> "Counter":
+        """This count plus `n`: a non-negative integer (below 2**32, or any 64-bit value
+        under `jax_enable_x64`), a bool, or another `Counter`; saturates at `Counter.MAX`."""
+        other = (n.lo, n.hi) if isinstance(n, Counter) else _words(jnp.asarray(n))
+        return Counter(*_saturate(*_plus((self.lo, self.hi), other)))
 
     def __add__(self, other: "Counter") -> "Counter":
-        lo = self.lo + other.lo
-        return Counter(lo=lo, hi=self.hi + other.hi + (lo < self.lo).astype(jnp.uint32))
+        return self.add(other)
 
     def __int__(self) -> int:
         return (int(self.hi) << 32) | int(self.lo)
+
+
+def _words(n: Array) -> tuple[Array, Array]:
+    """A non-negative integer (or bool) array as its (low, high) uint32 words."""
+    if jnp.dtype(n.dtype).itemsize == 8:  # int64 / uint64 under `jax_enable_x64`
+        n = n.astype(jnp.uint64)
+        return (n & 0xFFFFFFFF).astype(jnp.uint32), (n >> 32).astype(jnp.uint32)
+    return n.astype(jnp.uint32), jnp.zeros(n.shape, jnp.uint32)
+
+
+def _plus(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[tuple[Array, Array], Array]:
+    """`a + b` on (low, high) words, and whether it passed 2**64 - 1."""
+    lo = a[0] + b[0]
+    hi = a[1] + b[1]
+    hi_carried = hi + (lo < a[0]).astype(jnp.uint32)
+    return (lo, hi_carried), (hi < a[1]) | (hi_carried < hi)
+
+
+def _saturate(words: tuple[Array, Array], over: Array) -> tuple[Array, Array]:
+    top = jnp.full(jnp.shape(over), 0xFFFFFFFF, jnp.uint32)
+    return jnp.where(over, top, words[0]), jnp.where(over, top, words[1])
 
 
 class Stats(eqx.Module):
@@ -210,14 +255,14 @@ class Stats(eqx.Module):
 
     @classmethod
     def zeros(cls) -> "Stats":
-        """All counters at zero."""
-        zero = Counter.of(0)
-        return cls(zero, zero, zero, zero, zero, zero)
+        """All counters at zero, each its own arrays (a state can be donated to `jit`)."""
+        return cls(*(Counter.of(0) for _ in dataclasses.fields(cls)))
 
-    def add(self, **increments: ArrayLike) -> "Stats":
+    def add(self, **increments: "ArrayLike | Counter") -> "Stats":
         """Advance the named counters, e.g. `stats.add(accepted=1, batches=ready)`.
 
-        Increments are non-negative integers (or bools) below 2**32, traced or not.
+        Increments are what `Counter.add` takes: non-negative integers (or bools) below
+        2**32, traced or not, or `Counter`s (e.g. `Counter.total` of a per-call vector).
         """
         counters = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         unknown = set(increments) - set(counters)

@@ -4,6 +4,7 @@ laws ask for (law 8), naming the argument, what was given and what is expected."
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..element import Element
@@ -45,3 +46,22 @@ def pad_value_fits(pad_value: bool | int | float, spec: Element) -> None:
                 f"`element{jax.tree_util.keystr(path)}` of dtype {dtype} (integers in "
                 f"[{low}, {high}]); pick a pad value every leaf can hold, such as 0."
             )
+
+
+def clamp_to_int32(x: Any, low: int, high: int) -> jax.Array:
+    """Integer `x` (any width, traced or not) clamped to `[low, high]` in its own dtype, then
+    cast to int32 (`low`, `high` within int32).
+
+    Clamp before the cast, never after: an int64 `2**32 + 3` cast first would read as 3. Pass
+    bounds one past the valid range (e.g. `low=-1`, `high=limit + 1`), and a range check on
+    the result fails exactly when it fails on `x`, under `jax_enable_x64` too.
+    """
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.int32)
+    info = jnp.iinfo(x.dtype)
+    if info.min < low:
+        x = jnp.maximum(x, jnp.asarray(low, x.dtype))
+    if info.max > high:
+        x = jnp.minimum(x, jnp.asarray(high, x.dtype))
+    return x.astype(jnp.int32)

@@ -37,7 +37,7 @@ from ..base import Batcher, Carry, Emit, Stats, row_spec, stack_spec
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import flag, pad_number, pad_value_fits
+from ._checks import clamp_to_int32, flag, pad_number, pad_value_fits
 from .fixed_size import _as_batch
 
 _TOO_LONG = ("error", "skip")
@@ -186,7 +186,7 @@ def _bucketing(
             )
             for i in range(num)
         )
-        hit = (jnp.arange(num) == bucket) & accept
+        hit = (jnp.arange(num, dtype=jnp.int32) == bucket) & accept
         counts = state.counts + hit.astype(jnp.int32)
         full = hit & (counts == sizes())
         ready = jnp.any(full)
@@ -213,10 +213,10 @@ def _bucketing(
         nonempty = counts > 0
         ready = jnp.any(nonempty)
         bucket = jnp.argmax(nonempty).astype(jnp.int32)  # the first non-empty bucket
-        pick = (jnp.arange(num) == bucket) & ready
+        pick = (jnp.arange(num, dtype=jnp.int32) == bucket) & ready
         batches = []
         for i, (buf, b) in enumerate(zip(state.buffers, batch_sizes)):
-            rows = jnp.arange(b) < counts[i]
+            rows = jnp.arange(b, dtype=jnp.int32) < counts[i]
             padded = jax.tree.map(
                 lambda x, rows=rows: jnp.where(
                     rows_mask(rows, x), x, jnp.asarray(pad_value, x.dtype)
@@ -297,7 +297,7 @@ def bucket_by(
                 f"`key_fn` must return a scalar integer, got shape {shape} dtype {dtype}; "
                 "e.g. `lambda e: e.data['label']` on an int32 scalar leaf."
             )
-        key = jnp.asarray(key).astype(jnp.int32)
+        key = clamp_to_int32(key, -1, num)  # range-checked as given, not cut to 32 bits
         key = eqx.error_if(
             key,
             (key < 0) | (key >= num),
@@ -473,7 +473,8 @@ def bucket_by_length(
         return spec.replace(data={**spec.data, **full})
 
     def route(element: Element) -> tuple[Array, Array, Array]:
-        n = element.data[length].astype(jnp.int32)
+        # Clamped, not cut, to 32 bits: an int64 length of 2**32 + 3 stays too long.
+        n = clamp_to_int32(element.data[length], -1, longest + 1)
         n = eqx.error_if(n, n < 0, f"A sequence has a negative `length` (data[{length!r}]).")
         if too_long == "error":
             n = eqx.error_if(
@@ -491,7 +492,7 @@ def bucket_by_length(
 
         def one(x):
             x = jnp.asarray(x)[:bound]
-            keep = rows_mask(jnp.arange(bound) < n, x)
+            keep = rows_mask(jnp.arange(bound, dtype=jnp.int32) < n, x)
             return jnp.where(keep, x, jnp.asarray(pad_value, x.dtype))
 
         data = {**element.data, **{f: one(element.data[f]) for f in features}}

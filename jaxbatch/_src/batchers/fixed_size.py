@@ -112,7 +112,7 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
         if drop_remainder:
             not_ready = Emit(_as_batch(state.buffer, ~all_valid), jnp.array(False))
             return FixedSizeState(state.buffer, zero, state.stats.add(dropped=n)), not_ready
-        rows = jnp.arange(batch_size) < n
+        rows = jnp.arange(batch_size, dtype=jnp.int32) < n
         padded = jax.tree.map(
             lambda buf: jnp.where(rows_mask(rows, buf), buf, jnp.asarray(pad_value, buf.dtype)),
             state.buffer,
@@ -149,7 +149,9 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
             return jax.tree.map(lambda buf, x: leaf(buf, x, buf), state.buffer, elements)
 
         def rows_of_batch(k):
-            position = k * batch_size + jnp.arange(batch_size) - r  # stream position per row
+            position = (
+                k * batch_size + jnp.arange(batch_size, dtype=jnp.int32) - r
+            )  # stream position per row
             index = jnp.clip(position, 0, max(n - 1, 0))
 
             def take(x):  # no rows to take from an empty stack: any value (it is masked)
@@ -167,7 +169,7 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
             # One pad-and-reshape of the stream: slot k of the result is batch k. From an
             # empty buffer (`r` a constant 0) XLA reduces it to a copy of the elements.
             size = capacity * batch_size
-            position = jnp.arange(size) - r
+            position = jnp.arange(size, dtype=jnp.int32) - r
 
             def shifted(x):  # stream row `position[q]` at row q (pad where out of range)
                 padding = jnp.full((batch_size, *x.shape[1:]), pad_value, x.dtype)
@@ -180,7 +182,7 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
                 return jnp.concatenate([buf, rest])[:size]
 
             rows = pick(position, front, shifted)
-            slot = jnp.arange(size) // batch_size
+            slot = jnp.arange(size, dtype=jnp.int32) // batch_size
             flat = _as_batch(rows, (position < n) & (slot < count))
             # tree.map, not Batch(...): the stacked mask is 2-D, one row per slot.
             return jax.tree.map(lambda x: x.reshape(capacity, batch_size, *x.shape[1:]), flat)

@@ -248,7 +248,7 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
         complete = jnp.min(counts // jnp.asarray(rates, jnp.int32))  # windows done everywhere
         complete = jnp.minimum(complete, batch_size)
         ready = complete > 0
-        valid = (jnp.arange(batch_size) < complete) & ready
+        valid = (jnp.arange(batch_size, dtype=jnp.int32) < complete) & ready
         masks = tuple(
             (jnp.arange(need[c]) < counts[c]).reshape(batch_size, rates[c]) & ready
             for c in range(num_channels)

@@ -211,7 +211,7 @@ def rebatch(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any = 0)
         if drop_remainder:
             not_ready = Emit(_as_batch(head, jnp.zeros((batch_size,), bool)), jnp.array(False))
             return RebatchState(state.buffer, zero, state.stats.add(dropped=n)), not_ready
-        rows = jnp.arange(batch_size) < n
+        rows = jnp.arange(batch_size, dtype=jnp.int32) < n
         padded = jax.tree.map(
             lambda x: jnp.where(rows_mask(rows, x), x, jnp.asarray(pad_value, x.dtype)), head
         )

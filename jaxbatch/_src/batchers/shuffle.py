@@ -109,7 +109,7 @@ def _step_key(key: Key[Array, ""]) -> tuple[Key[Array, ""], Key[Array, ""]]:
 def _random_slot(draw: Key[Array, ""], buffer_size: int) -> Array:
     """The slot a `step` on a full buffer evicts: uniform over the `buffer_size` slots.
     It depends on the step's key alone, so the bulk path draws all of them at once."""
-    return jax.random.randint(draw, (), 0, buffer_size)
+    return jax.random.randint(draw, (), 0, buffer_size, dtype=jnp.int32)
 
 
 def _step_slot(random_slot: Array, filled: Array, buffer_size: int) -> tuple[Array, Array]:
@@ -140,12 +140,12 @@ def _draw_slots(
     """
     batch_size = draws.shape[0]
     n = count + jnp.minimum(batch_size - count, filled)
-    rows = jnp.arange(batch_size)
+    rows = jnp.arange(batch_size, dtype=jnp.int32)
     active = (rows >= count) & (rows < n)
     # Row `r`'s draw is over the `filled - (r - count)` slots still buffered: known up front,
     # so all the draws are made at once; the loop below moves small ints only.
     left = jnp.maximum(filled - (rows - count), 1)
-    picks = jax.vmap(lambda d, m: jax.random.randint(d, (), 0, m))(draws, left)
+    picks = jax.vmap(lambda d, m: jax.random.randint(d, (), 0, m, dtype=jnp.int32))(draws, left)
 
     def draw_row(r, carry):
         where, drawn = carry  # where[s]: the buffer row now in slot s
@@ -155,7 +155,7 @@ def _draw_slots(
         where = where.at[slot].set(where[last])  # the last fills the hole
         return where, drawn
 
-    start = (jnp.arange(slots), jnp.zeros(batch_size, jnp.int32))
+    start = (jnp.arange(slots, dtype=jnp.int32), jnp.zeros(batch_size, jnp.int32))
     where, drawn = jax.lax.fori_loop(0, batch_size, draw_row, start)
     return where, drawn, filled - (n - count)
 
@@ -188,7 +188,7 @@ def _draw(
     n = count + jnp.minimum(batch_size - count, filled)
     slots = jax.tree.leaves(buffer)[0].shape[0] if jax.tree.leaves(buffer) else 1
     where, drawn, left = _draw_slots(count, filled, draws, slots)
-    rows = jnp.arange(batch_size)
+    rows = jnp.arange(batch_size, dtype=jnp.int32)
     take = (rows >= count) & (rows < n)  # rows before `count` are real and stay
     batch = jax.tree.map(
         lambda b, x: jnp.where(rows_mask(take, b), jnp.take(x, drawn, axis=0), b), batch, buffer
@@ -306,7 +306,7 @@ def shuffle(
         n = count + jnp.minimum(batch_size - count, filled)  # valid rows of this batch
         buffer, batch, left = _draw(state.buffer, state.batch, count, filled, draws)
         ready, increments = _flush_outcome(n, batch_size, drop_remainder)
-        rows = jnp.arange(batch_size) < n
+        rows = jnp.arange(batch_size, dtype=jnp.int32) < n
         if drop_remainder:
             emit = Emit(_as_batch(batch, rows & ready), ready)
         else:
@@ -387,7 +387,7 @@ def shuffle(
 
         def sources_of(k):
             """The source of each row of batch `k` and its place in the output stream."""
-            q = k * batch_size + jnp.arange(batch_size)
+            q = k * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
             e = q - state.count  # eviction number
             src = jnp.take(drained, k - whole, axis=0, mode="clip") if flush else q * 0
             if n:
