@@ -403,20 +403,22 @@ def concat_and_split(
         def table(leaf: Any) -> Array:
             return jnp.full((table_rows, width, *leaf.shape), pad_value, leaf.dtype)
 
-        zero = jnp.zeros((), jnp.int32)
+        def zero():  # each field its own array, so the state can be donated to `jit`
+            return jnp.zeros((), jnp.int32)
+
         return ConcatAndSplitState(
             buffer={k: b[0] for k, b in buffers.items()},
             segment_ids={k: b[1] for k, b in buffers.items()},
             positions={k: b[2] for k, b in buffers.items()},
             length_like={n: jnp.zeros((), spec.data[n].dtype) for n in set(lengths.values())},
             tables={m: jax.tree.map(table, spec.data[m]) for m in metas_of(spec)},
-            row=zero,
-            fill=dict.fromkeys(features, zero),
-            segments=zero,
-            pending=zero,
+            row=zero(),
+            fill={k: zero() for k in features},
+            segments=zero(),
+            pending=zero(),
             stats=Stats.zeros(),
-            tokens=dict.fromkeys(features, Counter.of(0)),
-            padding_tokens=dict.fromkeys(features, Counter.of(0)),
+            tokens={k: Counter.of(0) for k in features},
+            padding_tokens={k: Counter.of(0) for k in features},
         )
 
     def max_len_of(state: ConcatAndSplitState, key: str) -> int:
@@ -656,7 +658,10 @@ def concat_and_split(
         padding = padding_of(state.segment_ids)
         buffers = {k: fresh(max_len_of(state, k), b.shape[1:], b.dtype)
                    for k, b in state.buffer.items()}  # fmt: skip
-        zero = jnp.zeros((), jnp.int32)
+
+        def zero():  # each field its own array, so the state can be donated to `jit`
+            return jnp.zeros((), jnp.int32)
+
         padded_rows = jnp.where(ready, num_rows - jnp.sum(valid, dtype=jnp.int32), 0)
         new_state = ConcatAndSplitState(
             buffer={k: b[0] for k, b in buffers.items()},
@@ -664,10 +669,10 @@ def concat_and_split(
             positions={k: b[2] for k, b in buffers.items()},
             length_like=state.length_like,
             tables=jax.tree.map(lambda t: jnp.full_like(t, pad_value), state.tables),
-            row=zero,
-            fill=dict.fromkeys(features, zero),
-            segments=zero,
-            pending=zero,
+            row=zero(),
+            fill={k: zero() for k in features},
+            segments=zero(),
+            pending=zero(),
             stats=state.stats.add(emitted=state.pending, batches=ready, padded=padded_rows),
             tokens=state.tokens,
             padding_tokens={

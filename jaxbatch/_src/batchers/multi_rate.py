@@ -29,7 +29,7 @@ from ..base import Batcher, Emit, Stats, row_spec, stack_spec
 from ..batch import Batch
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import pad_number, pad_value_fits, positive_int
+from ._checks import clamp_to_int32, pad_number, pad_value_fits, positive_int
 
 
 class MultiRateState(eqx.Module):
@@ -198,7 +198,7 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
     def step_fn(state: MultiRateState, element: Any) -> tuple[MultiRateState, Emit]:
         element = as_element(element)
         check_against_spec(row_spec(state.spec), element, what="element")
-        channel = element.data["channel"].astype(jnp.int32)
+        channel = clamp_to_int32(element.data["channel"], -1, num_channels)  # not cut to 32 bits
         buffers, takes = [], []
         for c in range(num_channels):
             take = (channel == c) & (state.counts[c] < room[c])
@@ -250,11 +250,11 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
         ready = complete > 0
         valid = (jnp.arange(batch_size, dtype=jnp.int32) < complete) & ready
         masks = tuple(
-            (jnp.arange(need[c]) < counts[c]).reshape(batch_size, rates[c]) & ready
+            (jnp.arange(need[c], dtype=jnp.int32) < counts[c]).reshape(batch_size, rates[c]) & ready
             for c in range(num_channels)
         )
         emit = emit_of(state.buffers, masks, valid, ready)
-        buffered = jnp.sum(counts)
+        buffered = jnp.sum(counts, dtype=jnp.int32)
         emitted = jnp.where(ready, complete * total_rate, 0)
         stats = state.stats.add(
             emitted=emitted,
