@@ -15,7 +15,7 @@ drain into that same loop (`feed(..., flush=True)`, or one loop that steps, then
 `jaxbatch.testing.check_batcher` counts the consumer's traces to hold every batcher to it.
 """
 
-import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -232,8 +232,11 @@ def _saturate(words: tuple[Array, Array], over: Array) -> tuple[Array, Array]:
     return jnp.where(over, top, words[0]), jnp.where(over, top, words[1])
 
 
+COUNTERS = ("accepted", "skipped", "dropped", "emitted", "batches", "padded")
+
+
 class Stats(eqx.Module):
-    """The counters every batcher state carries (field `stats`).
+    """The counters every batcher state carries (field `stats`), and the state's fingerprint.
 
     Attributes:
         accepted: elements taken in by `step` / `feed`.
@@ -242,6 +245,12 @@ class Stats(eqx.Module):
         emitted: elements emitted in valid rows of ready batches.
         batches: ready batches emitted.
         padded: padding rows in ready batches.
+        config: static: the configuration the state was built for, set by `init`: the
+            factory, its arguments and the element spec (`"fixed_size(batch_size=2, ...);
+            element ..."`). `step` / `flush` / `feed` refuse a state of another
+            configuration, and `jb.load_state` / `jb.load_distributed` a file of one
+            (`TypeError` / `ValueError` naming both). Empty: unchecked (a state built by
+            hand).
 
     Conservation: `accepted == emitted + dropped + (elements still buffered)`.
     """
@@ -252,11 +261,12 @@ class Stats(eqx.Module):
     emitted: Counter
     batches: Counter
     padded: Counter
+    config: str = eqx.field(static=True, default="")
 
     @classmethod
-    def zeros(cls) -> "Stats":
+    def zeros(cls, config: str = "") -> "Stats":
         """All counters at zero, each its own arrays (a state can be donated to `jit`)."""
-        return cls(*(Counter.of(0) for _ in dataclasses.fields(cls)))
+        return cls(*(Counter.of(0) for _ in COUNTERS), config=config)
 
     def add(self, **increments: "ArrayLike | Counter") -> "Stats":
         """Advance the named counters, e.g. `stats.add(accepted=1, batches=ready)`.
@@ -264,12 +274,74 @@ class Stats(eqx.Module):
         Increments are what `Counter.add` takes: non-negative integers (or bools) below
         2**32, traced or not, or `Counter`s (e.g. `Counter.total` of a per-call vector).
         """
-        counters = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        counters = {name: getattr(self, name) for name in COUNTERS}
         unknown = set(increments) - set(counters)
         if unknown:
             raise ValueError(f"Unknown counters {sorted(unknown)}; see `Stats`.")
         counters.update({k: counters[k].add(n) for k, n in increments.items()})
-        return Stats(**counters)
+        return Stats(**counters, config=self.config)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def describe(name: str, **arguments: Any) -> str:
+    """A factory's configuration as a short canonical text, e.g. `"fixed_size(batch_size=2,
+    drop_remainder=False, pad_value=0)"`: validated Python values by `repr`, functions by
+    their qualified name (never an address, so a checkpoint compares across processes)."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, Batcher):
+            return "<batcher>"
+        if callable(value) and not isinstance(value, type):
+            return getattr(value, "__qualname__", type(value).__qualname__)
+        return _ADDRESS.sub("", repr(value))
+
+    return f"{name}({', '.join(f'{k}={text(v)}' for k, v in arguments.items())})"
+
+
+def fingerprint(config: str, spec: Any) -> str:
+    """`config` (from `describe`) and the element spec: what `init` stores in `Stats.config`."""
+    flat = jax.tree_util.tree_flatten_with_path(spec)[0]
+    leaves = ", ".join(
+        f"{jax.tree_util.keystr(path)}: {jnp.dtype(leaf.dtype).name}{list(jnp.shape(leaf))}"
+        for path, leaf in flat
+    )
+    return f"{config}; element {{{leaves}}}"
+
+
+_SPEC_MARK = "; element "
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # differs from process to process
+
+
+def check_state(state: Any, state_type: type, config: str, what: str = "state") -> None:
+    """Refuse, at trace time, a `state` that is not a `state_type` built by a batcher of
+    this `config` (a `describe` text): a `TypeError` naming both configurations."""
+    if not isinstance(state, state_type):
+        raise TypeError(
+            f"`{what}` must be a `{state_type.__name__}` from the `init` of `{config}`, got "
+            f"{_state_name(state)}. Pass the state this batcher's `init` built (each batcher "
+            "steps only its own state)."
+        )
+    stats = getattr(state, "stats", None)
+    got = getattr(stats, "config", "")
+    if got and got.split(_SPEC_MARK, 1)[0] != config:
+        raise TypeError(
+            f"`{what}` was built for another configuration: the state is of `{got}`, this "
+            f"batcher is `{config}`. Step a state with the batcher whose `init` built it "
+            "(or build a new state with this batcher's `init`)."
+        )
+
+
+def _state_name(state: Any) -> str:
+    config = getattr(getattr(state, "stats", None), "config", "")
+    return f"a {type(state).__name__}" + (f" of `{config}`" if config else "")
+
+
+def configs_of(tree: PyTree) -> list[str]:
+    """Every `Stats.config` in `tree`, in tree order (for the checkpoint checks)."""
+    is_stats = lambda x: isinstance(x, Stats)  # noqa: E731
+    return [x.config for x in jax.tree.leaves(tree, is_leaf=is_stats) if is_stats(x)]
 
 
 def operation_stats(state: State) -> dict[str, Counter]:
@@ -311,7 +383,7 @@ def reset_operation_stats(state: State) -> State:
         >>> int(jb.operation_stats(jb.reset_operation_stats(state))["applied_count"])
         0
     """
-    return eqx.tree_at(lambda s: s.stats, state, Stats.zeros())
+    return eqx.tree_at(lambda s: s.stats, state, Stats.zeros(state.stats.config))
 
 
 # --------------------------------------------------------------------------- consuming

@@ -33,7 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from ..base import Batcher, Carry, Emit, Stats, row_spec, stack_spec
+from ..base import (
+    Batcher,
+    Carry,
+    Emit,
+    Stats,
+    check_state,
+    describe,
+    fingerprint,
+    row_spec,
+    stack_spec,
+)
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -151,6 +161,7 @@ def _bucketing(
     cut: Callable[[Element, int, Array], Element],
     pad_value: bool | int | float,
     drop_remainder: bool,
+    config: str,
 ) -> Batcher:
     """The batcher shared by both factories, given how they differ.
 
@@ -171,9 +182,10 @@ def _bucketing(
         specs, max_lengths = prepare(spec)
         buffers = tuple(stack_spec(s, b) for s, b in zip(specs, batch_sizes))
         counts = jnp.zeros((num,), jnp.int32)
-        return BucketState(buffers, counts, Stats.zeros(), max_lengths)
+        return BucketState(buffers, counts, Stats.zeros(fingerprint(config, spec)), max_lengths)
 
     def step_fn(state: BucketState, element: Any) -> tuple[BucketState, Emit]:
+        check_state(state, BucketState, config)
         element = as_element(element)
         check_against_spec(expected(state), element, what="element")
         bucket, accept, length = route(element)
@@ -201,6 +213,7 @@ def _bucketing(
         return new, emit
 
     def flush_fn(state: BucketState) -> tuple[BucketState, Emit]:
+        check_state(state, BucketState, config)
         counts = state.counts
         zeros = jnp.zeros((num,), jnp.int32)
         if drop_remainder:  # everything buffered is dropped by this one call
@@ -313,6 +326,13 @@ def bucket_by(
         cut=lambda element, i, length: element,
         pad_value=pad_value,
         drop_remainder=drop_remainder,
+        config=describe(
+            "bucket_by",
+            key_fn=key_fn,
+            batch_sizes=batch_sizes,
+            pad_value=pad_value,
+            drop_remainder=drop_remainder,
+        ),
     )
 
 
@@ -506,6 +526,16 @@ def bucket_by_length(
         cut=cut,
         pad_value=pad_value,
         drop_remainder=drop_remainder,
+        config=describe(
+            "bucket_by_length",
+            boundaries=boundaries,
+            batch_sizes=batch_sizes,
+            length=length,
+            features=features,
+            too_long=too_long,
+            pad_value=pad_value,
+            drop_remainder=drop_remainder,
+        ),
     )
 
 

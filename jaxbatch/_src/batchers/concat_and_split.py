@@ -74,7 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int, PyTree
 
-from ..base import Batcher, Counter, Emit, Stats
+from ..base import Batcher, Counter, Emit, Stats, check_state, describe, fingerprint
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -390,6 +390,20 @@ def concat_and_split(
                     f"of dtype {dtype}."
                 )
 
+    config = describe(
+        "concat_and_split",
+        row_length=row_length,
+        num_rows=num_rows,
+        lengths=lengths,
+        pad_value=pad_value,
+        max_sequences_per_row=cap,
+        continue_positions=continue_positions,
+        split_full_length_features=split_full_length_features,
+        bos_handling=bos_handling,
+        bos_features=sorted(bos_features),
+        bos_token_id=bos_token_id,
+    )
+
     def init_fn(element_spec: Any, key: Any = None) -> ConcatAndSplitState:
         del key  # deterministic
         spec = spec_of(element_spec)
@@ -416,7 +430,7 @@ def concat_and_split(
             fill={k: zero() for k in features},
             segments=zero(),
             pending=zero(),
-            stats=Stats.zeros(),
+            stats=Stats.zeros(fingerprint(config, spec)),
             tokens={k: Counter.of(0) for k in features},
             padding_tokens={k: Counter.of(0) for k in features},
         )
@@ -470,6 +484,7 @@ def concat_and_split(
         return {k: jnp.sum(s[:capacity] == 0, dtype=jnp.int32) for k, s in segment_ids.items()}
 
     def step_fn(state: ConcatAndSplitState, element: Any) -> tuple[ConcatAndSplitState, Emit]:
+        check_state(state, ConcatAndSplitState, config)
         element = as_element(element)
         check_against_spec(spec_from(state), element, what="element")
         n = {k: length_of(state, element.data, k) for k in features}
@@ -652,6 +667,7 @@ def concat_and_split(
         return new_state, Emit(batch, done)
 
     def flush_fn(state: ConcatAndSplitState) -> tuple[ConcatAndSplitState, Emit]:
+        check_state(state, ConcatAndSplitState, config)
         ready = (state.row > 0) | jnp.any(jnp.stack([state.fill[k] > 0 for k in features]))
         valid = rows_valid(state.segment_ids) & ready
         batch = batch_of((state.buffer, state.segment_ids, state.positions, state.tables), valid)

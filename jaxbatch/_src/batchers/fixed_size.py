@@ -17,7 +17,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from ..base import Batcher, Emissions, Emit, Stats, row_spec, stack_spec
+from ..base import (
+    Batcher,
+    Emissions,
+    Emit,
+    Stats,
+    check_state,
+    describe,
+    fingerprint,
+    row_spec,
+    stack_spec,
+)
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -83,16 +93,20 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
     positive_int(batch_size, "batch_size")
     flag(drop_remainder, "drop_remainder")
     pad_number(pad_value)
-    all_valid = jnp.ones((batch_size,), dtype=bool)
+    config = describe(
+        "fixed_size", batch_size=batch_size, drop_remainder=drop_remainder, pad_value=pad_value
+    )
 
     def init_fn(element_spec: Any, key: Any = None) -> FixedSizeState:
         del key  # deterministic
         spec = spec_of(element_spec)
         pad_value_fits(pad_value, spec)
         buffer = stack_spec(spec, batch_size)
-        return FixedSizeState(buffer=buffer, count=jnp.zeros((), jnp.int32), stats=Stats.zeros())
+        stats = Stats.zeros(fingerprint(config, spec))
+        return FixedSizeState(buffer=buffer, count=jnp.zeros((), jnp.int32), stats=stats)
 
     def step_fn(state: FixedSizeState, element: Any) -> tuple[FixedSizeState, Emit]:
+        check_state(state, FixedSizeState, config)
         element = as_element(element)
         check_against_spec(row_spec(state.buffer), element, what="element")
         buffer = jax.tree.map(
@@ -107,10 +121,12 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
         return FixedSizeState(buffer, jnp.where(full, 0, count), stats), emit
 
     def flush_fn(state: FixedSizeState) -> tuple[FixedSizeState, Emit]:
+        check_state(state, FixedSizeState, config)
         n = state.count
         zero = jnp.zeros((), jnp.int32)
         if drop_remainder:
-            not_ready = Emit(_as_batch(state.buffer, ~all_valid), jnp.array(False))
+            none = jnp.zeros((batch_size,), dtype=bool)
+            not_ready = Emit(_as_batch(state.buffer, none), jnp.array(False))
             return FixedSizeState(state.buffer, zero, state.stats.add(dropped=n)), not_ready
         rows = jnp.arange(batch_size, dtype=jnp.int32) < n
         padded = jax.tree.map(
@@ -126,6 +142,7 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
     def feed_fn(
         state: FixedSizeState, elements: Any, flush: bool = False
     ) -> tuple[FixedSizeState, Emissions]:
+        check_state(state, FixedSizeState, config)
         elements = as_element(elements)
         check_against_spec(row_spec(state.buffer), row_spec(elements), what="elements[i]")
         leaves = jax.tree.leaves(elements)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from ..base import Batcher, Emit, Stats, row_spec, stack_spec
+from ..base import Batcher, Emit, Stats, check_state, describe, fingerprint, row_spec, stack_spec
 from ..batch import Batch
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -160,6 +160,9 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
     need = np.array([batch_size * r for r in rates], np.int32)  # samples per batch
     room = np.array([capacity * r for r in rates], np.int32)  # samples buffered at most
     total_rate = sum(rates)
+    config = describe(
+        "multi_rate", batch_size=batch_size, rates=rates, capacity=capacity, pad_value=pad_value
+    )
 
     def init_fn(element_spec: Any, key: Any = None) -> MultiRateState:
         del key  # deterministic
@@ -172,7 +175,7 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
             buffers=buffers,
             counts=jnp.zeros((num_channels,), jnp.int32),
             spec=stack_spec(spec, 0),
-            stats=Stats.zeros(),
+            stats=Stats.zeros(fingerprint(config, spec)),
         )
 
     def windows(buffer: Any, c: int) -> Any:
@@ -196,6 +199,7 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
         return Emit(batch, ready)
 
     def step_fn(state: MultiRateState, element: Any) -> tuple[MultiRateState, Emit]:
+        check_state(state, MultiRateState, config)
         element = as_element(element)
         check_against_spec(row_spec(state.spec), element, what="element")
         channel = clamp_to_int32(element.data["channel"], -1, num_channels)  # not cut to 32 bits
@@ -244,6 +248,7 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
         return MultiRateState(tuple(buffers), counts, state.spec, stats), emit
 
     def flush_fn(state: MultiRateState) -> tuple[MultiRateState, Emit]:
+        check_state(state, MultiRateState, config)
         counts = state.counts
         complete = jnp.min(counts // jnp.asarray(rates, jnp.int32))  # windows done everywhere
         complete = jnp.minimum(complete, batch_size)

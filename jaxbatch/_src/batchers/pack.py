@@ -38,7 +38,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree
 
-from ..base import Batcher, Counter, Emissions, Emit, Stats, prng_key, row_spec
+from ..base import (
+    Batcher,
+    Counter,
+    Emissions,
+    Emit,
+    Stats,
+    check_state,
+    describe,
+    fingerprint,
+    prng_key,
+    row_spec,
+)
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -457,6 +468,20 @@ def pack(
             return 0
         return pads.get(name, 0) if isinstance(pads, dict) else pads
 
+    config = describe(
+        "pack",
+        row_length=row_length,
+        num_rows=num_rows,
+        lengths=lengths,
+        strategy=strategy,
+        too_long=too_long,
+        pad_value=pad_value,
+        max_sequences_per_row=max_segments,
+        alignment=alignment,
+        shuffle_rows=shuffle_rows,
+        shuffle_rows_group_by=shuffle_rows_group_by,
+    )
+
     def init_fn(element_spec: Any, key: Any = None) -> PackState:
         # Deterministic unless rows are shuffled.
         key = prng_key(key, "pack(..., shuffle_rows=True)") if shuffle_rows else None
@@ -474,7 +499,6 @@ def pack(
                     lambda s, pad=pad: jnp.full((num_rows, max_segments, *s.shape), pad, s.dtype),
                     leaf,
                 )
-        zero = Counter.of(0)
         return PackState(
             data=buffer,
             fills=jnp.zeros((num_features, num_rows), jnp.int32),
@@ -482,13 +506,13 @@ def pack(
             open_tokens=jnp.zeros((), jnp.int32),
             key=key,
             draws=jnp.zeros((), jnp.uint32) if shuffle_rows else None,
-            stats=Stats.zeros(),
-            sequences=zero,
-            rows=zero,
-            tokens=zero,
-            padding_tokens=zero,
-            truncated=zero,
-            truncated_tokens=zero,
+            stats=Stats.zeros(fingerprint(config, Element(data=data))),
+            sequences=Counter.of(0),
+            rows=Counter.of(0),
+            tokens=Counter.of(0),
+            padding_tokens=Counter.of(0),
+            truncated=Counter.of(0),
+            truncated_tokens=Counter.of(0),
             max_lens=tuple((k, data[k].shape[0]) for k in features),
         )
 
@@ -620,6 +644,7 @@ def pack(
         )
 
     def step_fn(state: PackState, element: Any) -> tuple[PackState, Emit]:
+        check_state(state, PackState, config)
         element = as_element(element)
         check_against_spec(spec_from_state(state), element, what="element")
         data = element.data
@@ -678,6 +703,7 @@ def pack(
         return new_state, Emit(batch, full)
 
     def flush_fn(state: PackState) -> tuple[PackState, Emit]:
+        check_state(state, PackState, config)
         used = state.segments > 0
         ready = jnp.any(used)
 
@@ -759,6 +785,7 @@ def pack(
     def feed_fn(
         state: PackState, elements: Any, flush: bool = False
     ) -> tuple[PackState, Emissions]:
+        check_state(state, PackState, config)
         elements = as_element(elements)
         check_against_spec(spec_from_state(state), row_spec(elements), what="elements[i]")
         data = elements.data

@@ -39,7 +39,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, Key
 
-from ..base import Batcher, Emissions, Emit, Stats, prng_key, row_spec, stack_spec
+from ..base import (
+    Batcher,
+    Emissions,
+    Emit,
+    Stats,
+    check_state,
+    describe,
+    fingerprint,
+    prng_key,
+    row_spec,
+    stack_spec,
+)
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -269,22 +280,29 @@ def shuffle(
     positive_int(buffer_size, "buffer_size")
     flag(drop_remainder, "drop_remainder")
     pad_number(pad_value)
+    config = describe(
+        "shuffle",
+        batch_size=batch_size,
+        buffer_size=buffer_size,
+        drop_remainder=drop_remainder,
+        pad_value=pad_value,
+    )
 
     def init_fn(element_spec: Any, key: Any = None) -> ShuffleState:
         key = prng_key(key, "shuffle")
         spec = spec_of(element_spec)
         pad_value_fits(pad_value, spec)
-        zero = jnp.zeros((), jnp.int32)
         return ShuffleState(
             buffer=stack_spec(spec, buffer_size + 1),
-            filled=zero,
+            filled=jnp.zeros((), jnp.int32),
             batch=stack_spec(spec, batch_size),
-            count=zero,
+            count=jnp.zeros((), jnp.int32),
             key=key,
-            stats=Stats.zeros(),
+            stats=Stats.zeros(fingerprint(config, spec)),
         )
 
     def step_fn(state: ShuffleState, element: Any) -> tuple[ShuffleState, Emit]:
+        check_state(state, ShuffleState, config)
         element = as_element(element)
         check_against_spec(row_spec(state.buffer), element, what="element")
         key, draw = _step_key(state.key)
@@ -301,6 +319,7 @@ def shuffle(
         return new, emit
 
     def flush_fn(state: ShuffleState) -> tuple[ShuffleState, Emit]:
+        check_state(state, ShuffleState, config)
         key, draws = _flush_draws(state.key, batch_size)
         count, filled = state.count, state.filled
         n = count + jnp.minimum(batch_size - count, filled)  # valid rows of this batch
@@ -320,6 +339,7 @@ def shuffle(
     def feed_fn(
         state: ShuffleState, elements: Any, flush: bool = False
     ) -> tuple[ShuffleState, Emissions]:
+        check_state(state, ShuffleState, config)
         elements = as_element(elements)
         check_against_spec(row_spec(state.buffer), row_spec(elements), what="elements[i]")
         leaves = jax.tree.leaves(elements)
