@@ -15,6 +15,7 @@ drain into that same loop (`feed(..., flush=True)`, or one loop that steps, then
 `jaxbatch.testing.check_batcher` counts the consumer's traces to hold every batcher to it.
 """
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -409,8 +410,26 @@ def when_ready(emit: Emit, fn: Callable[[Carry, Batch], Carry], carry: Carry) ->
 
 
 def stack_spec(spec: PyTree, n: int) -> PyTree:
-    """Zeros of shape `[n, *leaf.shape]`, one array per leaf of `spec`."""
-    return jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), spec)
+    """Zeros of shape `[n, *leaf.shape]`, one array per leaf of `spec`.
+
+    A buffer too large for the device raises `MemoryError` naming its shape and size (the
+    factories allocate nothing, so a huge size fails here, at `init`).
+    """
+
+    def zeros(s: Any) -> Array:
+        try:
+            return jnp.zeros((n, *s.shape), s.dtype)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            size = n * math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
+            raise MemoryError(
+                f"`init` cannot allocate a buffer of shape {(n, *s.shape)} and dtype "
+                f"{jnp.dtype(s.dtype).name} ({size:,} bytes) on the device; lower the "
+                "batcher's size (`batch_size`, `buffer_size`, `num_rows`, ...) or the element's."
+            ) from None
+
+    return jax.tree.map(zeros, spec)
 
 
 def prng_key(key: Any, who: str) -> Array:

@@ -413,6 +413,7 @@ def running_moments() -> StatsFn:
 
     def init(batch_spec: Any) -> Moments:
         batch = _require_batch(batch_spec)
+
         def zeros():  # each field its own buffers, so the state can be donated to `jit`
             return jax.tree.map(
                 lambda s: jnp.zeros(s.shape[1:], _moments_dtype(s.dtype)), batch.data

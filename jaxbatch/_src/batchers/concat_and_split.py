@@ -65,7 +65,7 @@ that changes no attention mask, and a meta entry in its row), the features share
 `row_length`, and meta values have a fixed shape (Grain's may vary in their first axis).
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -153,8 +153,15 @@ def _check_bos(handling: Any, bos_features: Any, token: Any, lengths: dict) -> f
     name = name.lower() if isinstance(name, str) else name
     if name not in _BOS:
         raise ValueError(f"`bos_handling` must be one of {_BOS}, got {handling!r}.")
-    if isinstance(bos_features, str) or not all(isinstance(k, str) for k in bos_features):
-        raise ValueError(f"`bos_features` must be a collection of str, got {bos_features!r}.")
+    if (
+        isinstance(bos_features, str)
+        or not isinstance(bos_features, Iterable)
+        or not all(isinstance(k, str) for k in bos_features)
+    ):
+        raise ValueError(
+            "`bos_features` must be a collection of packed feature names (str), e.g. "
+            f"`('tokens',)`, or `()` for none; got {bos_features!r}."
+        )
     unknown = sorted(set(bos_features) - set(lengths))
     if unknown:
         raise ValueError(f"`bos_features` {unknown} are not packed features (keys of `lengths`).")
