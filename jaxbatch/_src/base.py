@@ -202,7 +202,13 @@ class Counter(eqx.Module):
     def add(self, n: "ArrayLike | Counter") -> "Counter":
         """This count plus `n`: a non-negative integer (below 2**32, or any 64-bit value
         under `jax_enable_x64`), a bool, or another `Counter`; saturates at `Counter.MAX`."""
-        other = (n.lo, n.hi) if isinstance(n, Counter) else _words(jnp.asarray(n))
+        if isinstance(n, Counter):
+            other = (n.lo, n.hi)
+        elif isinstance(n, int) and not isinstance(n, bool):  # a Python int: exact, any size
+            exact = Counter.of(n)
+            other = (exact.lo, exact.hi)
+        else:
+            other = _words(jnp.asarray(n))
         return Counter(*_saturate(*_plus((self.lo, self.hi), other)))
 
     def __add__(self, other: "Counter") -> "Counter":
@@ -407,6 +413,23 @@ def when_ready(emit: Emit, fn: Callable[[Carry, Batch], Carry], carry: Carry) ->
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def own_buffers(emit: Emit, state: State) -> Emit:
+    """`emit` with a copy of every array that is also an array of the new `state`.
+
+    Only outside `jit` (under it, leaves are tracers and this is a no-op): a batch must not
+    be the state's own buffer, or donating the state to a jitted step (or writing into it)
+    would take the batch the caller still holds.
+    """
+    held = {
+        id(x)
+        for x in jax.tree.leaves(state)
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    }
+    if not held:
+        return emit
+    return jax.tree.map(lambda x: jnp.copy(x) if id(x) in held else x, emit)
 
 
 def stack_spec(spec: PyTree, n: int) -> PyTree:

@@ -41,6 +41,7 @@ from ..base import (
     check_state,
     describe,
     fingerprint,
+    own_buffers,
     row_spec,
     stack_spec,
 )
@@ -210,7 +211,7 @@ def _bucketing(
         )
         emit = Emit(Bucketed(batches=batches, bucket=bucket), ready)
         new = BucketState(buffers, jnp.where(full, 0, counts), stats, state.max_lengths)
-        return new, emit
+        return new, own_buffers(emit, new)
 
     def flush_fn(state: BucketState) -> tuple[BucketState, Emit]:
         check_state(state, BucketState, config)
@@ -222,7 +223,8 @@ def _bucketing(
             )
             emit = Emit(Bucketed(batches, jnp.zeros((), jnp.int32)), jnp.array(False))
             stats = state.stats.add(dropped=jnp.sum(counts))
-            return BucketState(state.buffers, zeros, stats, state.max_lengths), emit
+            new = BucketState(state.buffers, zeros, stats, state.max_lengths)
+            return new, own_buffers(emit, new)
         nonempty = counts > 0
         ready = jnp.any(nonempty)
         bucket = jnp.argmax(nonempty).astype(jnp.int32)  # the first non-empty bucket
@@ -242,9 +244,8 @@ def _bucketing(
             emitted=n, batches=ready, padded=jnp.where(ready, sizes()[bucket] - n, 0)
         )
         emit = Emit(Bucketed(tuple(batches), bucket), ready)
-        return BucketState(
-            state.buffers, jnp.where(pick, 0, counts), stats, state.max_lengths
-        ), emit
+        new = BucketState(state.buffers, jnp.where(pick, 0, counts), stats, state.max_lengths)
+        return new, own_buffers(emit, new)
 
     return Batcher(init=init_fn, step=step_fn, flush=flush_fn)
 

@@ -25,6 +25,7 @@ from ..base import (
     check_state,
     describe,
     fingerprint,
+    own_buffers,
     row_spec,
     stack_spec,
 )
@@ -118,7 +119,8 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
         full = count == batch_size
         stats = state.stats.add(accepted=1, batches=full, emitted=jnp.where(full, batch_size, 0))
         emit = Emit(_as_batch(buffer, jnp.broadcast_to(full, (batch_size,))), full)
-        return FixedSizeState(buffer, jnp.where(full, 0, count), stats), emit
+        new = FixedSizeState(buffer, jnp.where(full, 0, count), stats)
+        return new, own_buffers(emit, new)
 
     def flush_fn(state: FixedSizeState) -> tuple[FixedSizeState, Emit]:
         check_state(state, FixedSizeState, config)
@@ -127,7 +129,8 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
         if drop_remainder:
             none = jnp.zeros((batch_size,), dtype=bool)
             not_ready = Emit(_as_batch(state.buffer, none), jnp.array(False))
-            return FixedSizeState(state.buffer, zero, state.stats.add(dropped=n)), not_ready
+            new = FixedSizeState(state.buffer, zero, state.stats.add(dropped=n))
+            return new, own_buffers(not_ready, new)
         rows = jnp.arange(batch_size, dtype=jnp.int32) < n
         padded = jax.tree.map(
             lambda buf: jnp.where(rows_mask(rows, buf), buf, jnp.asarray(pad_value, buf.dtype)),

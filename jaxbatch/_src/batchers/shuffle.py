@@ -47,6 +47,7 @@ from ..base import (
     check_state,
     describe,
     fingerprint,
+    own_buffers,
     prng_key,
     row_spec,
     stack_spec,
@@ -316,7 +317,7 @@ def shuffle(
         emit = Emit(_as_batch(batch, jnp.broadcast_to(ready, (batch_size,))), ready)
         filled = state.filled + (~full).astype(jnp.int32)
         new = ShuffleState(buffer, filled, batch, jnp.where(ready, 0, count), key, stats)
-        return new, emit
+        return new, own_buffers(emit, new)
 
     def flush_fn(state: ShuffleState) -> tuple[ShuffleState, Emit]:
         check_state(state, ShuffleState, config)
@@ -334,7 +335,8 @@ def shuffle(
             )
             emit = Emit(_as_batch(padded, rows), ready)
         zero = jnp.zeros((), jnp.int32)
-        return ShuffleState(buffer, left, batch, zero, key, state.stats.add(**increments)), emit
+        new = ShuffleState(buffer, left, batch, zero, key, state.stats.add(**increments))
+        return new, own_buffers(emit, new)
 
     def feed_fn(
         state: ShuffleState, elements: Any, flush: bool = False
