@@ -78,7 +78,7 @@ from ..base import Batcher, Counter, Emit, Stats, check_state, describe, fingerp
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import pad_number, pad_value_fits, positive_int
+from ._checks import clamp_to_int32, pad_number, pad_value_fits, positive_int
 
 
 class ConcatAndSplitState(eqx.Module):
@@ -457,7 +457,7 @@ def concat_and_split(
 
     def length_of(state: ConcatAndSplitState, data: dict, key: str) -> Array:
         raw, max_len = data[lengths[key]], max_len_of(state, key)
-        n = raw.astype(jnp.int32)  # an unsigned length past 2**31 turns negative: refused
+        n = clamp_to_int32(raw, -1, max_len + 1)  # checked as given, not cut to 32 bits
         bad = (n < 0) | (n > max_len)
         return eqx.error_if(
             n,
