@@ -48,7 +48,7 @@ from ..base import (
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import clamp_to_int32, flag, pad_number, pad_value_fits
+from ._checks import MAX_SIZE, clamp_to_int32, flag, pad_number, pad_value_fits
 from .fixed_size import _as_batch
 
 _TOO_LONG = ("error", "skip")
@@ -141,6 +141,11 @@ def _int_sequence(name: str, values: Any) -> tuple[int, ...]:
             raise ValueError(
                 f"`{name}` must hold positive ints, got {v!r} in {values!r}; "
                 f"e.g. `{name}=[32, 64]`."
+            )
+        if v > MAX_SIZE:
+            raise ValueError(
+                f"`{name}` must hold ints of at most 2**31 - 1 (rows are indexed with int32), "
+                f"got {v} in {values!r}."
             )
     return tuple(int(v) for v in items)
 

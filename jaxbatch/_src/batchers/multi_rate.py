@@ -29,7 +29,7 @@ from ..base import Batcher, Emit, Stats, check_state, describe, fingerprint, row
 from ..batch import Batch
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import clamp_to_int32, pad_number, pad_value_fits, positive_int
+from ._checks import MAX_SIZE, clamp_to_int32, pad_number, pad_value_fits, positive_int
 
 
 class MultiRateState(eqx.Module):
@@ -156,6 +156,11 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
             f"`capacity` must be an int >= `batch_size` ({batch_size}) windows, got {capacity!r}."
         )
     pad_number(pad_value)
+    if capacity * max(rates) > MAX_SIZE:  # samples buffered per channel, indexed with int32
+        raise ValueError(
+            f"`capacity` * `rates` must be at most 2**31 - 1 samples per channel (int32 "
+            f"indices), got {capacity} * {max(rates)}."
+        )
     num_channels = len(rates)
     need = np.array([batch_size * r for r in rates], np.int32)  # samples per batch
     room = np.array([capacity * r for r in rates], np.int32)  # samples buffered at most
