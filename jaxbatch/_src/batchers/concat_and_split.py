@@ -338,8 +338,9 @@ def concat_and_split(
 
     def fresh(max_len: int, rest: tuple[int, ...], dtype: Any) -> tuple[Array, Array, Array]:
         size = capacity + max_len + extra
-        zeros = jnp.zeros((size,), jnp.int32)
-        return jnp.full((size, *rest), pad_value, dtype), zeros, zeros
+        # Segment ids and positions in their own buffers: the state can be donated to `jit`.
+        ids, positions = jnp.zeros((size,), jnp.int32), jnp.zeros((size,), jnp.int32)
+        return jnp.full((size, *rest), pad_value, dtype), ids, positions
 
     def metas_of(spec: Element) -> list:
         """The meta features: the element's keys neither packed nor lengths."""
