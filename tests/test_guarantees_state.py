@@ -152,7 +152,7 @@ def test_every_batcher_passes_its_laws_under_x64(name):
             elements,
             check_jit=name in JITTED_UNDER_X64,
             check_vmap=False,
-            resume_steps=[2],
+            resume_steps=[2] if name in JITTED_UNDER_X64 else (),
             **LAW_ARGS.get(name, {}),
         )
 
@@ -338,7 +338,11 @@ def _arrays(tree):
     return {id(x) for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)}
 
 
-@pytest.mark.parametrize("name", sorted(BATCHERS))
+# The batchers whose emitted batch is (or may be) their buffer; the packing batchers and
+# `multi_rate` build each batch anew (compile time: left out).
+@pytest.mark.parametrize(
+    "name", ["fixed_size", "shuffle", "bucket_by", "bucket_by_length", "rebatch", "combinators"]
+)
 def test_an_eager_emit_never_is_the_new_states_buffer(name):
     batcher, elements, state = BATCHERS[name], stream(name), init(name)
     for i in range(1):

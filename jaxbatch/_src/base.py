@@ -483,7 +483,7 @@ def prng_key(key: Any, who: str) -> Array:
             f"`key` must be one key (shape ()), got shape {key.shape}; for several independent "
             "streams `jax.vmap` the init over a batch of keys."
         )
-    return key
+    return jnp.copy(key)  # the state's own: donating the state leaves the caller's key alive
 
 
 def row_spec(stacked: PyTree) -> PyTree:
