@@ -68,12 +68,14 @@ def _check_callable(fn: Any, name: str) -> None:
 
 
 def _advance(stats: Stats, before: Stats, after: Stats, **extra: Any) -> Stats:
-    """`stats` advanced by how far the inner counters moved from `before` to `after` (each
-    increment below 2**32, so the `uint32` difference of the low words is exact), plus
-    `extra` increments."""
-    increments = {name: getattr(after, name).lo - getattr(before, name).lo for name in _COUNTERS}
-    for name, n in extra.items():
-        increments[name] = increments[name] + jnp.asarray(n, jnp.uint32)
+    """`stats` advanced by how far the inner counters moved from `before` to `after` (exact:
+    a 64-bit difference, however large one call's increment), plus `extra` increments."""
+    increments = {}
+    for name in _COUNTERS:
+        a, b = getattr(after, name), getattr(before, name)
+        borrow = (a.lo < b.lo).astype(jnp.uint32)
+        moved = Counter(lo=a.lo - b.lo, hi=a.hi - b.hi - borrow)
+        increments[name] = moved.add(extra[name]) if name in extra else moved
     return stats.add(**increments)
 
 
