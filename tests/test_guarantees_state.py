@@ -135,10 +135,11 @@ def init(name):
 # --------------------------------------------------------------------------- x64 (item 3)
 
 
-# Every batcher runs the step loop's laws (conservation, counters, resume, bad input);
-# `fixed_size` also every jitted path (`jit`, `scan`, `batch_all`, the bulk `feed`, the
-# drivers), where a default-dtype index used to meet an int32 one. (Compile time: the jitted
-# paths of the others run without x64 in their own test modules.)
+# Every batcher runs the step loop's laws (conservation, order, counters, wide counters);
+# `fixed_size` also resume, bad input and every jitted path (`jit`, `scan`, `batch_all`, the
+# bulk `feed`, the drivers), where a default-dtype index used to meet an int32 one; `pack`'s
+# bulk path is below. (Compile time: the other jitted paths run without x64 in their own
+# test modules.)
 JITTED_UNDER_X64 = ("fixed_size",)
 
 
@@ -153,6 +154,7 @@ def test_every_batcher_passes_its_laws_under_x64(name):
             check_jit=name in JITTED_UNDER_X64,
             check_vmap=False,
             resume_steps=[2] if name in JITTED_UNDER_X64 else (),
+            check_bad_input=name in JITTED_UNDER_X64,  # trace-time checks: x64 changes nothing
             **LAW_ARGS.get(name, {}),
         )
 
