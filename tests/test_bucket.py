@@ -517,7 +517,8 @@ def test_step_refuses_an_element_unlike_the_spec():
         keyed.step(kstate, {"x": np.zeros(3, np.int32), "k": np.int32(0)})
     floaty = jb.bucket_by(lambda e: e.data["x"][0].astype(jnp.float32), [1])
     with pytest.raises(TypeError, match="`key_fn` must return a scalar integer"):
-        floaty.step(kstate, {"x": np.zeros(2, np.int32), "k": np.int32(0)})
+        fstate = floaty.init(row_spec(keyed_stream("dict", [0], 0)))  # its own state
+        floaty.step(fstate, {"x": np.zeros(2, np.int32), "k": np.int32(0)})
 
 
 @pytest.mark.parametrize("use_jit", [False, True])

@@ -15,7 +15,8 @@ drain into that same loop (`feed(..., flush=True)`, or one loop that steps, then
 `jaxbatch.testing.check_batcher` counts the consumer's traces to hold every batcher to it.
 """
 
-import dataclasses
+import math
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -155,17 +156,27 @@ class Batcher(NamedTuple):
 class Counter(eqx.Module):
     """A count that never wraps: 64 bits held as two uint32 words (no `jax_enable_x64`).
 
-    Advance it with `add`; read it with `int()` outside `jit`.
+    Advance it with `add` (or sum many increments at once with `Counter.total`); read it
+    with `int()` outside `jit`. A count that would pass `2**64 - 1` saturates there: it
+    stays at `2**64 - 1` (`Counter.MAX`) instead of wrapping to a small number, so a
+    saturated count is visibly wrong, never silently small.
 
     Examples:
+        >>> import jax.numpy as jnp
         >>> import jaxbatch as jb
         >>> c = jb.Counter.of(2**32 - 1).add(3)
         >>> int(c)
         4294967298
+        >>> int(jb.Counter.total(jnp.full(3, 2**31, jnp.uint32)))  # no 32-bit overflow
+        6442450944
+        >>> int(jb.Counter.of(jb.Counter.MAX).add(1)) == jb.Counter.MAX  # saturates
+        True
     """
 
     lo: UInt32[Array, "*shape"]
     hi: UInt32[Array, "*shape"]
+
+    MAX = 2**64 - 1  # where a count saturates
 
     @classmethod
     def of(cls, value: int = 0) -> "Counter":
@@ -174,21 +185,65 @@ class Counter(eqx.Module):
             raise ValueError(f"`value` must be in [0, 2**64), got {value}.")
         return cls(lo=jnp.uint32(value & 0xFFFFFFFF), hi=jnp.uint32(value >> 32))
 
-    def add(self, n: ArrayLike) -> "Counter":
-        """This count plus `n` (a non-negative integer below 2**32), carrying into `hi`."""
-        lo = self.lo + jnp.asarray(n, dtype=jnp.uint32)
-        return Counter(lo=lo, hi=self.hi + (lo < self.lo).astype(jnp.uint32))
+    @classmethod
+    def total(cls, values: ArrayLike) -> "Counter":
+        """The exact sum of an array of non-negative integers (each below 2**32, or any
+        64-bit value under `jax_enable_x64`) as a `Counter`: no 32-bit overflow however many
+        there are, saturating at `Counter.MAX`."""
+        lo, hi = _words(jnp.ravel(jnp.asarray(values)))
+        zero = jnp.zeros((), jnp.uint32)
+
+        def plus(a, b):
+            total, over = _plus((a[0], a[1]), (b[0], b[1]))
+            return _saturate(total, over)
+
+        return cls(*jax.lax.reduce((lo, hi), (zero, zero), plus, (0,)))
+
+    def add(self, n: "ArrayLike | Counter") -> "Counter":
+        """This count plus `n`: a non-negative integer (below 2**32, or any 64-bit value
+        under `jax_enable_x64`), a bool, or another `Counter`; saturates at `Counter.MAX`."""
+        if isinstance(n, Counter):
+            other = (n.lo, n.hi)
+        elif isinstance(n, int) and not isinstance(n, bool):  # a Python int: exact, any size
+            exact = Counter.of(n)
+            other = (exact.lo, exact.hi)
+        else:
+            other = _words(jnp.asarray(n))
+        return Counter(*_saturate(*_plus((self.lo, self.hi), other)))
 
     def __add__(self, other: "Counter") -> "Counter":
-        lo = self.lo + other.lo
-        return Counter(lo=lo, hi=self.hi + other.hi + (lo < self.lo).astype(jnp.uint32))
+        return self.add(other)
 
     def __int__(self) -> int:
         return (int(self.hi) << 32) | int(self.lo)
 
 
+def _words(n: Array) -> tuple[Array, Array]:
+    """A non-negative integer (or bool) array as its (low, high) uint32 words."""
+    if jnp.dtype(n.dtype).itemsize == 8:  # int64 / uint64 under `jax_enable_x64`
+        n = n.astype(jnp.uint64)
+        return (n & 0xFFFFFFFF).astype(jnp.uint32), (n >> 32).astype(jnp.uint32)
+    return n.astype(jnp.uint32), jnp.zeros(n.shape, jnp.uint32)
+
+
+def _plus(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[tuple[Array, Array], Array]:
+    """`a + b` on (low, high) words, and whether it passed 2**64 - 1."""
+    lo = a[0] + b[0]
+    hi = a[1] + b[1]
+    hi_carried = hi + (lo < a[0]).astype(jnp.uint32)
+    return (lo, hi_carried), (hi < a[1]) | (hi_carried < hi)
+
+
+def _saturate(words: tuple[Array, Array], over: Array) -> tuple[Array, Array]:
+    top = jnp.full(jnp.shape(over), 0xFFFFFFFF, jnp.uint32)
+    return jnp.where(over, top, words[0]), jnp.where(over, top, words[1])
+
+
+COUNTERS = ("accepted", "skipped", "dropped", "emitted", "batches", "padded")
+
+
 class Stats(eqx.Module):
-    """The counters every batcher state carries (field `stats`).
+    """The counters every batcher state carries (field `stats`), and the state's fingerprint.
 
     Attributes:
         accepted: elements taken in by `step` / `feed`.
@@ -197,6 +252,12 @@ class Stats(eqx.Module):
         emitted: elements emitted in valid rows of ready batches.
         batches: ready batches emitted.
         padded: padding rows in ready batches.
+        config: static: the configuration the state was built for, set by `init`: the
+            factory, its arguments and the element spec (`"fixed_size(batch_size=2, ...);
+            element ..."`). `step` / `flush` / `feed` refuse a state of another
+            configuration, and `jb.load_state` / `jb.load_distributed` a file of one
+            (`TypeError` / `ValueError` naming both). Empty: unchecked (a state built by
+            hand).
 
     Conservation: `accepted == emitted + dropped + (elements still buffered)`.
     """
@@ -207,24 +268,87 @@ class Stats(eqx.Module):
     emitted: Counter
     batches: Counter
     padded: Counter
+    config: str = eqx.field(static=True, default="")
 
     @classmethod
-    def zeros(cls) -> "Stats":
-        """All counters at zero."""
-        zero = Counter.of(0)
-        return cls(zero, zero, zero, zero, zero, zero)
+    def zeros(cls, config: str = "") -> "Stats":
+        """All counters at zero, each its own arrays (a state can be donated to `jit`)."""
+        return cls(*(Counter.of(0) for _ in COUNTERS), config=config)
 
-    def add(self, **increments: ArrayLike) -> "Stats":
+    def add(self, **increments: "ArrayLike | Counter") -> "Stats":
         """Advance the named counters, e.g. `stats.add(accepted=1, batches=ready)`.
 
-        Increments are non-negative integers (or bools) below 2**32, traced or not.
+        Increments are what `Counter.add` takes: non-negative integers (or bools) below
+        2**32, traced or not, or `Counter`s (e.g. `Counter.total` of a per-call vector).
         """
-        counters = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        counters = {name: getattr(self, name) for name in COUNTERS}
         unknown = set(increments) - set(counters)
         if unknown:
             raise ValueError(f"Unknown counters {sorted(unknown)}; see `Stats`.")
         counters.update({k: counters[k].add(n) for k, n in increments.items()})
-        return Stats(**counters)
+        return Stats(**counters, config=self.config)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def describe(name: str, **arguments: Any) -> str:
+    """A factory's configuration as a short canonical text, e.g. `"fixed_size(batch_size=2,
+    drop_remainder=False, pad_value=0)"`: validated Python values by `repr`, functions by
+    their qualified name (never an address, so a checkpoint compares across processes)."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, Batcher):
+            return "<batcher>"
+        if callable(value) and not isinstance(value, type):
+            return getattr(value, "__qualname__", type(value).__qualname__)
+        return _ADDRESS.sub("", repr(value))
+
+    return f"{name}({', '.join(f'{k}={text(v)}' for k, v in arguments.items())})"
+
+
+def fingerprint(config: str, spec: Any) -> str:
+    """`config` (from `describe`) and the element spec: what `init` stores in `Stats.config`."""
+    flat = jax.tree_util.tree_flatten_with_path(spec)[0]
+    leaves = ", ".join(
+        f"{jax.tree_util.keystr(path)}: {jnp.dtype(leaf.dtype).name}{list(jnp.shape(leaf))}"
+        for path, leaf in flat
+    )
+    return f"{config}; element {{{leaves}}}"
+
+
+_SPEC_MARK = "; element "
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # differs from process to process
+
+
+def check_state(state: Any, state_type: type, config: str, what: str = "state") -> None:
+    """Refuse, at trace time, a `state` that is not a `state_type` built by a batcher of
+    this `config` (a `describe` text): a `TypeError` naming both configurations."""
+    if not isinstance(state, state_type):
+        raise TypeError(
+            f"`{what}` must be a `{state_type.__name__}` from the `init` of `{config}`, got "
+            f"{_state_name(state)}. Pass the state this batcher's `init` built (each batcher "
+            "steps only its own state)."
+        )
+    stats = getattr(state, "stats", None)
+    got = getattr(stats, "config", "")
+    if got and got.split(_SPEC_MARK, 1)[0] != config:
+        raise TypeError(
+            f"`{what}` was built for another configuration: the state is of `{got}`, this "
+            f"batcher is `{config}`. Step a state with the batcher whose `init` built it "
+            "(or build a new state with this batcher's `init`)."
+        )
+
+
+def _state_name(state: Any) -> str:
+    config = getattr(getattr(state, "stats", None), "config", "")
+    return f"a {type(state).__name__}" + (f" of `{config}`" if config else "")
+
+
+def configs_of(tree: PyTree) -> list[str]:
+    """Every `Stats.config` in `tree`, in tree order (for the checkpoint checks)."""
+    is_stats = lambda x: isinstance(x, Stats)  # noqa: E731
+    return [x.config for x in jax.tree.leaves(tree, is_leaf=is_stats) if is_stats(x)]
 
 
 def operation_stats(state: State) -> dict[str, Counter]:
@@ -266,7 +390,7 @@ def reset_operation_stats(state: State) -> State:
         >>> int(jb.operation_stats(jb.reset_operation_stats(state))["applied_count"])
         0
     """
-    return eqx.tree_at(lambda s: s.stats, state, Stats.zeros())
+    return eqx.tree_at(lambda s: s.stats, state, Stats.zeros(state.stats.config))
 
 
 # --------------------------------------------------------------------------- consuming
@@ -291,9 +415,44 @@ def when_ready(emit: Emit, fn: Callable[[Carry, Batch], Carry], carry: Carry) ->
 # --------------------------------------------------------------------------- helpers
 
 
+def own_buffers(emit: Emit, state: State) -> Emit:
+    """`emit` with a copy of every array that is also an array of the new `state`.
+
+    Only outside `jit` (under it, leaves are tracers and this is a no-op): a batch must not
+    be the state's own buffer, or donating the state to a jitted step (or writing into it)
+    would take the batch the caller still holds.
+    """
+    held = {
+        id(x)
+        for x in jax.tree.leaves(state)
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    }
+    if not held:
+        return emit
+    return jax.tree.map(lambda x: jnp.copy(x) if id(x) in held else x, emit)
+
+
 def stack_spec(spec: PyTree, n: int) -> PyTree:
-    """Zeros of shape `[n, *leaf.shape]`, one array per leaf of `spec`."""
-    return jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), spec)
+    """Zeros of shape `[n, *leaf.shape]`, one array per leaf of `spec`.
+
+    A buffer too large for the device raises `MemoryError` naming its shape and size (the
+    factories allocate nothing, so a huge size fails here, at `init`).
+    """
+
+    def zeros(s: Any) -> Array:
+        try:
+            return jnp.zeros((n, *s.shape), s.dtype)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            size = n * math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
+            raise MemoryError(
+                f"`init` cannot allocate a buffer of shape {(n, *s.shape)} and dtype "
+                f"{jnp.dtype(s.dtype).name} ({size:,} bytes) on the device; lower the "
+                "batcher's size (`batch_size`, `buffer_size`, `num_rows`, ...) or the element's."
+            ) from None
+
+    return jax.tree.map(zeros, spec)
 
 
 def prng_key(key: Any, who: str) -> Array:
@@ -324,7 +483,7 @@ def prng_key(key: Any, who: str) -> Array:
             f"`key` must be one key (shape ()), got shape {key.shape}; for several independent "
             "streams `jax.vmap` the init over a batch of keys."
         )
-    return key
+    return jnp.copy(key)  # the state's own: donating the state leaves the caller's key alive
 
 
 def stream_length(stacked: PyTree, what: str = "elements") -> int:

@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
+from .base import configs_of
+
 _MAGIC = b"\x93JAXBATCH"
 _VERSION = 1
 _PREFIX = struct.Struct("<IQ")  # version, header length
@@ -255,6 +257,7 @@ def save_state(path: str | os.PathLike, state: PyTree) -> None:
         "leaves": entries,
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "configs": configs_of(state),
     }
     header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
     prefix = _MAGIC + _PREFIX.pack(_VERSION, len(header_bytes))
@@ -439,13 +442,31 @@ def _restore(name: str, entry: dict[str, Any], stored: np.ndarray, like: Any) ->
     return out if sharding is None else jax.device_put(out, sharding)
 
 
+def _check_configs(path: Any, header: dict[str, Any], like: PyTree) -> None:
+    """Refuse a saved batcher state of another configuration than `like`'s (their
+    `Stats.config` fingerprints), naming both. Files saved without fingerprints pass."""
+    saved, wanted = header.get("configs"), configs_of(like)
+    if saved is None or len(saved) != len(wanted):
+        return  # an older file, or another tree: the structure check below decides
+    for got, want in zip(saved, wanted):
+        if got and want and got != want:
+            raise ValueError(
+                f"Checkpoint {os.fspath(path)!r} holds a state of another configuration: "
+                f"the file's state is of `{got}`, `like` is of `{want}`. Load it with a "
+                "`like` from the batcher that saved it (`jax.eval_shape(batcher.init, spec, "
+                "key)`), or start this batcher from its own `init`."
+            )
+
+
 def load_state(path: str | os.PathLike, like: PyTree) -> PyTree:
     """Load a state saved by `save_state`, checked against `like`.
 
     Every byte of the file is checked before anything is returned: a file that is not a
     checkpoint, is cut short, or has a changed byte raises `ValueError` ("truncated or
     corrupt"); a file whose tree structure, leaf paths, shapes or dtypes differ from `like`
-    raises `ValueError` ("structurally incompatible") naming what differs. Loaded arrays
+    raises `ValueError` ("structurally incompatible") naming what differs, and a batcher
+    state of another configuration than `like` (another factory, arguments or element spec:
+    their `Stats.config`) raises `ValueError` naming both. Loaded arrays
     are bit-identical to the saved ones.
 
     Args:
@@ -487,6 +508,7 @@ def load_state(path: str | os.PathLike, like: PyTree) -> PyTree:
     with open(path, "rb") as f:
         data = f.read()
     header, payload = _read_header(path, data)
+    _check_configs(path, header, like)
     try:
         like_leaves = _check_compatible(path, header, like)
     except KeyError as e:  # a checksummed header missing a field: not one we wrote

@@ -33,12 +33,25 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, PyTree
 
-from .base import Batcher, Counter, Emissions, Emit, State, Stats, row_spec, stack_spec
+from .base import (
+    COUNTERS,
+    Batcher,
+    Counter,
+    Emissions,
+    Emit,
+    State,
+    Stats,
+    check_state,
+    describe,
+    fingerprint,
+    row_spec,
+    stack_spec,
+)
 from .batch import Batch, rows_mask
 from .element import Element, as_element
 from .spec import check_against_spec, element_spec as spec_of
 
-_COUNTERS = tuple(f.name for f in dataclasses.fields(Stats))
+_COUNTERS = COUNTERS
 
 
 # --------------------------------------------------------------------------- helpers
@@ -55,12 +68,14 @@ def _check_callable(fn: Any, name: str) -> None:
 
 
 def _advance(stats: Stats, before: Stats, after: Stats, **extra: Any) -> Stats:
-    """`stats` advanced by how far the inner counters moved from `before` to `after` (each
-    increment below 2**32, so the `uint32` difference of the low words is exact), plus
-    `extra` increments."""
-    increments = {name: getattr(after, name).lo - getattr(before, name).lo for name in _COUNTERS}
-    for name, n in extra.items():
-        increments[name] = increments[name] + jnp.asarray(n, jnp.uint32)
+    """`stats` advanced by how far the inner counters moved from `before` to `after` (exact:
+    a 64-bit difference, however large one call's increment), plus `extra` increments."""
+    increments = {}
+    for name in _COUNTERS:
+        a, b = getattr(after, name), getattr(before, name)
+        borrow = (a.lo < b.lo).astype(jnp.uint32)
+        moved = Counter(lo=a.lo - b.lo, hi=a.hi - b.hi - borrow)
+        increments[name] = moved.add(extra[name]) if name in extra else moved
     return stats.add(**increments)
 
 
@@ -129,15 +144,19 @@ def map_elements(batcher: Any, fn: Any) -> Batcher:
     """
     _check_batcher(batcher)
     _check_callable(fn, "fn")
+    config = describe("map_elements", fn=fn)
 
     def init_fn(element_spec: Any, key: Any = None) -> MapState:
         spec = spec_of(element_spec)
         mapped = jax.eval_shape(lambda e: _map_element(fn, e), spec)
         return MapState(
-            inner=batcher.init(mapped, key=key), spec=_witness(spec), stats=Stats.zeros()
+            inner=batcher.init(mapped, key=key),
+            spec=_witness(spec),
+            stats=Stats.zeros(fingerprint(config, spec)),
         )
 
     def step_fn(state: MapState, element: Any) -> tuple[MapState, Emit]:
+        check_state(state, MapState, config)
         element = as_element(element)
         check_against_spec(row_spec(state.spec), element, what="element")
         inner, emit = batcher.step(state.inner, _map_element(fn, element))
@@ -145,11 +164,13 @@ def map_elements(batcher: Any, fn: Any) -> Batcher:
         return MapState(inner, state.spec, stats), emit
 
     def flush_fn(state: MapState) -> tuple[MapState, Emit]:
+        check_state(state, MapState, config)
         inner, emit = batcher.flush(state.inner)
         stats = _advance(state.stats, state.inner.stats, inner.stats)
         return MapState(inner, state.spec, stats), emit
 
     def feed_fn(state: MapState, elements: Any, flush: bool = False) -> tuple[MapState, Emissions]:
+        check_state(state, MapState, config)
         elements = as_element(elements)
         check_against_spec(row_spec(state.spec), row_spec(elements), what="elements[i]")
         mapped = jax.vmap(lambda e: _map_element(fn, e))(elements)
@@ -214,6 +235,7 @@ def filter_elements(batcher: Any, predicate: Any) -> Batcher:
     """
     _check_batcher(batcher)
     _check_callable(predicate, "predicate")
+    config = describe("filter_elements", predicate=predicate)
 
     # The branches are built once, so that even eager (un-jitted) calls hit `cond`'s cache.
     def take(inner: Any, element: Element) -> tuple[Any, Emit]:
@@ -225,10 +247,13 @@ def filter_elements(batcher: Any, predicate: Any) -> Batcher:
     def init_fn(element_spec: Any, key: Any = None) -> FilterState:
         spec = spec_of(element_spec)
         return FilterState(
-            inner=batcher.init(spec, key=key), spec=_witness(spec), stats=Stats.zeros()
+            inner=batcher.init(spec, key=key),
+            spec=_witness(spec),
+            stats=Stats.zeros(fingerprint(config, spec)),
         )
 
     def step_fn(state: FilterState, element: Any) -> tuple[FilterState, Emit]:
+        check_state(state, FilterState, config)
         element = as_element(element)
         check_against_spec(row_spec(state.spec), element, what="element")
         keep = predicate(element)
@@ -243,6 +268,7 @@ def filter_elements(batcher: Any, predicate: Any) -> Batcher:
         return FilterState(inner, state.spec, stats), emit
 
     def flush_fn(state: FilterState) -> tuple[FilterState, Emit]:
+        check_state(state, FilterState, config)
         inner, emit = batcher.flush(state.inner)
         stats = _advance(state.stats, state.inner.stats, inner.stats)
         return FilterState(inner, state.spec, stats), emit
@@ -389,8 +415,13 @@ def running_moments() -> StatsFn:
 
     def init(batch_spec: Any) -> Moments:
         batch = _require_batch(batch_spec)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], _moments_dtype(s.dtype)), batch.data)
-        return Moments(count=Counter.of(0), shift=zeros, offset=zeros, m2=zeros)
+
+        def zeros():  # each field its own buffers, so the state can be donated to `jit`
+            return jax.tree.map(
+                lambda s: jnp.zeros(s.shape[1:], _moments_dtype(s.dtype)), batch.data
+            )
+
+        return Moments(count=Counter.of(0), shift=zeros(), offset=zeros(), m2=zeros())
 
     def update(moments: Moments, batch: Any) -> Moments:
         batch = _require_batch(batch)
@@ -508,18 +539,21 @@ def with_statistics(batcher: Any, stats_fn: Any = None, *, initial: Any = None) 
             update=lambda _, batch: per_batch(batch),
         )
 
+    config = describe("with_statistics", stats_fn=stats_fn, initial=initial is not None)
+
     def init_fn(element_spec: Any, key: Any = None) -> StatisticsState:
         spec = spec_of(element_spec)
         inner = batcher.init(spec, key=key)
         batch_like = jax.eval_shape(batcher.step, inner, spec)[1].batch
         empty = stats_fn.init(batch_like)
         if initial is None:
-            statistics, precomputed = empty, False
+            statistics, precomputed = jax.tree.map(jnp.copy, empty), False  # own buffers
         else:
             check_against_spec(empty, initial, what="initial")
             statistics, precomputed = jax.tree.map(jnp.asarray, initial), True
-        flag = jnp.asarray(precomputed)
-        return StatisticsState(inner, statistics, empty, flag, flag, Stats.zeros())
+        stats = Stats.zeros(fingerprint(config, spec))
+        flags = jnp.asarray(precomputed), jnp.asarray(precomputed)  # two buffers
+        return StatisticsState(inner, statistics, empty, *flags, stats)
 
     def fold_in(statistics: PyTree, batch: Any) -> PyTree:
         return stats_fn.update(statistics, batch)
@@ -535,10 +569,12 @@ def with_statistics(batcher: Any, stats_fn: Any = None, *, initial: Any = None) 
         return StatisticsState(inner, statistics, state.empty, has_stats, state.frozen, stats)
 
     def step_fn(state: StatisticsState, element: Any) -> tuple[StatisticsState, Emit]:
+        check_state(state, StatisticsState, config)
         inner, emit = batcher.step(state.inner, element)
         return observe(state, inner, emit), emit
 
     def flush_fn(state: StatisticsState) -> tuple[StatisticsState, Emit]:
+        check_state(state, StatisticsState, config)
         inner, emit = batcher.flush(state.inner)
         return observe(state, inner, emit), emit
 

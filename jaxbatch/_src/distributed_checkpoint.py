@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
+from .base import configs_of
+
 _FORMAT = "jaxbatch.distributed/1"
 
 
@@ -42,6 +44,7 @@ def _describe(tree: PyTree) -> dict[str, Any]:
     return {
         "format": _FORMAT,
         "treedef": str(treedef),
+        "configs": configs_of(tree),
         "leaves": [
             {
                 "path": jax.tree_util.keystr(path),
@@ -187,6 +190,21 @@ def load_distributed(directory: str | os.PathLike, like: PyTree) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _check_configs(directory: str, saved: dict, like: PyTree) -> None:
+    """Refuse a saved batcher state of another configuration than `like`'s (their
+    `Stats.config` fingerprints), naming both. Checkpoints without fingerprints pass."""
+    got_all, want_all = saved.get("configs"), configs_of(like)
+    if got_all is None or len(got_all) != len(want_all):
+        return  # an older checkpoint, or another tree: the structure check decides
+    for got, want in zip(got_all, want_all):
+        if got and want and got != want:
+            raise ValueError(
+                f"Checkpoint {directory!r} holds a state of another configuration: the "
+                f"checkpoint's state is of `{got}`, `like` is of `{want}`. Load it with a "
+                "`like` from the batcher that saved it, or start this batcher from its `init`."
+            )
+
+
 def _check_compatible(directory: str, saved: Any, like: PyTree) -> None:
     def refuse(detail: str) -> ValueError:
         return ValueError(
@@ -198,6 +216,7 @@ def _check_compatible(directory: str, saved: Any, like: PyTree) -> None:
         raise ValueError(
             f"Checkpoint {directory!r} was not written by `jaxbatch.save_distributed`."
         )
+    _check_configs(directory, saved, like)
     expected = _describe(like)
     saved_paths = [leaf["path"] for leaf in saved["leaves"]]
     like_paths = [leaf["path"] for leaf in expected["leaves"]]

@@ -273,7 +273,7 @@ def _by_step(batcher: Batcher, state: State, elements: Element, flush: bool, fn,
             state, emit = feed_one(state, i)
             return (state, when_ready(emit, fn, carry)), None
 
-        (state, carry), _ = jax.lax.scan(body, (state, carry), jnp.arange(n))
+        (state, carry), _ = jax.lax.scan(body, (state, carry), jnp.arange(n, dtype=jnp.int32))
         return state, carry
 
     # With the drain: an outer loop whose body calls `fn` once, on the next emission: the
@@ -469,7 +469,7 @@ def collect(
         `count <= capacity`.
     """
     elements = _stream(elements)
-    slots = jnp.arange(capacity)
+    slots = jnp.arange(capacity, dtype=jnp.int32)
     if batcher.feed is not None:
         state, emissions = batcher.feed(state, elements, flush)
         if emissions.stacked is not None:

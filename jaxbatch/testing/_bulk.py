@@ -142,7 +142,7 @@ def check_consumer_traces(checker: Any) -> None:
         def fn(carry, batch):
             traces[name] += 1
             for b in _batches(batch):
-                carry = carry + jnp.sum(b.valid_mask.astype(jnp.int32))
+                carry = carry + jnp.sum(b.valid_mask, dtype=jnp.int32)
             return carry
 
         return fn

@@ -1,13 +1,12 @@
 """What the law checks share: the law names, failing, records of emissions, and the host-side
 comparisons (bit-identical trees, rows as keys, the batches of an emission)."""
 
-import dataclasses
 from typing import Any, NamedTuple, NoReturn
 
 import jax
 import numpy as np
 
-from .._src.base import Stats
+from .._src.base import COUNTERS, Stats
 from .._src.batch import Batch
 from .._src.element import Element
 
@@ -23,7 +22,7 @@ _LAWS = {
     0: "Reference",
     9: "The bulk path's protocol",
 }
-_COUNTERS = tuple(f.name for f in dataclasses.fields(Stats))
+_COUNTERS = COUNTERS
 # Law 7: a second run starts every counter here, so counts cross the 32-bit boundary.
 _WIDE_START = 2**32 - 2
 

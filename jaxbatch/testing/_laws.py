@@ -704,7 +704,8 @@ class _Checker:
     def check_wide_counters(self, want: list[_Record]) -> None:
         """Law 7: with every counter started just below 2**32, nothing else changes."""
         step, flush = self.functions()
-        wide = Stats(**dict.fromkeys(_COUNTERS, Counter.of(_WIDE_START)))
+        config = self.init().stats.config  # the same configuration, wider counts
+        wide = Stats(**{k: Counter.of(_WIDE_START) for k in _COUNTERS}, config=config)
         try:
             state = eqx.tree_at(lambda s: s.stats, self.init(), wide)
         except Exception as e:

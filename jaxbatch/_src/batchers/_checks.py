@@ -1,19 +1,29 @@
 """The configuration checks every batcher factory shares: each raises the `ValueError` the
 laws ask for (law 8), naming the argument, what was given and what is expected."""
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..element import Element
 
+# Sizes index rows with int32 (no `jax_enable_x64` needed), so none may pass this.
+MAX_SIZE = 2**31 - 1
+
 
 def positive_int(value: Any, name: str) -> int:
-    """`value` if it is a positive int (not a bool), else a `ValueError` naming `name`."""
+    """`value` if it is a positive int (not a bool) of at most `MAX_SIZE`, else a
+    `ValueError` naming `name`. Checked on the number alone: a factory allocates nothing."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    if value > MAX_SIZE:
+        raise ValueError(
+            f"`{name}` must be at most 2**31 - 1 (rows are indexed with int32), got {value}."
+        )
     return value
 
 
@@ -40,7 +50,8 @@ def pad_value_fits(pad_value: bool | int | float, spec: Element) -> None:
         if dtype.kind not in "biu":
             continue
         low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
-        if float(pad_value) != int(pad_value) or not low <= pad_value <= high:
+        whole = math.isfinite(pad_value) and float(pad_value) == int(pad_value)
+        if not whole or not low <= pad_value <= high:
             raise ValueError(
                 f"`pad_value` {pad_value!r} cannot be stored in leaf "
                 f"`element{jax.tree_util.keystr(path)}` of dtype {dtype} (integers in "
@@ -77,3 +88,22 @@ def row_lengths(value: Any, features: Sequence[str]) -> tuple[int, ...]:
                 f"feature {k!r}), got {n!r}."
             )
     return tuple(value[k] for k in features)
+
+
+def clamp_to_int32(x: Any, low: int, high: int) -> jax.Array:
+    """Integer `x` (any width, traced or not) clamped to `[low, high]` in its own dtype, then
+    cast to int32 (`low`, `high` within int32).
+
+    Clamp before the cast, never after: an int64 `2**32 + 3` cast first would read as 3. Pass
+    bounds one past the valid range (e.g. `low=-1`, `high=limit + 1`), and a range check on
+    the result fails exactly when it fails on `x`, under `jax_enable_x64` too.
+    """
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.int32)
+    info = jnp.iinfo(x.dtype)
+    if info.min < low:
+        x = jnp.maximum(x, jnp.asarray(low, x.dtype))
+    if info.max > high:
+        x = jnp.minimum(x, jnp.asarray(high, x.dtype))
+    return x.astype(jnp.int32)

@@ -33,11 +33,22 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from ..base import Batcher, Carry, Emit, Stats, row_spec, stack_spec
+from ..base import (
+    Batcher,
+    Carry,
+    Emit,
+    Stats,
+    check_state,
+    describe,
+    fingerprint,
+    own_buffers,
+    row_spec,
+    stack_spec,
+)
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import flag, pad_number, pad_value_fits
+from ._checks import MAX_SIZE, clamp_to_int32, flag, pad_number, pad_value_fits
 from .fixed_size import _as_batch
 
 _TOO_LONG = ("error", "skip")
@@ -131,6 +142,11 @@ def _int_sequence(name: str, values: Any) -> tuple[int, ...]:
                 f"`{name}` must hold positive ints, got {v!r} in {values!r}; "
                 f"e.g. `{name}=[32, 64]`."
             )
+        if v > MAX_SIZE:
+            raise ValueError(
+                f"`{name}` must hold ints of at most 2**31 - 1 (rows are indexed with int32), "
+                f"got {v} in {values!r}."
+            )
     return tuple(int(v) for v in items)
 
 
@@ -151,6 +167,7 @@ def _bucketing(
     cut: Callable[[Element, int, Array], Element],
     pad_value: bool | int | float,
     drop_remainder: bool,
+    config: str,
 ) -> Batcher:
     """The batcher shared by both factories, given how they differ.
 
@@ -171,9 +188,10 @@ def _bucketing(
         specs, max_lengths = prepare(spec)
         buffers = tuple(stack_spec(s, b) for s, b in zip(specs, batch_sizes))
         counts = jnp.zeros((num,), jnp.int32)
-        return BucketState(buffers, counts, Stats.zeros(), max_lengths)
+        return BucketState(buffers, counts, Stats.zeros(fingerprint(config, spec)), max_lengths)
 
     def step_fn(state: BucketState, element: Any) -> tuple[BucketState, Emit]:
+        check_state(state, BucketState, config)
         element = as_element(element)
         check_against_spec(expected(state), element, what="element")
         bucket, accept, length = route(element)
@@ -186,7 +204,7 @@ def _bucketing(
             )
             for i in range(num)
         )
-        hit = (jnp.arange(num) == bucket) & accept
+        hit = (jnp.arange(num, dtype=jnp.int32) == bucket) & accept
         counts = state.counts + hit.astype(jnp.int32)
         full = hit & (counts == sizes())
         ready = jnp.any(full)
@@ -198,9 +216,10 @@ def _bucketing(
         )
         emit = Emit(Bucketed(batches=batches, bucket=bucket), ready)
         new = BucketState(buffers, jnp.where(full, 0, counts), stats, state.max_lengths)
-        return new, emit
+        return new, own_buffers(emit, new)
 
     def flush_fn(state: BucketState) -> tuple[BucketState, Emit]:
+        check_state(state, BucketState, config)
         counts = state.counts
         zeros = jnp.zeros((num,), jnp.int32)
         if drop_remainder:  # everything buffered is dropped by this one call
@@ -209,14 +228,15 @@ def _bucketing(
             )
             emit = Emit(Bucketed(batches, jnp.zeros((), jnp.int32)), jnp.array(False))
             stats = state.stats.add(dropped=jnp.sum(counts))
-            return BucketState(state.buffers, zeros, stats, state.max_lengths), emit
+            new = BucketState(state.buffers, zeros, stats, state.max_lengths)
+            return new, own_buffers(emit, new)
         nonempty = counts > 0
         ready = jnp.any(nonempty)
         bucket = jnp.argmax(nonempty).astype(jnp.int32)  # the first non-empty bucket
-        pick = (jnp.arange(num) == bucket) & ready
+        pick = (jnp.arange(num, dtype=jnp.int32) == bucket) & ready
         batches = []
         for i, (buf, b) in enumerate(zip(state.buffers, batch_sizes)):
-            rows = jnp.arange(b) < counts[i]
+            rows = jnp.arange(b, dtype=jnp.int32) < counts[i]
             padded = jax.tree.map(
                 lambda x, rows=rows: jnp.where(
                     rows_mask(rows, x), x, jnp.asarray(pad_value, x.dtype)
@@ -229,9 +249,8 @@ def _bucketing(
             emitted=n, batches=ready, padded=jnp.where(ready, sizes()[bucket] - n, 0)
         )
         emit = Emit(Bucketed(tuple(batches), bucket), ready)
-        return BucketState(
-            state.buffers, jnp.where(pick, 0, counts), stats, state.max_lengths
-        ), emit
+        new = BucketState(state.buffers, jnp.where(pick, 0, counts), stats, state.max_lengths)
+        return new, own_buffers(emit, new)
 
     return Batcher(init=init_fn, step=step_fn, flush=flush_fn)
 
@@ -297,7 +316,7 @@ def bucket_by(
                 f"`key_fn` must return a scalar integer, got shape {shape} dtype {dtype}; "
                 "e.g. `lambda e: e.data['label']` on an int32 scalar leaf."
             )
-        key = jnp.asarray(key).astype(jnp.int32)
+        key = clamp_to_int32(key, -1, num)  # range-checked as given, not cut to 32 bits
         key = eqx.error_if(
             key,
             (key < 0) | (key >= num),
@@ -313,6 +332,13 @@ def bucket_by(
         cut=lambda element, i, length: element,
         pad_value=pad_value,
         drop_remainder=drop_remainder,
+        config=describe(
+            "bucket_by",
+            key_fn=key_fn,
+            batch_sizes=batch_sizes,
+            pad_value=pad_value,
+            drop_remainder=drop_remainder,
+        ),
     )
 
 
@@ -473,7 +499,8 @@ def bucket_by_length(
         return spec.replace(data={**spec.data, **full})
 
     def route(element: Element) -> tuple[Array, Array, Array]:
-        n = element.data[length].astype(jnp.int32)
+        # Clamped, not cut, to 32 bits: an int64 length of 2**32 + 3 stays too long.
+        n = clamp_to_int32(element.data[length], -1, longest + 1)
         n = eqx.error_if(n, n < 0, f"A sequence has a negative `length` (data[{length!r}]).")
         if too_long == "error":
             n = eqx.error_if(
@@ -491,7 +518,7 @@ def bucket_by_length(
 
         def one(x):
             x = jnp.asarray(x)[:bound]
-            keep = rows_mask(jnp.arange(bound) < n, x)
+            keep = rows_mask(jnp.arange(bound, dtype=jnp.int32) < n, x)
             return jnp.where(keep, x, jnp.asarray(pad_value, x.dtype))
 
         data = {**element.data, **{f: one(element.data[f]) for f in features}}
@@ -505,6 +532,16 @@ def bucket_by_length(
         cut=cut,
         pad_value=pad_value,
         drop_remainder=drop_remainder,
+        config=describe(
+            "bucket_by_length",
+            boundaries=boundaries,
+            batch_sizes=batch_sizes,
+            length=length,
+            features=features,
+            too_long=too_long,
+            pad_value=pad_value,
+            drop_remainder=drop_remainder,
+        ),
     )
 
 

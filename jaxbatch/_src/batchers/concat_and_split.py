@@ -70,7 +70,7 @@ feature side by side, and a sequence's rest takes, in each further row, up to a 
 feature (so it spans as many rows as its feature that needs the most).
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -79,11 +79,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int, PyTree
 
-from ..base import Batcher, Counter, Emit, Stats
+from ..base import Batcher, Counter, Emit, Stats, check_state, describe, fingerprint
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import pad_number, pad_value_fits, positive_int, row_lengths as _row_lengths
+from ._checks import (
+    clamp_to_int32,
+    pad_number,
+    pad_value_fits,
+    positive_int,
+    row_lengths as _row_lengths,
+)
 
 
 class ConcatAndSplitState(eqx.Module):
@@ -158,8 +164,15 @@ def _check_bos(handling: Any, bos_features: Any, token: Any, lengths: dict) -> f
     name = name.lower() if isinstance(name, str) else name
     if name not in _BOS:
         raise ValueError(f"`bos_handling` must be one of {_BOS}, got {handling!r}.")
-    if isinstance(bos_features, str) or not all(isinstance(k, str) for k in bos_features):
-        raise ValueError(f"`bos_features` must be a collection of str, got {bos_features!r}.")
+    if (
+        isinstance(bos_features, str)
+        or not isinstance(bos_features, Iterable)
+        or not all(isinstance(k, str) for k in bos_features)
+    ):
+        raise ValueError(
+            "`bos_features` must be a collection of packed feature names (str), e.g. "
+            f"`('tokens',)`, or `()` for none; got {bos_features!r}."
+        )
     unknown = sorted(set(bos_features) - set(lengths))
     if unknown:
         raise ValueError(f"`bos_features` {unknown} are not packed features (keys of `lengths`).")
@@ -359,8 +372,9 @@ def concat_and_split(
         key: str, max_len: int, rest: tuple[int, ...], dtype: Any
     ) -> tuple[Array, Array, Array]:
         size = capacity[key] + max_len + extra[key]
-        zeros = jnp.zeros((size,), jnp.int32)
-        return jnp.full((size, *rest), pad_value, dtype), zeros, zeros
+        # Segment ids and positions in their own buffers: the state can be donated to `jit`.
+        ids, positions = jnp.zeros((size,), jnp.int32), jnp.zeros((size,), jnp.int32)
+        return jnp.full((size, *rest), pad_value, dtype), ids, positions
 
     def metas_of(spec: Element) -> list:
         """The meta features: the element's keys neither packed nor lengths."""
@@ -418,6 +432,20 @@ def concat_and_split(
                     f"of dtype {dtype}."
                 )
 
+    config = describe(
+        "concat_and_split",
+        row_length=row_length,
+        num_rows=num_rows,
+        lengths=lengths,
+        pad_value=pad_value,
+        max_sequences_per_row=cap,
+        continue_positions=continue_positions,
+        split_full_length_features=split_full_length_features,
+        bos_handling=bos_handling,
+        bos_features=sorted(bos_features),
+        bos_token_id=bos_token_id,
+    )
+
     def init_fn(element_spec: Any, key: Any = None) -> ConcatAndSplitState:
         del key  # deterministic
         spec = spec_of(element_spec)
@@ -432,20 +460,22 @@ def concat_and_split(
         def table(leaf: Any) -> Array:
             return jnp.full((table_rows, width, *leaf.shape), pad_value, leaf.dtype)
 
-        zero = jnp.zeros((), jnp.int32)
+        def zero():  # each field its own array, so the state can be donated to `jit`
+            return jnp.zeros((), jnp.int32)
+
         return ConcatAndSplitState(
             buffer={k: b[0] for k, b in buffers.items()},
             segment_ids={k: b[1] for k, b in buffers.items()},
             positions={k: b[2] for k, b in buffers.items()},
             length_like={n: jnp.zeros((), spec.data[n].dtype) for n in set(lengths.values())},
             tables={m: jax.tree.map(table, spec.data[m]) for m in metas_of(spec)},
-            row=zero,
-            fill=dict.fromkeys(features, zero),
-            segments=zero,
-            pending=zero,
-            stats=Stats.zeros(),
-            tokens=dict.fromkeys(features, Counter.of(0)),
-            padding_tokens=dict.fromkeys(features, Counter.of(0)),
+            row=zero(),
+            fill={k: zero() for k in features},
+            segments=zero(),
+            pending=zero(),
+            stats=Stats.zeros(fingerprint(config, spec)),
+            tokens={k: Counter.of(0) for k in features},
+            padding_tokens={k: Counter.of(0) for k in features},
         )
 
     def max_len_of(state: ConcatAndSplitState, key: str) -> int:
@@ -463,7 +493,7 @@ def concat_and_split(
 
     def length_of(state: ConcatAndSplitState, data: dict, key: str) -> Array:
         raw, max_len = data[lengths[key]], max_len_of(state, key)
-        n = raw.astype(jnp.int32)  # an unsigned length past 2**31 turns negative: refused
+        n = clamp_to_int32(raw, -1, max_len + 1)  # checked as given, not cut to 32 bits
         bad = (n < 0) | (n > max_len)
         return eqx.error_if(
             n,
@@ -497,6 +527,7 @@ def concat_and_split(
         return {k: jnp.sum(s[: capacity[k]] == 0, dtype=jnp.int32) for k, s in segment_ids.items()}
 
     def step_fn(state: ConcatAndSplitState, element: Any) -> tuple[ConcatAndSplitState, Emit]:
+        check_state(state, ConcatAndSplitState, config)
         element = as_element(element)
         check_against_spec(spec_from(state), element, what="element")
         n = {k: length_of(state, element.data, k) for k in features}
@@ -678,13 +709,17 @@ def concat_and_split(
         return new_state, Emit(batch, done)
 
     def flush_fn(state: ConcatAndSplitState) -> tuple[ConcatAndSplitState, Emit]:
+        check_state(state, ConcatAndSplitState, config)
         ready = (state.row > 0) | jnp.any(jnp.stack([state.fill[k] > 0 for k in features]))
         valid = rows_valid(state.segment_ids) & ready
         batch = batch_of((state.buffer, state.segment_ids, state.positions, state.tables), valid)
         padding = padding_of(state.segment_ids)
         buffers = {k: fresh(k, max_len_of(state, k), b.shape[1:], b.dtype)
                    for k, b in state.buffer.items()}  # fmt: skip
-        zero = jnp.zeros((), jnp.int32)
+
+        def zero():  # each field its own array, so the state can be donated to `jit`
+            return jnp.zeros((), jnp.int32)
+
         padded_rows = jnp.where(ready, num_rows - jnp.sum(valid, dtype=jnp.int32), 0)
         new_state = ConcatAndSplitState(
             buffer={k: b[0] for k, b in buffers.items()},
@@ -692,10 +727,10 @@ def concat_and_split(
             positions={k: b[2] for k, b in buffers.items()},
             length_like=state.length_like,
             tables=jax.tree.map(lambda t: jnp.full_like(t, pad_value), state.tables),
-            row=zero,
-            fill=dict.fromkeys(features, zero),
-            segments=zero,
-            pending=zero,
+            row=zero(),
+            fill={k: zero() for k in features},
+            segments=zero(),
+            pending=zero(),
             stats=state.stats.add(emitted=state.pending, batches=ready, padded=padded_rows),
             tokens=state.tokens,
             padding_tokens={

@@ -17,7 +17,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from ..base import Batcher, Emissions, Emit, Stats, row_spec, stack_spec
+from ..base import (
+    Batcher,
+    Emissions,
+    Emit,
+    Stats,
+    check_state,
+    describe,
+    fingerprint,
+    own_buffers,
+    row_spec,
+    stack_spec,
+)
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -83,16 +94,20 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
     positive_int(batch_size, "batch_size")
     flag(drop_remainder, "drop_remainder")
     pad_number(pad_value)
-    all_valid = jnp.ones((batch_size,), dtype=bool)
+    config = describe(
+        "fixed_size", batch_size=batch_size, drop_remainder=drop_remainder, pad_value=pad_value
+    )
 
     def init_fn(element_spec: Any, key: Any = None) -> FixedSizeState:
         del key  # deterministic
         spec = spec_of(element_spec)
         pad_value_fits(pad_value, spec)
         buffer = stack_spec(spec, batch_size)
-        return FixedSizeState(buffer=buffer, count=jnp.zeros((), jnp.int32), stats=Stats.zeros())
+        stats = Stats.zeros(fingerprint(config, spec))
+        return FixedSizeState(buffer=buffer, count=jnp.zeros((), jnp.int32), stats=stats)
 
     def step_fn(state: FixedSizeState, element: Any) -> tuple[FixedSizeState, Emit]:
+        check_state(state, FixedSizeState, config)
         element = as_element(element)
         check_against_spec(row_spec(state.buffer), element, what="element")
         buffer = jax.tree.map(
@@ -104,15 +119,19 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
         full = count == batch_size
         stats = state.stats.add(accepted=1, batches=full, emitted=jnp.where(full, batch_size, 0))
         emit = Emit(_as_batch(buffer, jnp.broadcast_to(full, (batch_size,))), full)
-        return FixedSizeState(buffer, jnp.where(full, 0, count), stats), emit
+        new = FixedSizeState(buffer, jnp.where(full, 0, count), stats)
+        return new, own_buffers(emit, new)
 
     def flush_fn(state: FixedSizeState) -> tuple[FixedSizeState, Emit]:
+        check_state(state, FixedSizeState, config)
         n = state.count
         zero = jnp.zeros((), jnp.int32)
         if drop_remainder:
-            not_ready = Emit(_as_batch(state.buffer, ~all_valid), jnp.array(False))
-            return FixedSizeState(state.buffer, zero, state.stats.add(dropped=n)), not_ready
-        rows = jnp.arange(batch_size) < n
+            none = jnp.zeros((batch_size,), dtype=bool)
+            not_ready = Emit(_as_batch(state.buffer, none), jnp.array(False))
+            new = FixedSizeState(state.buffer, zero, state.stats.add(dropped=n))
+            return new, own_buffers(not_ready, new)
+        rows = jnp.arange(batch_size, dtype=jnp.int32) < n
         padded = jax.tree.map(
             lambda buf: jnp.where(rows_mask(rows, buf), buf, jnp.asarray(pad_value, buf.dtype)),
             state.buffer,
@@ -126,6 +145,7 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
     def feed_fn(
         state: FixedSizeState, elements: Any, flush: bool = False
     ) -> tuple[FixedSizeState, Emissions]:
+        check_state(state, FixedSizeState, config)
         elements = as_element(elements)
         check_against_spec(row_spec(state.buffer), row_spec(elements), what="elements[i]")
         leaves = jax.tree.leaves(elements)
@@ -149,7 +169,9 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
             return jax.tree.map(lambda buf, x: leaf(buf, x, buf), state.buffer, elements)
 
         def rows_of_batch(k):
-            position = k * batch_size + jnp.arange(batch_size) - r  # stream position per row
+            position = (
+                k * batch_size + jnp.arange(batch_size, dtype=jnp.int32) - r
+            )  # stream position per row
             index = jnp.clip(position, 0, max(n - 1, 0))
 
             def take(x):  # no rows to take from an empty stack: any value (it is masked)
@@ -167,7 +189,7 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
             # One pad-and-reshape of the stream: slot k of the result is batch k. From an
             # empty buffer (`r` a constant 0) XLA reduces it to a copy of the elements.
             size = capacity * batch_size
-            position = jnp.arange(size) - r
+            position = jnp.arange(size, dtype=jnp.int32) - r
 
             def shifted(x):  # stream row `position[q]` at row q (pad where out of range)
                 padding = jnp.full((batch_size, *x.shape[1:]), pad_value, x.dtype)
@@ -180,7 +202,7 @@ def fixed_size(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any =
                 return jnp.concatenate([buf, rest])[:size]
 
             rows = pick(position, front, shifted)
-            slot = jnp.arange(size) // batch_size
+            slot = jnp.arange(size, dtype=jnp.int32) // batch_size
             flat = _as_batch(rows, (position < n) & (slot < count))
             # tree.map, not Batch(...): the stacked mask is 2-D, one row per slot.
             return jax.tree.map(lambda x: x.reshape(capacity, batch_size, *x.shape[1:]), flat)

@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from ..base import Batcher, Emit, Stats, row_spec, stack_spec
+from ..base import Batcher, Emit, Stats, check_state, describe, fingerprint, row_spec, stack_spec
 from ..batch import Batch
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import pad_number, pad_value_fits, positive_int
+from ._checks import MAX_SIZE, clamp_to_int32, pad_number, pad_value_fits, positive_int
 
 
 class MultiRateState(eqx.Module):
@@ -156,10 +156,18 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
             f"`capacity` must be an int >= `batch_size` ({batch_size}) windows, got {capacity!r}."
         )
     pad_number(pad_value)
+    if capacity * max(rates) > MAX_SIZE:  # samples buffered per channel, indexed with int32
+        raise ValueError(
+            f"`capacity` * `rates` must be at most 2**31 - 1 samples per channel (int32 "
+            f"indices), got {capacity} * {max(rates)}."
+        )
     num_channels = len(rates)
     need = np.array([batch_size * r for r in rates], np.int32)  # samples per batch
     room = np.array([capacity * r for r in rates], np.int32)  # samples buffered at most
     total_rate = sum(rates)
+    config = describe(
+        "multi_rate", batch_size=batch_size, rates=rates, capacity=capacity, pad_value=pad_value
+    )
 
     def init_fn(element_spec: Any, key: Any = None) -> MultiRateState:
         del key  # deterministic
@@ -172,7 +180,7 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
             buffers=buffers,
             counts=jnp.zeros((num_channels,), jnp.int32),
             spec=stack_spec(spec, 0),
-            stats=Stats.zeros(),
+            stats=Stats.zeros(fingerprint(config, spec)),
         )
 
     def windows(buffer: Any, c: int) -> Any:
@@ -196,9 +204,10 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
         return Emit(batch, ready)
 
     def step_fn(state: MultiRateState, element: Any) -> tuple[MultiRateState, Emit]:
+        check_state(state, MultiRateState, config)
         element = as_element(element)
         check_against_spec(row_spec(state.spec), element, what="element")
-        channel = element.data["channel"].astype(jnp.int32)
+        channel = clamp_to_int32(element.data["channel"], -1, num_channels)  # not cut to 32 bits
         buffers, takes = [], []
         for c in range(num_channels):
             take = (channel == c) & (state.counts[c] < room[c])
@@ -244,17 +253,18 @@ def multi_rate(batch_size: Any, rates: Any, *, capacity: Any = None, pad_value: 
         return MultiRateState(tuple(buffers), counts, state.spec, stats), emit
 
     def flush_fn(state: MultiRateState) -> tuple[MultiRateState, Emit]:
+        check_state(state, MultiRateState, config)
         counts = state.counts
         complete = jnp.min(counts // jnp.asarray(rates, jnp.int32))  # windows done everywhere
         complete = jnp.minimum(complete, batch_size)
         ready = complete > 0
-        valid = (jnp.arange(batch_size) < complete) & ready
+        valid = (jnp.arange(batch_size, dtype=jnp.int32) < complete) & ready
         masks = tuple(
-            (jnp.arange(need[c]) < counts[c]).reshape(batch_size, rates[c]) & ready
+            (jnp.arange(need[c], dtype=jnp.int32) < counts[c]).reshape(batch_size, rates[c]) & ready
             for c in range(num_channels)
         )
         emit = emit_of(state.buffers, masks, valid, ready)
-        buffered = jnp.sum(counts)
+        buffered = jnp.sum(counts, dtype=jnp.int32)
         emitted = jnp.where(ready, complete * total_rate, 0)
         stats = state.stats.add(
             emitted=emitted,

@@ -39,7 +39,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree
 
-from ..base import Batcher, Counter, Emissions, Emit, Stats, prng_key, row_spec
+from ..base import (
+    Batcher,
+    Counter,
+    Emissions,
+    Emit,
+    Stats,
+    check_state,
+    describe,
+    fingerprint,
+    prng_key,
+    row_spec,
+)
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -482,6 +493,20 @@ def pack(
             return 0
         return pads.get(name, 0) if isinstance(pads, dict) else pads
 
+    config = describe(
+        "pack",
+        row_length=row_length,
+        num_rows=num_rows,
+        lengths=lengths,
+        strategy=strategy,
+        too_long=too_long,
+        pad_value=pad_value,
+        max_sequences_per_row=max_segments,
+        alignment=alignment,
+        shuffle_rows=shuffle_rows,
+        shuffle_rows_group_by=shuffle_rows_group_by,
+    )
+
     def init_fn(element_spec: Any, key: Any = None) -> PackState:
         # Deterministic unless rows are shuffled.
         key = prng_key(key, "pack(..., shuffle_rows=True)") if shuffle_rows else None
@@ -499,7 +524,6 @@ def pack(
                     lambda s, pad=pad: jnp.full((num_rows, max_segments, *s.shape), pad, s.dtype),
                     leaf,
                 )
-        zero = Counter.of(0)
         return PackState(
             data=buffer,
             fills=jnp.zeros((num_features, num_rows), jnp.int32),
@@ -507,13 +531,13 @@ def pack(
             open_tokens=jnp.zeros((), jnp.int32),
             key=key,
             draws=jnp.zeros((), jnp.uint32) if shuffle_rows else None,
-            stats=Stats.zeros(),
-            sequences=zero,
-            rows=zero,
-            tokens=zero,
-            padding_tokens=zero,
-            truncated=zero,
-            truncated_tokens=zero,
+            stats=Stats.zeros(fingerprint(config, Element(data=data))),
+            sequences=Counter.of(0),
+            rows=Counter.of(0),
+            tokens=Counter.of(0),
+            padding_tokens=Counter.of(0),
+            truncated=Counter.of(0),
+            truncated_tokens=Counter.of(0),
             max_lens=tuple((k, data[k].shape[0]) for k in features),
         )
 
@@ -583,7 +607,7 @@ def pack(
         if strategy == "first_fit":
             row = jnp.argmax(fit)
         else:  # fullest row (fills summed over features, as Grain), earliest on a tie
-            row = jnp.argmax(jnp.where(fit, jnp.sum(fills, axis=0), -1))
+            row = jnp.argmax(jnp.where(fit, jnp.sum(fills, axis=0, dtype=jnp.int32), -1))
         offsets, slot = fills[:, row], segments[row]
         place = ~skip
         # Grain's `pack_alignment_struct`: the next sequence starts at a multiple of the
@@ -592,7 +616,7 @@ def pack(
         end = (offsets + lens + align - 1) // align * align
         fills = fills.at[:, row].set(jnp.where(place, end, offsets))
         segments = segments.at[row].add(place.astype(jnp.int32))
-        tokens = tokens + jnp.where(place, jnp.sum(lens), 0)
+        tokens = tokens + jnp.where(place, jnp.sum(lens, dtype=jnp.int32), 0)
         return full, skip, row, offsets, slot, fills, segments, tokens
 
     def emission(tokens: Array, segments: Array, ready: Array) -> dict[str, Array]:
@@ -601,11 +625,11 @@ def pack(
         used = segments > 0
         filled = tokens
         counts = {
-            "sequences": jnp.sum(segments),
-            "rows": jnp.sum(used.astype(jnp.int32)),
+            "sequences": jnp.sum(segments, dtype=jnp.int32),
+            "rows": jnp.sum(used, dtype=jnp.int32),
             "tokens": filled,
             "padding_tokens": all_tokens - filled,
-            "padded": jnp.sum((~used).astype(jnp.int32)),
+            "padded": jnp.sum(~used, dtype=jnp.int32),
         }
         return {k: jnp.where(ready, v, 0) for k, v in counts.items()}
 
@@ -619,7 +643,7 @@ def pack(
         accepted: Array,
         skipped: Array,
         batches: Array,
-        emitted: dict[str, Array],
+        emitted: dict[str, Array | Counter],
         cut: Array,
     ) -> PackState:
         stats = state.stats.add(
@@ -642,11 +666,12 @@ def pack(
             tokens=state.tokens.add(emitted["tokens"]),
             padding_tokens=state.padding_tokens.add(emitted["padding_tokens"]),
             truncated=state.truncated.add(jnp.sum(jnp.any(cut > 0, axis=-1).astype(jnp.int32))),
-            truncated_tokens=state.truncated_tokens.add(jnp.sum(cut)),
+            truncated_tokens=state.truncated_tokens.add(Counter.total(cut)),
             max_lens=state.max_lens,
         )
 
     def step_fn(state: PackState, element: Any) -> tuple[PackState, Emit]:
+        check_state(state, PackState, config)
         element = as_element(element)
         check_against_spec(spec_from_state(state), element, what="element")
         data = element.data
@@ -705,6 +730,7 @@ def pack(
         return new_state, Emit(batch, full)
 
     def flush_fn(state: PackState) -> tuple[PackState, Emit]:
+        check_state(state, PackState, config)
         used = state.segments > 0
         ready = jnp.any(used)
 
@@ -739,7 +765,7 @@ def pack(
         in a random order drawn from `fold_in(key, batch number)`; padding rows stay last."""
         number = state.draws + jnp.asarray(k, jnp.uint32)
         perm = jax.random.permutation(jax.random.fold_in(state.key, number), num_rows)
-        rank = jnp.where(batch.valid_mask, perm, num_rows + jnp.arange(num_rows))
+        rank = jnp.where(batch.valid_mask, perm, num_rows + jnp.arange(num_rows, dtype=jnp.int32))
         if shuffle_rows_group_by is None:
             order = jnp.argsort(rank)
         else:  # Grain's `shuffle_bins_group_by_feature`: by group, then the random rank
@@ -770,7 +796,7 @@ def pack(
             else jnp.iinfo(values.dtype).max,
             values.dtype,
         )
-        slot = jnp.arange(values.shape[1])[None, :]
+        slot = jnp.arange(values.shape[1], dtype=jnp.int32)[None, :]
         ordered = jnp.sort(jnp.where(slot < used, values, top), axis=1)
         new = jnp.concatenate(
             [jnp.ones((num_rows, 1), bool), ordered[:, 1:] != ordered[:, :-1]], axis=1
@@ -786,6 +812,7 @@ def pack(
     def feed_fn(
         state: PackState, elements: Any, flush: bool = False
     ) -> tuple[PackState, Emissions]:
+        check_state(state, PackState, config)
         elements = as_element(elements)
         check_against_spec(spec_from_state(state), row_spec(elements), what="elements[i]")
         data = elements.data
@@ -837,7 +864,7 @@ def pack(
             first = k == 0
             start = jnp.searchsorted(c_group, k, side="left").astype(jnp.int32)
             q = jnp.clip(start + jnp.arange(window, dtype=jnp.int32), 0, max(n - 1, 0))
-            mine = (c_group[q] == k) & (start + jnp.arange(window) < n)
+            mine = (c_group[q] == k) & (start + jnp.arange(window, dtype=jnp.int32) < n)
             target = (jnp.where(mine, c_row[q], num_rows), c_slot[q])
             # Window entry of each (row, segment slot), -1 where no new sequence.
             entry = jnp.full((num_rows, max_segments), -1, jnp.int32)
@@ -845,7 +872,9 @@ def pack(
             present = entry >= 0
             w = jnp.maximum(entry, 0)
             elem = c_elem[q][w]  # [rows, segments]
-            old_segment = first & (jnp.arange(max_segments)[None, :] < segments0[:, None])
+            old_segment = first & (
+                jnp.arange(max_segments, dtype=jnp.int32)[None, :] < segments0[:, None]
+            )
             out = {}
             for f, key in enumerate(features):
                 row_len = limits[f]
@@ -853,8 +882,10 @@ def pack(
                 off, length = c_offsets[q][w][..., f], c_lens[q][w][..., f]
                 # The segment covering each position: the last one starting at or before it.
                 marks = jnp.zeros((num_rows, row_len + 1), jnp.int32)
-                rows_index = jnp.broadcast_to(jnp.arange(num_rows)[:, None], off.shape)
-                ids = jnp.broadcast_to(jnp.arange(1, max_segments + 1), off.shape)
+                rows_index = jnp.broadcast_to(
+                    jnp.arange(num_rows, dtype=jnp.int32)[:, None], off.shape
+                )
+                ids = jnp.broadcast_to(jnp.arange(1, max_segments + 1, dtype=jnp.int32), off.shape)
                 marks = marks.at[jnp.where(present, rows_index, num_rows), off].max(
                     ids, mode="drop"
                 )
@@ -895,7 +926,8 @@ def pack(
             return shuffled(state, batch, k) if shuffle_rows else batch
 
         at_end = emission(open_tokens, segments, tail)  # what a final flush emits
-        emitted = {name: jnp.sum(counts[name]) + at_end[name] for name in at_end}
+        # Summed into 64-bit counters: a chunk's padding tokens can pass 2**32.
+        emitted = {name: Counter.total(counts[name]).add(at_end[name]) for name in at_end}
         buffer, _ = build(whole)
         cut = given - lens
         new_state = advanced(

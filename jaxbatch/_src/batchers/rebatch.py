@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from ..base import Batcher, Emit, Stats, row_spec, stack_spec
+from ..base import Batcher, Emit, Stats, check_state, describe, fingerprint, row_spec, stack_spec
 from ..batch import Batch, rows_mask
 from ..element import Element
 from ..spec import check_against_spec, tree_spec
@@ -142,6 +142,9 @@ def rebatch(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any = 0)
     positive_int(batch_size, "batch_size")
     flag(drop_remainder, "drop_remainder")
     pad_number(pad_value)
+    config = describe(
+        "rebatch", batch_size=batch_size, drop_remainder=drop_remainder, pad_value=pad_value
+    )
 
     def init_fn(element_spec: Any, key: Any = None) -> RebatchState:
         del key  # deterministic
@@ -159,10 +162,11 @@ def rebatch(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any = 0)
         return RebatchState(
             buffer=stack_spec(rows, batch_size - 1 + in_size),
             count=jnp.zeros((), jnp.int32),
-            stats=Stats.zeros(),
+            stats=Stats.zeros(fingerprint(config, spec)),
         )
 
     def step_fn(state: RebatchState, element: Any) -> tuple[RebatchState, Emit]:
+        check_state(state, RebatchState, config)
         batch = _input_batch(element, "element")
         in_size = _check_rows(batch, "element")
         check_against_spec(row_spec(state.buffer), row_spec(_rows(batch)), what="element")
@@ -205,13 +209,14 @@ def rebatch(batch_size: Any, *, drop_remainder: Any = False, pad_value: Any = 0)
         return RebatchState(buffer, jnp.where(ready, count - batch_size, count), stats), emit
 
     def flush_fn(state: RebatchState) -> tuple[RebatchState, Emit]:
+        check_state(state, RebatchState, config)
         n = state.count
         zero = jnp.zeros((), jnp.int32)
         head = jax.tree.map(lambda x: x[:batch_size], state.buffer)
         if drop_remainder:
             not_ready = Emit(_as_batch(head, jnp.zeros((batch_size,), bool)), jnp.array(False))
             return RebatchState(state.buffer, zero, state.stats.add(dropped=n)), not_ready
-        rows = jnp.arange(batch_size) < n
+        rows = jnp.arange(batch_size, dtype=jnp.int32) < n
         padded = jax.tree.map(
             lambda x: jnp.where(rows_mask(rows, x), x, jnp.asarray(pad_value, x.dtype)), head
         )

@@ -39,7 +39,19 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, Key
 
-from ..base import Batcher, Emissions, Emit, Stats, prng_key, row_spec, stack_spec
+from ..base import (
+    Batcher,
+    Emissions,
+    Emit,
+    Stats,
+    check_state,
+    describe,
+    fingerprint,
+    own_buffers,
+    prng_key,
+    row_spec,
+    stack_spec,
+)
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
@@ -109,7 +121,7 @@ def _step_key(key: Key[Array, ""]) -> tuple[Key[Array, ""], Key[Array, ""]]:
 def _random_slot(draw: Key[Array, ""], buffer_size: int) -> Array:
     """The slot a `step` on a full buffer evicts: uniform over the `buffer_size` slots.
     It depends on the step's key alone, so the bulk path draws all of them at once."""
-    return jax.random.randint(draw, (), 0, buffer_size)
+    return jax.random.randint(draw, (), 0, buffer_size, dtype=jnp.int32)
 
 
 def _step_slot(random_slot: Array, filled: Array, buffer_size: int) -> tuple[Array, Array]:
@@ -140,12 +152,12 @@ def _draw_slots(
     """
     batch_size = draws.shape[0]
     n = count + jnp.minimum(batch_size - count, filled)
-    rows = jnp.arange(batch_size)
+    rows = jnp.arange(batch_size, dtype=jnp.int32)
     active = (rows >= count) & (rows < n)
     # Row `r`'s draw is over the `filled - (r - count)` slots still buffered: known up front,
     # so all the draws are made at once; the loop below moves small ints only.
     left = jnp.maximum(filled - (rows - count), 1)
-    picks = jax.vmap(lambda d, m: jax.random.randint(d, (), 0, m))(draws, left)
+    picks = jax.vmap(lambda d, m: jax.random.randint(d, (), 0, m, dtype=jnp.int32))(draws, left)
 
     def draw_row(r, carry):
         where, drawn = carry  # where[s]: the buffer row now in slot s
@@ -155,7 +167,7 @@ def _draw_slots(
         where = where.at[slot].set(where[last])  # the last fills the hole
         return where, drawn
 
-    start = (jnp.arange(slots), jnp.zeros(batch_size, jnp.int32))
+    start = (jnp.arange(slots, dtype=jnp.int32), jnp.zeros(batch_size, jnp.int32))
     where, drawn = jax.lax.fori_loop(0, batch_size, draw_row, start)
     return where, drawn, filled - (n - count)
 
@@ -188,7 +200,7 @@ def _draw(
     n = count + jnp.minimum(batch_size - count, filled)
     slots = jax.tree.leaves(buffer)[0].shape[0] if jax.tree.leaves(buffer) else 1
     where, drawn, left = _draw_slots(count, filled, draws, slots)
-    rows = jnp.arange(batch_size)
+    rows = jnp.arange(batch_size, dtype=jnp.int32)
     take = (rows >= count) & (rows < n)  # rows before `count` are real and stay
     batch = jax.tree.map(
         lambda b, x: jnp.where(rows_mask(take, b), jnp.take(x, drawn, axis=0), b), batch, buffer
@@ -269,22 +281,29 @@ def shuffle(
     positive_int(buffer_size, "buffer_size")
     flag(drop_remainder, "drop_remainder")
     pad_number(pad_value)
+    config = describe(
+        "shuffle",
+        batch_size=batch_size,
+        buffer_size=buffer_size,
+        drop_remainder=drop_remainder,
+        pad_value=pad_value,
+    )
 
     def init_fn(element_spec: Any, key: Any = None) -> ShuffleState:
         key = prng_key(key, "shuffle")
         spec = spec_of(element_spec)
         pad_value_fits(pad_value, spec)
-        zero = jnp.zeros((), jnp.int32)
         return ShuffleState(
             buffer=stack_spec(spec, buffer_size + 1),
-            filled=zero,
+            filled=jnp.zeros((), jnp.int32),
             batch=stack_spec(spec, batch_size),
-            count=zero,
+            count=jnp.zeros((), jnp.int32),
             key=key,
-            stats=Stats.zeros(),
+            stats=Stats.zeros(fingerprint(config, spec)),
         )
 
     def step_fn(state: ShuffleState, element: Any) -> tuple[ShuffleState, Emit]:
+        check_state(state, ShuffleState, config)
         element = as_element(element)
         check_against_spec(row_spec(state.buffer), element, what="element")
         key, draw = _step_key(state.key)
@@ -298,15 +317,16 @@ def shuffle(
         emit = Emit(_as_batch(batch, jnp.broadcast_to(ready, (batch_size,))), ready)
         filled = state.filled + (~full).astype(jnp.int32)
         new = ShuffleState(buffer, filled, batch, jnp.where(ready, 0, count), key, stats)
-        return new, emit
+        return new, own_buffers(emit, new)
 
     def flush_fn(state: ShuffleState) -> tuple[ShuffleState, Emit]:
+        check_state(state, ShuffleState, config)
         key, draws = _flush_draws(state.key, batch_size)
         count, filled = state.count, state.filled
         n = count + jnp.minimum(batch_size - count, filled)  # valid rows of this batch
         buffer, batch, left = _draw(state.buffer, state.batch, count, filled, draws)
         ready, increments = _flush_outcome(n, batch_size, drop_remainder)
-        rows = jnp.arange(batch_size) < n
+        rows = jnp.arange(batch_size, dtype=jnp.int32) < n
         if drop_remainder:
             emit = Emit(_as_batch(batch, rows & ready), ready)
         else:
@@ -315,11 +335,13 @@ def shuffle(
             )
             emit = Emit(_as_batch(padded, rows), ready)
         zero = jnp.zeros((), jnp.int32)
-        return ShuffleState(buffer, left, batch, zero, key, state.stats.add(**increments)), emit
+        new = ShuffleState(buffer, left, batch, zero, key, state.stats.add(**increments))
+        return new, own_buffers(emit, new)
 
     def feed_fn(
         state: ShuffleState, elements: Any, flush: bool = False
     ) -> tuple[ShuffleState, Emissions]:
+        check_state(state, ShuffleState, config)
         elements = as_element(elements)
         check_against_spec(row_spec(state.buffer), row_spec(elements), what="elements[i]")
         leaves = jax.tree.leaves(elements)
@@ -389,7 +411,7 @@ def shuffle(
 
         def sources_of(k):
             """The source of each row of batch `k` and its place in the output stream."""
-            q = k * batch_size + jnp.arange(batch_size)
+            q = k * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
             e = q - state.count  # eviction number
             src = jnp.take(drained, k - whole, axis=0, mode="clip") if flush else q * 0
             if n:
