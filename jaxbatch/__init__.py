@@ -74,6 +74,13 @@ from ._src.element import (
     Metadata as Metadata,
     create_element as create_element,
 )
+from ._src.host import (
+    SOURCE_STATE_BYTES as SOURCE_STATE_BYTES,
+    HostCheckpoint as HostCheckpoint,
+    Prefetcher as Prefetcher,
+    prefetch as prefetch,
+    scan_host as scan_host,
+)
 from ._src.ops import (
     concatenate as concatenate,
     conditional_transform as conditional_transform,

@@ -1,0 +1,261 @@
+"""The host feed: `prefetch` (order, errors in place, the thread always ends) and
+`scan_host` (the same batches as `iterate`, one program for every chunk, checkpoints,
+resume without re-reading, Grain sources)."""
+
+import gc
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbatch as jb
+from jaxbatch._src import host
+
+
+def _threads():
+    return [t for t in threading.enumerate() if t.name == "jaxbatch-prefetch"]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    yield
+    deadline = time.monotonic() + 2
+    while _threads() and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert not _threads()
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+class Boom(Exception):
+    pass
+
+
+def failing(n, at):
+    for i in range(n):
+        if i == at:
+            raise Boom(f"row {i}")
+        yield i
+
+
+def test_prefetch_order_and_end():
+    with jb.prefetch(range(7), buffer_size=2) as items:
+        assert list(items) == list(range(7))
+
+
+def test_prefetch_error_after_items_read_before_it():
+    items, got = jb.prefetch(failing(5, at=3)), []
+    with pytest.raises(Boom, match="row 3"):
+        for x in items:
+            got.append(x)
+    assert got == [0, 1, 2]
+
+
+def test_prefetch_close_gc_and_consumer_errors_end_the_thread():
+    closed = []
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.append(True)
+
+    items = jb.prefetch(endless(), buffer_size=1)
+    assert next(items) == 0
+    items.close()
+    assert not _threads() and closed == [True]
+    items = jb.prefetch(endless())
+    next(items)
+    del items
+    gc.collect()
+    assert not _threads()
+    for error in (KeyboardInterrupt, ValueError):
+        with pytest.raises(error), jb.prefetch(endless()) as items:
+            for x in items:
+                if x == 3:
+                    raise error
+        assert not _threads()
+
+
+def test_prefetch_bounded_buffer():
+    read = []
+
+    def source():
+        for i in range(100):
+            read.append(i)
+            yield i
+
+    with jb.prefetch(source(), buffer_size=2) as items:
+        next(items)
+        time.sleep(0.1)
+        assert len(read) <= 4  # one taken, two buffered, one waiting to be put
+
+
+def test_prefetch_refuses_bad_buffer():
+    with pytest.raises(ValueError, match="`buffer_size`"):
+        jb.prefetch([], buffer_size=0)
+
+
+# --------------------------------------------------------------------------- scan_host
+
+
+def fold(carry, batch):
+    """Order-sensitive integer digest of every valid value of every batch."""
+    k, acc = carry
+    total = jnp.int32(0)
+    for leaf in jax.tree.leaves(batch.data):
+        mask = batch.valid_mask.reshape(batch.valid_mask.shape + (1,) * (leaf.ndim - 1))
+        total += jnp.sum(jnp.where(mask, leaf, 0).astype(jnp.int32))
+    return k + 1, acc + (k + 1) * total
+
+
+ZERO = (jnp.int32(0), jnp.int32(0))
+
+
+def expected(batcher, stacked, key=None):
+    """The digest of the fused in-memory path, `jb.scan` over the whole stream."""
+    return digest(jb.scan(batcher, fold, ZERO, stacked, key=key)[0])
+
+
+def digest(carry):
+    return tuple(int(x) for x in carry)
+
+
+DOCS = [{"tokens": np.arange(1, 1 + n, dtype=np.int32)} for n in (3, 1, 4, 2, 5, 2, 3, 1, 4, 4)]
+RAGGED = {"tokens": (5, "length")}
+PACK = jb.pack(6, 2, lengths={"tokens": "length"})
+FIXED = jb.fixed_size(3)
+ROWS = np.arange(1, 31, dtype=np.int32).reshape(10, 3)
+STACKED_DOCS = {
+    "tokens": np.stack([np.pad(d["tokens"], (0, 5 - len(d["tokens"]))) for d in DOCS]),
+    "length": np.array([len(d["tokens"]) for d in DOCS], np.int32),
+}
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16])
+def test_same_batches_as_scan(chunk_size):
+    got, _ = jb.scan_host(FIXED, fold, ZERO, ROWS, chunk_size=chunk_size)
+    assert digest(got) == expected(FIXED, ROWS)
+
+
+def test_ragged_packing_same_batches_as_scan():
+    got, state = jb.scan_host(PACK, fold, ZERO, DOCS, chunk_size=4, ragged=RAGGED)
+    assert digest(got) == expected(PACK, STACKED_DOCS)
+    assert int(state.stats.accepted) == len(DOCS)
+
+
+def test_without_bulk_feed():
+    odd = jb.filter_elements(FIXED, lambda e: e.data[0] % 2 == 1)
+    got, _ = jb.scan_host(odd, fold, ZERO, ROWS, chunk_size=4)
+    assert digest(got) == expected(odd, ROWS)
+
+
+def test_one_program_for_every_chunk_and_plain_iterables():
+    before = host._run_chunk._cache_size()
+    got, _ = jb.scan_host(FIXED, fold, ZERO, iter(list(ROWS)), chunk_size=3)  # 3, 3, 3, 1
+    assert host._run_chunk._cache_size() - before <= 1
+    jb.scan_host(FIXED, fold, ZERO, ROWS[:8], chunk_size=3)  # 3, 3, 2: no new program
+    assert host._run_chunk._cache_size() - before <= 1
+    assert digest(got) == expected(FIXED, ROWS)
+    assert jb.scan_host(FIXED, fold, ZERO, []) == (ZERO, None)
+
+
+class Recorded:
+    """A Sequence that records which indices were read, and can fail at one of them."""
+
+    def __init__(self, rows, fail_at=None):
+        self.rows, self.fail_at, self.read = rows, fail_at, []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        if i == self.fail_at:
+            raise Boom(f"bad row {i}")
+        return self.rows[i]
+
+
+def test_error_at_row_checkpoint_and_resume_without_rereading(tmp_path):
+    path = tmp_path / "ckpt"
+    source = Recorded(DOCS, fail_at=6)
+    with pytest.raises(Boom, match="bad row 6") as info:
+        jb.scan_host(PACK, fold, ZERO, source, chunk_size=4, ragged=RAGGED, checkpoint_path=path)
+    assert "at element 6" in "".join(getattr(info.value, "__notes__", []))
+    # Nothing read was lost: the checkpoint stands right before the bad row.
+    like = host._like(ZERO, PACK.init({"tokens": np.zeros(5, np.int32), "length": np.int32(0)}))
+    checkpoint = jb.load_state(path, like)
+    assert int(checkpoint.position) == 6 and int(checkpoint.state.stats.accepted) == 6
+    again = Recorded(DOCS)
+    got, _ = jb.scan_host(PACK, fold, ZERO, again, chunk_size=4, ragged=RAGGED, resume=path)
+    assert min(again.read) >= 6
+    assert digest(got) == expected(PACK, STACKED_DOCS)
+
+
+def test_checkpoint_every_and_resume_mid_stream(tmp_path):
+    path = tmp_path / "ckpt"
+    full, _ = jb.scan_host(FIXED, fold, ZERO, ROWS, chunk_size=4)
+
+    with pytest.raises(KeyboardInterrupt):
+        jb.scan_host(
+            FIXED,
+            fold,
+            ZERO,
+            ROWS,
+            chunk_size=4,
+            checkpoint_path=path,
+            checkpoint_every=1,
+            on_chunk=stop_at_second_chunk(),
+        )
+    source = Recorded(ROWS)
+    got, _ = jb.scan_host(FIXED, fold, ZERO, source, chunk_size=4, resume=path, progress=True)
+    assert min(source.read) >= 4
+    assert digest(got) == digest(full)
+
+
+def stop_at_second_chunk():
+    calls = []
+
+    def on_chunk(carry):
+        calls.append(1)
+        if len(calls) == 2:  # after the first chunk's checkpoint
+            raise KeyboardInterrupt
+
+    return on_chunk
+
+
+def test_grain_sources_resume_from_their_state(tmp_path):
+    grain = pytest.importorskip("grain")
+    dataset = grain.MapDataset.source(list(ROWS))
+    full, _ = jb.scan_host(FIXED, fold, ZERO, dataset, chunk_size=4)
+    assert digest(full) == expected(FIXED, ROWS)
+    path = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        jb.scan_host(
+            FIXED,
+            fold,
+            ZERO,
+            iter(dataset.to_iter_dataset()),
+            chunk_size=4,
+            checkpoint_path=path,
+            checkpoint_every=1,
+            on_chunk=stop_at_second_chunk(),
+        )
+    fresh = iter(dataset.to_iter_dataset())
+    got, _ = jb.scan_host(FIXED, fold, ZERO, fresh, chunk_size=4, resume=path)
+    assert digest(got) == digest(full)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="`chunk_size`"):
+        jb.scan_host(FIXED, fold, ZERO, ROWS, chunk_size=0)
+    with pytest.raises(ValueError, match="`checkpoint_path`"):
+        jb.scan_host(FIXED, fold, ZERO, ROWS, checkpoint_every=2)
