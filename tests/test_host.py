@@ -259,3 +259,15 @@ def test_bad_arguments():
         jb.scan_host(FIXED, fold, ZERO, ROWS, chunk_size=0)
     with pytest.raises(ValueError, match="`checkpoint_path`"):
         jb.scan_host(FIXED, fold, ZERO, ROWS, checkpoint_every=2)
+
+
+def test_token_corpus_on_disk_feeds_like_memory(tmp_path):
+    corpus = jb.write_token_corpus(tmp_path / "corpus", (d["tokens"] for d in DOCS))
+    assert len(corpus) == len(DOCS) and corpus.num_tokens == sum(len(d["tokens"]) for d in DOCS)
+    assert [c["tokens"].tolist() for c in corpus] == [d["tokens"].tolist() for d in DOCS]
+    got, _ = jb.scan_host(PACK, fold, ZERO, corpus, chunk_size=4, ragged=RAGGED)
+    assert digest(got) == expected(PACK, STACKED_DOCS)
+    with pytest.raises(ValueError, match="documents\\[1\\]"):
+        jb.write_token_corpus(tmp_path / "bad", [[1], [[2]]])
+    with pytest.raises(FileNotFoundError, match="`path`"):
+        jb.TokenCorpus(tmp_path / "missing")
