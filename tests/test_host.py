@@ -3,6 +3,8 @@
 resume without re-reading, Grain sources)."""
 
 import gc
+import importlib.util
+import pathlib
 import threading
 import time
 
@@ -13,6 +15,8 @@ import pytest
 
 import jaxbatch as jb
 from jaxbatch._src import host
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "host_feed.py"
 
 
 def _threads():
@@ -271,3 +275,13 @@ def test_token_corpus_on_disk_feeds_like_memory(tmp_path):
         jb.write_token_corpus(tmp_path / "bad", [[1], [[2]]])
     with pytest.raises(FileNotFoundError, match="`path`"):
         jb.TokenCorpus(tmp_path / "missing")
+
+
+def test_example_host_feed_resumes_mid_epoch_exactly():
+    """examples/host_feed.py, small: a corpus on disk, stopped mid-epoch and resumed."""
+    spec = importlib.util.spec_from_file_location("jaxbatch_example_host_feed", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(small=True)
+    assert result["same"]  # the resumed run ends with the uninterrupted run's parameters
+    assert result["first_read"] == 2 * result["chunk"]  # nothing before the checkpoint read
