@@ -88,6 +88,62 @@ def source_alone(chunks, s):
     return (time.perf_counter() - start) / chunks
 
 
+def corpus_rates(quick: bool) -> None:
+    """Tokens/s into `jb.pack` (light consumer) from a `TokenCorpus` on disk vs the same
+    documents in memory (a list of arrays, same `scan_host` path) vs `jb.scan` over the
+    padded stream already on the device (no host work at all)."""
+    import tempfile
+
+    rng = np.random.default_rng(0)
+    num = 2000 if quick else 8000
+    lengths = rng.integers(16, 257, num)
+    arrays = [rng.integers(1, 1000, n).astype(np.int32) for n in lengths]
+    docs = [{"tokens": a} for a in arrays]
+    tokens = int(lengths.sum())
+    corpus = jb.write_token_corpus(tempfile.mkdtemp(prefix="bench_host_"), arrays)
+    packer = jb.pack(256, 16, lengths={"tokens": "length"})
+    ragged = {"tokens": (256, "length")}
+
+    def light(total, batch):
+        return total + jnp.sum(batch.data["tokens"] * batch.valid_mask[:, None])
+
+    def host(source):
+        total, _ = jb.scan_host(packer, light, jnp.int32(0), source, chunk_size=1024, ragged=ragged)
+        return int(total)
+
+    padded = {
+        "tokens": jnp.asarray(np.stack([np.pad(a, (0, 256 - len(a))) for a in arrays])),
+        "length": jnp.asarray(lengths.astype(np.int32)),
+    }
+
+    def fused():
+        return int(jb.scan(packer, light, jnp.int32(0), padded)[0])
+
+    rows = [
+        ("jb.scan, stream on the device", fused),
+        ("jb.scan_host, documents in memory", lambda: host(docs)),
+        ("jb.scan_host, TokenCorpus (memmap)", lambda: host(corpus)),
+    ]
+    print(f"\n  tokens/s into jb.pack(256, 16), {num} documents, {tokens:,} tokens")
+    rates = {}
+    for name, run in rows:
+        best = timeit(run, 2 if quick else 3)
+        rates[name] = tokens / best
+        print(f"  {name:<38} {tokens / best:>14,.0f} tokens/s")
+    ratio = rates[rows[2][0]] / rates[rows[1][0]]
+    print(f"  memmap / in-memory (scan_host)         {ratio:14.2f}   target >= 0.8")
+
+
+def timeit(fn, repeats):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def main(quick: bool = False) -> None:
     chunks = 8 if quick else 20
     cases = [(0.02, 0.02), (0.03, 0.015), (0.015, 0.03)] if not quick else [(0.02, 0.02)]
@@ -113,6 +169,7 @@ def main(quick: bool = False) -> None:
         "  ratio = total / (N max(s, c) + min(s, c)), s and c as measured alone;"
         " target <= 1.15 for prefetching"
     )
+    corpus_rates(quick)
 
 
 if __name__ == "__main__":

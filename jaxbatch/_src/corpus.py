@@ -53,12 +53,15 @@ class TokenCorpus(Sequence):
             meta = json.load(f)
         self.feature: str = meta["feature"]
         self.num_tokens: int = meta["tokens"]
-        self.offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
+        # Plain ndarray views of the maps: slicing a `np.memmap` builds another memmap
+        # object per document, which costs more than the read itself.
+        offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
+        self.offsets = offsets.view(np.ndarray)
         dtype = np.dtype(meta["dtype"])
         if self.num_tokens:
             self.tokens = np.memmap(
                 os.path.join(path, "tokens.bin"), dtype=dtype, mode="r", shape=(self.num_tokens,)
-            )
+            ).view(np.ndarray)
         else:
             self.tokens = np.zeros(0, dtype)
 
@@ -71,8 +74,8 @@ class TokenCorpus(Sequence):
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"document {i} out of range for a corpus of {n} documents.")
-        i = i % n
-        return {self.feature: self.tokens[int(self.offsets[i]) : int(self.offsets[i + 1])]}
+        start, stop = self.offsets[i % n : i % n + 2].tolist()
+        return {self.feature: self.tokens[start:stop]}
 
 
 def write_token_corpus(
