@@ -285,3 +285,9 @@ def test_example_host_feed_resumes_mid_epoch_exactly():
     result = module.main(small=True)
     assert result["same"]  # the resumed run ends with the uninterrupted run's parameters
     assert result["first_read"] == 2 * result["chunk"]  # nothing before the checkpoint read
+
+
+def test_short_chunk_needs_room_for_its_batches():
+    rows = np.ones((13, 3), np.int32)  # chunks of 7 and 6: the short one makes 2 batches
+    with pytest.raises(ValueError, match="`max_batches_per_chunk`"):
+        jb.scan_host(FIXED, fold, ZERO, rows, chunk_size=7, max_batches_per_chunk=1)

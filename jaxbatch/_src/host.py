@@ -595,14 +595,14 @@ def scan_host(
 
     def account(last: Any) -> None:
         count, rows, tokens = last
-        if rows < chunk_size:
+        if rows < chunk_size or batcher.feed is None:  # the batches went through slots
             _check_room(count, capacity, "max_batches_per_chunk")
         bar.update(rows, tokens, int(count))
 
     try:
         for done, chunk in enumerate(chunks, 1):
             if chunk.rows:
-                rows = jnp.int32(chunk.rows)
+                rows = np.int32(chunk.rows)
                 carry, state, count = _run_chunk(
                     batcher, fn, capacity, carry, state, chunk.data, rows
                 )
