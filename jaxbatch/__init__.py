@@ -55,7 +55,12 @@ from ._src.combinators import (
     set_statistics as set_statistics,
     with_statistics as with_statistics,
 )
-from ._src.corpus import TokenCorpus as TokenCorpus, write_token_corpus as write_token_corpus
+from ._src.corpus import (
+    TokenCorpus as TokenCorpus,
+    TokenRecords as TokenRecords,
+    write_token_corpus as write_token_corpus,
+    write_token_records as write_token_records,
+)
 from ._src.distributed_checkpoint import (
     load_distributed as load_distributed,
     save_distributed as save_distributed,

@@ -188,9 +188,17 @@ class Recorded:
         return self.rows[i]
 
 
-def test_error_at_row_checkpoint_and_resume_without_rereading(tmp_path):
+class RecordedBatched(Recorded):
+    """Reads many rows in one call, as ArrayRecord and `jb.TokenCorpus` do."""
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]
+
+
+@pytest.mark.parametrize("kind", [Recorded, RecordedBatched])
+def test_error_at_row_checkpoint_and_resume_without_rereading(tmp_path, kind):
     path = tmp_path / "ckpt"
-    source = Recorded(DOCS, fail_at=6)
+    source = kind(DOCS, fail_at=6)
     with pytest.raises(Boom, match="bad row 6") as info:
         jb.scan_host(PACK, fold, ZERO, source, chunk_size=4, ragged=RAGGED, checkpoint_path=path)
     assert "at element 6" in "".join(getattr(info.value, "__notes__", []))
@@ -198,7 +206,7 @@ def test_error_at_row_checkpoint_and_resume_without_rereading(tmp_path):
     like = host._like(ZERO, PACK.init({"tokens": np.zeros(5, np.int32), "length": np.int32(0)}))
     checkpoint = jb.load_state(path, like)
     assert int(checkpoint.position) == 6 and int(checkpoint.state.stats.accepted) == 6
-    again = Recorded(DOCS)
+    again = kind(DOCS)
     got, _ = jb.scan_host(PACK, fold, ZERO, again, chunk_size=4, ragged=RAGGED, resume=path)
     assert min(again.read) >= 6
     assert digest(got) == expected(PACK, STACKED_DOCS)
@@ -270,6 +278,9 @@ def test_token_corpus_on_disk_feeds_like_memory(tmp_path):
     assert len(corpus) == len(DOCS) and corpus.num_tokens == sum(len(d["tokens"]) for d in DOCS)
     assert [c["tokens"].tolist() for c in corpus] == [d["tokens"].tolist() for d in DOCS]
     got, _ = jb.scan_host(PACK, fold, ZERO, corpus, chunk_size=4, ragged=RAGGED)
+    assert digest(got) == expected(PACK, STACKED_DOCS)
+    records = jb.write_token_records(tmp_path / "docs.array_record", (d["tokens"] for d in DOCS))
+    got, _ = jb.scan_host(PACK, fold, ZERO, records, chunk_size=4, ragged=RAGGED)
     assert digest(got) == expected(PACK, STACKED_DOCS)
     with pytest.raises(ValueError, match="documents\\[1\\]"):
         jb.write_token_corpus(tmp_path / "bad", [[1], [[2]]])

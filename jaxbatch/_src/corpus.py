@@ -1,4 +1,5 @@
-"""A token corpus on disk: one flat file of tokens plus document offsets, read by memmap.
+"""Token corpora on disk: a memmap of tokens plus document offsets (`TokenCorpus`), and
+ArrayRecord files, Grain's format (`TokenRecords`).
 
 Layout of a corpus folder:
 
@@ -19,6 +20,22 @@ from typing import Any
 import numpy as np
 
 _META = "corpus.json"
+
+
+def _checked(document: Any, i: int, dtype: np.dtype) -> np.ndarray:
+    """`documents[i]` as a 1-D little-endian array of `dtype`, refusing what does not fit."""
+    array = np.asarray(document)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise ValueError(
+            f"`documents[{i}]` must be a 1-D sequence of integer token ids, got shape "
+            f"{array.shape} and dtype {array.dtype}."
+        )
+    info = np.iinfo(dtype)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise ValueError(
+            f"`documents[{i}]` holds a token outside {dtype.name}'s range; pass a wider `dtype`."
+        )
+    return array.astype(dtype.newbyteorder("<"))
 
 
 class TokenCorpus(Sequence):
@@ -77,6 +94,12 @@ class TokenCorpus(Sequence):
         start, stop = self.offsets[i % n : i % n + 2].tolist()
         return {self.feature: self.tokens[start:stop]}
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """Many documents at once (what `jb.scan_host` asks for, a chunk at a time)."""
+        indices = np.asarray(indices, np.int64)
+        starts, stops = self.offsets[indices].tolist(), self.offsets[indices + 1].tolist()
+        return [{self.feature: self.tokens[a:b]} for a, b in zip(starts, stops)]
+
 
 def write_token_corpus(
     path: str | os.PathLike,
@@ -114,21 +137,10 @@ def write_token_corpus(
         raise ValueError(f"`dtype` must be an integer dtype, got {dtype}.")
     os.makedirs(path, exist_ok=True)
     offsets, total = [0], 0
-    info = np.iinfo(dtype)
     with open(os.path.join(path, "tokens.bin"), "wb") as out:
         for i, document in enumerate(documents):
-            array = np.asarray(document)
-            if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
-                raise ValueError(
-                    f"`documents[{i}]` must be a 1-D sequence of integer token ids, got shape "
-                    f"{array.shape} and dtype {array.dtype}."
-                )
-            if array.size and (array.min() < info.min or array.max() > info.max):
-                raise ValueError(
-                    f"`documents[{i}]` holds a token outside {dtype.name}'s range; pass a "
-                    "wider `dtype`."
-                )
-            out.write(array.astype(dtype.newbyteorder("<")).tobytes())
+            array = _checked(document, i, dtype)
+            out.write(array.tobytes())
             total += array.size
             offsets.append(total)
     np.save(os.path.join(path, "offsets.npy"), np.asarray(offsets, np.int64))
@@ -136,3 +148,96 @@ def write_token_corpus(
     with open(os.path.join(path, _META), "w") as f:
         json.dump({**meta, "tokens": total, "feature": feature}, f)
     return TokenCorpus(path)
+
+
+def _array_record():
+    try:
+        from array_record.python import array_record_data_source, array_record_module
+    except ImportError as e:  # pragma: no cover - array_record comes with grain
+        raise ImportError(
+            "ArrayRecord files need the `array_record` package (it comes with `grain`): "
+            "`pip install array_record`."
+        ) from e
+    return array_record_data_source, array_record_module
+
+
+class TokenRecords(Sequence):
+    """Token documents in ArrayRecord files (Grain's format), one record per document.
+
+    Each record holds a document's tokens as raw little-endian bytes of `dtype`.
+    `records[i]` is `{feature: tokens}` (random access); `records.__getitems__(indices)`
+    reads many at once, which `jb.scan_host` uses to read a chunk in one call.
+
+    Args:
+        paths: one ArrayRecord file or a list of them (read in order).
+        dtype: the tokens' dtype.
+        feature: the key of the tokens in each `records[i]` dict.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import jaxbatch as jb
+        >>> path = os.path.join(tempfile.mkdtemp(), "docs.array_record")
+        >>> records = jb.write_token_records(path, [[1, 2, 3], [4], [5, 6]])
+        >>> len(records), records[2]["tokens"].tolist()
+        (3, [5, 6])
+    """
+
+    def __init__(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        dtype: Any = np.int32,
+        feature: str = "tokens",
+    ):
+        data_source, _ = _array_record()
+        if isinstance(paths, str | os.PathLike):
+            paths = [paths]
+        self.paths = [os.fspath(p) for p in paths]
+        self.dtype, self.feature = np.dtype(dtype).newbyteorder("<"), feature
+        self._source = data_source.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _decode(self, record: bytes) -> dict[str, np.ndarray]:
+        return {self.feature: np.frombuffer(record, self.dtype)}
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self.__getitems__(list(range(*i.indices(len(self)))))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record {i} out of range for {n} records.")
+        return self._decode(self._source[i % n])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        return [self._decode(r) for r in self._source.__getitems__(list(indices))]
+
+
+def write_token_records(
+    path: str | os.PathLike, documents: Iterable[Any], *, dtype: Any = np.int32
+) -> TokenRecords:
+    """Write documents (1-D sequences of token ids) to one ArrayRecord file, one record each
+    (`group_size:1`, for fast random access), and open it as `TokenRecords`.
+
+    Raises:
+        ValueError: a document that is not 1-D integers, or a token that does not fit `dtype`.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import jaxbatch as jb
+        >>> path = os.path.join(tempfile.mkdtemp(), "docs.array_record")
+        >>> [d["tokens"].tolist() for d in jb.write_token_records(path, [[7, 8], [9]])]
+        [[7, 8], [9]]
+    """
+    _, module = _array_record()
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        raise ValueError(f"`dtype` must be an integer dtype, got {dtype}.")
+    writer = module.ArrayRecordWriter(os.fspath(path), "group_size:1")
+    try:
+        for i, document in enumerate(documents):
+            writer.write(_checked(document, i, dtype).tobytes())
+    finally:
+        writer.close()
+    return TokenRecords(path, dtype=dtype)

@@ -203,8 +203,28 @@ class _Indexed:
         self.position += 1
         return row
 
+    def read_many(self, n: int, rows: list[Any]) -> None:
+        """Append up to `n` rows to `rows`, in one `__getitems__` call where the source has
+        one (ArrayRecord, `jb.TokenCorpus`); raise `_Exhausted` at the end."""
+        getitems = getattr(self.source, "__getitems__", None)
+        stop = min(self.position + n, self.size)
+        if getitems is not None and stop > self.position:
+            try:
+                got = list(getitems(list(range(self.position, stop))))
+            except Exception:
+                got = None  # read one at a time below, to raise at the row that fails
+            if got is not None and len(got) == stop - self.position:
+                rows.extend(got)
+                self.position = stop
+        _read_many(self, n, rows)
+
     def state(self) -> Any:
         return None
+
+
+def _read_many(reader: Any, n: int, rows: list[Any]) -> None:
+    while len(rows) < n:
+        rows.append(reader.read())
 
 
 class _Stateful:
@@ -296,8 +316,7 @@ def _chunks(reader: Any, rows_of: BatchIterator, chunk_size: int, lengths: list[
         rows, error, end = [], None, False
         first = reader.position
         try:
-            while len(rows) < chunk_size:
-                rows.append(reader.read())
+            getattr(reader, "read_many", functools.partial(_read_many, reader))(chunk_size, rows)
         except _Exhausted:
             end = True
         except Exception as e:
