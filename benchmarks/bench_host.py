@@ -89,7 +89,8 @@ def source_alone(chunks, s):
 
 
 def corpus_rates(quick: bool) -> None:
-    """Tokens/s into `jb.pack` (light consumer) from a `TokenCorpus` on disk vs the same
+    """Tokens/s into `jb.pack` (light consumer) from a `TokenCorpus` (memmap) and from
+    `TokenRecords` (ArrayRecord) on disk vs the same
     documents in memory (a list of arrays, same `scan_host` path) vs `jb.scan` over the
     padded stream already on the device (no host work at all)."""
     import tempfile
@@ -100,7 +101,9 @@ def corpus_rates(quick: bool) -> None:
     arrays = [rng.integers(1, 1000, n).astype(np.int32) for n in lengths]
     docs = [{"tokens": a} for a in arrays]
     tokens = int(lengths.sum())
-    corpus = jb.write_token_corpus(tempfile.mkdtemp(prefix="bench_host_"), arrays)
+    folder = tempfile.mkdtemp(prefix="bench_host_")
+    corpus = jb.write_token_corpus(folder, arrays)
+    records = jb.write_token_records(f"{folder}/docs.array_record", arrays)
     packer = jb.pack(256, 16, lengths={"tokens": "length"})
     ragged = {"tokens": (256, "length")}
 
@@ -123,6 +126,7 @@ def corpus_rates(quick: bool) -> None:
         ("jb.scan, stream on the device", fused),
         ("jb.scan_host, documents in memory", lambda: host(docs)),
         ("jb.scan_host, TokenCorpus (memmap)", lambda: host(corpus)),
+        ("jb.scan_host, TokenRecords (ArrayRecord)", lambda: host(records)),
     ]
     print(f"\n  tokens/s into jb.pack(256, 16), {num} documents, {tokens:,} tokens")
     rates = {}
@@ -130,8 +134,9 @@ def corpus_rates(quick: bool) -> None:
         best = timeit(run, 2 if quick else 3)
         rates[name] = tokens / best
         print(f"  {name:<38} {tokens / best:>14,.0f} tokens/s")
-    ratio = rates[rows[2][0]] / rates[rows[1][0]]
-    print(f"  memmap / in-memory (scan_host)         {ratio:14.2f}   target >= 0.8")
+    for i, name in ((2, "memmap"), (3, "ArrayRecord")):
+        ratio = rates[rows[i][0]] / rates[rows[1][0]]
+        print(f"  {name + ' / in-memory (scan_host)':<38} {ratio:14.2f}   target >= 0.8")
 
 
 def timeit(fn, repeats):
