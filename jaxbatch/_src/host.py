@@ -630,18 +630,20 @@ def scan_host(
                 if last is not None:
                     account(last)
                 last = (count, chunk.rows, chunk.tokens)
+            due = checkpoint_every is not None and done % checkpoint_every == 0
+            if last is not None and (chunk.error is not None or chunk.end or due):
+                account(last)  # before a checkpoint: no state past a chunk that overflowed
+                last = None
             if chunk.error is not None:
                 save(chunk.position, chunk.source_state)
                 raise chunk.error
             if chunk.end:
                 break
-            if checkpoint_every is not None and done % checkpoint_every == 0:
+            if due:
                 save(chunk.position, chunk.source_state)
         carry, state, count = _drain(batcher, fn, carry, state)
         if on_chunk is not None:
             on_chunk(carry)
-        if last is not None:
-            account(last)
         bar.update(0, 0, int(count))
         save(chunk.position, chunk.source_state)
     finally:
