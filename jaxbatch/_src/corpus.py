@@ -96,8 +96,8 @@ class TokenCorpus(Sequence):
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
         """Many documents at once (what `jb.scan_host` asks for, a chunk at a time)."""
-        indices = np.asarray(indices, np.int64)
-        starts, stops = self.offsets[indices].tolist(), self.offsets[indices + 1].tolist()
+        at = np.asarray(indices, np.int64)
+        starts, stops = self.offsets[at].tolist(), self.offsets[at + 1].tolist()
         return [{self.feature: self.tokens[a:b]} for a, b in zip(starts, stops)]
 
 

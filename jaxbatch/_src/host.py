@@ -467,7 +467,7 @@ class _Progress:
         self.batches += batches
         if self.bar is not None:
             seconds = max(time.perf_counter() - self.started, 1e-9)
-            postfix = {"batches": self.batches}
+            postfix: dict[str, Any] = {"batches": self.batches}
             if self.show_tokens:
                 postfix["tokens/s"] = f"{self.tokens / seconds:,.0f}"
             self.bar.set_postfix(postfix, refresh=False)
@@ -585,17 +585,20 @@ def scan_host(
         return carry, None
     rows_of._start(first)
     state = rows_of._state
-    if max_batches_per_chunk is None:
-        size = batch_spec(batcher, rows_of._spec, key=key).batch_size
-        max_batches_per_chunk = math.ceil(chunk_size / size) + 1
     capacity = max_batches_per_chunk
+    if capacity is None:
+        size = batch_spec(batcher, rows_of._spec, key=key).batch_size
+        capacity = math.ceil(chunk_size / size) + 1
 
     position, saved = 0, None
     if resume is not None:
-        if not isinstance(resume, HostCheckpoint):
-            resume = load_state(resume, _like(carry, state))
-        carry, state = resume.carry, resume.state
-        position, saved = int(resume.position), _decode(resume.source_state)
+        checkpoint: HostCheckpoint = (
+            resume
+            if isinstance(resume, HostCheckpoint)
+            else load_state(resume, _like(carry, state))
+        )
+        carry, state = checkpoint.carry, checkpoint.state
+        position, saved = int(checkpoint.position), _decode(checkpoint.source_state)
         reader.position = position
         if isinstance(reader, _Plain):
             reader.skip = position
