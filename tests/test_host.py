@@ -302,3 +302,18 @@ def test_short_chunk_needs_room_for_its_batches():
     rows = np.ones((13, 3), np.int32)  # chunks of 7 and 6: the short one makes 2 batches
     with pytest.raises(ValueError, match="`max_batches_per_chunk`"):
         jb.scan_host(FIXED, fold, ZERO, rows, chunk_size=7, max_batches_per_chunk=1)
+
+
+def test_token_records_over_several_files(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(1, 1000, n).astype(np.int32) for n in rng.integers(0, 20, 30)]
+    jb.write_token_records(tmp_path / "a", arrays[:12])
+    jb.write_token_records(tmp_path / "b", arrays[12:], group_size=4)
+    records = jb.TokenRecords([tmp_path / "a", tmp_path / "b"])
+    assert len(records) == 30
+    for indices in (range(30), range(5, 25), [29, 3, 12]):
+        got = records.__getitems__(indices)
+        assert [g["tokens"].tolist() for g in got] == [arrays[i].tolist() for i in indices]
+    assert records[-1]["tokens"].tolist() == arrays[-1].tolist()
+    with pytest.raises(IndexError):
+        records[30]

@@ -12,6 +12,7 @@ document is read before it is asked for), so `jb.scan_host` and `jb.iterate` see
 resume, and `ragged={feature: (max_len, length_key)}` pads it straight into a chunk.
 """
 
+import bisect
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -152,13 +153,13 @@ def write_token_corpus(
 
 def _array_record():
     try:
-        from array_record.python import array_record_data_source, array_record_module
+        from array_record.python import array_record_module
     except ImportError as e:  # pragma: no cover - array_record comes with grain
         raise ImportError(
             "ArrayRecord files need the `array_record` package (it comes with `grain`): "
             "`pip install array_record`."
         ) from e
-    return array_record_data_source, array_record_module
+    return array_record_module
 
 
 class TokenRecords(Sequence):
@@ -189,18 +190,25 @@ class TokenRecords(Sequence):
         dtype: Any = np.int32,
         feature: str = "tokens",
     ):
-        data_source, _ = _array_record()
+        module = _array_record()
         if isinstance(paths, str | os.PathLike):
             paths = [paths]
         self.paths = [os.fspath(p) for p in paths]
         self.dtype, self.feature = np.dtype(dtype).newbyteorder("<"), feature
-        self._source = data_source.ArrayRecordDataSource(self.paths)
+        # No read-ahead: a chunk is read as one range per file (a few µs per record), and
+        # a single record at random costs one read.
+        self._readers = [module.ArrayRecordReader(p, "readahead_buffer_size:0") for p in self.paths]
+        counts = [reader.num_records() for reader in self._readers]
+        self._starts = np.cumsum([0, *counts]).tolist()
 
     def __len__(self) -> int:
-        return len(self._source)
+        return self._starts[-1]
 
     def _decode(self, record: bytes) -> dict[str, np.ndarray]:
         return {self.feature: np.frombuffer(record, self.dtype)}
+
+    def _file(self, i: int) -> int:
+        return bisect.bisect_right(self._starts, i) - 1
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
@@ -208,10 +216,26 @@ class TokenRecords(Sequence):
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"record {i} out of range for {n} records.")
-        return self._decode(self._source[i % n])
+        i %= n
+        f = self._file(i)
+        return self._decode(self._readers[f].read([i - self._starts[f]])[0])
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        return [self._decode(r) for r in self._source.__getitems__(list(indices))]
+        """Many records at once: a run of consecutive indices (what `jb.scan_host` asks
+        for) is one range read per file."""
+        indices = list(indices)
+        if not indices or indices != list(range(indices[0], indices[0] + len(indices))):
+            return [self[i] for i in indices]
+        if not 0 <= indices[0] <= indices[-1] < len(self):
+            raise IndexError(f"records {indices[0]}..{indices[-1]} out of range for {len(self)}.")
+        out, i, stop = [], indices[0], indices[-1] + 1
+        while i < stop:
+            f = self._file(i)
+            end = min(stop, self._starts[f + 1])
+            begin = i - self._starts[f]
+            out += [self._decode(r) for r in self._readers[f].read(begin, end - self._starts[f])]
+            i = end
+        return out
 
 
 def write_token_records(
@@ -238,7 +262,7 @@ def write_token_records(
         >>> [d["tokens"].tolist() for d in jb.write_token_records(path, [[7, 8], [9]])]
         [[7, 8], [9]]
     """
-    _, module = _array_record()
+    module = _array_record()
     dtype = np.dtype(dtype)
     if dtype.kind not in "iu":
         raise ValueError(f"`dtype` must be an integer dtype, got {dtype}.")
