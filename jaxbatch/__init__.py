@@ -55,6 +55,12 @@ from ._src.combinators import (
     set_statistics as set_statistics,
     with_statistics as with_statistics,
 )
+from ._src.corpus import (
+    TokenCorpus as TokenCorpus,
+    TokenRecords as TokenRecords,
+    write_token_corpus as write_token_corpus,
+    write_token_records as write_token_records,
+)
 from ._src.distributed_checkpoint import (
     load_distributed as load_distributed,
     save_distributed as save_distributed,
@@ -74,6 +80,13 @@ from ._src.element import (
     Element as Element,
     Metadata as Metadata,
     create_element as create_element,
+)
+from ._src.host import (
+    SOURCE_STATE_BYTES as SOURCE_STATE_BYTES,
+    HostCheckpoint as HostCheckpoint,
+    Prefetcher as Prefetcher,
+    prefetch as prefetch,
+    scan_host as scan_host,
 )
 from ._src.ops import (
     concatenate as concatenate,
