@@ -29,6 +29,7 @@ RUN_ELSEWHERE = {
     "demo.py": "test_demo.py",  # `--quick`, with the `demo` extra
     "custom_batcher.py": "test_testing.py",  # its `check_batcher` report
     "sharded_training.py": "test_sharding.py",  # 4 devices, set by conftest before any op
+    "host_feed.py": "test_host.py",  # writes a token corpus, trains, resumes mid-epoch
 }
 
 
