@@ -492,6 +492,7 @@ def scan_host(
     chunk_size: int = 256,
     ragged: Any = None,
     key: Any = None,
+    state: State | None = None,
     resume: HostCheckpoint | str | os.PathLike | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
@@ -523,6 +524,9 @@ def scan_host(
         ragged: `{feature: (max_len, length_key)}`, as for `jb.iterate`; the progress bar
             then counts tokens (the sum of the lengths).
         key: PRNG key for a stochastic batcher's `init`.
+        state: the batcher state to start from, instead of `batcher.init` on the first
+            element: e.g. a `jb.pipeline`'s state (which holds its data), fed a source of
+            stream positions. Ignored when resuming (the checkpoint's).
         resume: a `HostCheckpoint`, or the path of one saved by `checkpoint_path`.
         checkpoint_path: where to save a `HostCheckpoint` (with `jb.save_state`) every
             `checkpoint_every` chunks, at the end, and after the source raised.
@@ -584,7 +588,7 @@ def scan_host(
             return resume.carry, resume.state
         return carry, None
     rows_of._start(first)
-    state = rows_of._state
+    state = rows_of._state if state is None else state
     capacity = max_batches_per_chunk
     if capacity is None:
         size = batch_spec(batcher, rows_of._spec, key=key).batch_size
