@@ -51,8 +51,8 @@ class PipelineState(eqx.Module):
         seed: uint32, the order's seed (from the `init` key; 0 when nothing is random).
         inner: the batcher's state.
         then: the second batcher's state, or None.
-        stats: the counters. An element is a position: positions past the last epoch,
-            negative ones and those `keep` refused are `skipped`.
+        stats: the counters. An element is a position: positions past the last epoch
+            and those `keep` refused are `skipped`.
     """
 
     data: PyTree
@@ -534,10 +534,21 @@ def pipeline(
         positions = elements.data
         check_against_spec(_POSITION, row_spec_of(elements), what="elements[i]")
         where, order_state = locate(state.order, state.seed, positions)
-        all_valid = jnp.all(where.valid)
         inner, emissions = batcher.feed(state.inner, elements_of(state.data, where.row), flush)
         stats = _advance(state.stats, state.inner.stats, inner.stats)
         bulk = PipelineState(state.data, order_state, state.seed, inner, None, stats)
+        if order.num_epochs is None:  # unbounded: every position is read
+            inner_em = emissions
+            return bulk, Emissions(
+                inner_em.count,
+                lambda k: payload(inner_em.batch(k), state.data),
+                None
+                if inner_em.stacked is None
+                else lambda capacity: payload(inner_em.stacked(capacity), state.data),
+            )
+        # Bounded: a chunk holding positions past the last epoch takes the exact step loop
+        # (its batches re-run from the start state, one loop per batch: the last chunk only).
+        all_valid = jnp.all(where.valid)
         new, count = jax.lax.cond(
             all_valid,
             lambda: (bulk, emissions.count),

@@ -404,9 +404,9 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
         origin = jnp.where(changed, state.position * h, state.origin)
         base = jnp.where(changed, state.counts, state.base)
         g = positions * h + s_index  # global positions
-        valid = (positions >= 0) & (g >= origin)
-        if total is not None:
-            valid &= g < total
+        # Positions are >= 0 (a negative one reads as position 0). Only a bounded order
+        # has positions to skip: those past its last epoch.
+        valid = jnp.ones(positions.shape, bool) if total is None else g < total
         nxt = jnp.maximum(state.position, jnp.max(positions + 1, initial=0))
         if deterministic:
             props = jnp.asarray(sched.proportions, jnp.int32)
