@@ -337,7 +337,7 @@ def pipeline(
                 tokens = x[rows, jnp.clip(pos, 0, x.shape[1] - 1)]
                 got[name] = jnp.where(_mask_like(seg > 0, tokens), tokens, got[name])
             else:
-                present = slots < used[..., None]
+                present = slots[None, :] < used[:, None]
                 values = jnp.take(x, table, axis=0)
                 got[name] = jnp.where(_mask_like(present, values), values, got[name])
         return dataclasses.replace(batch, data=got)

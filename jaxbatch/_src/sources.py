@@ -65,7 +65,7 @@ def _round_keys(seed: Array, source: Array, epoch: Array) -> Array:
     base = _hash32(seed ^ _hash32(source.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
     base = _hash32(base ^ _hash32(epoch.astype(jnp.uint32) + jnp.uint32(0x632BE5AB)))
     rounds = jnp.arange(_ROUNDS, dtype=jnp.uint32) * jnp.uint32(0x85EBCA6B)
-    return _hash32(base[..., None] ^ rounds)
+    return _hash32(base[..., None] ^ rounds.reshape((1,) * base.ndim + (_ROUNDS,)))
 
 
 def _permute(index: Array, keys: Array, n: int) -> Array:
@@ -422,7 +422,7 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
             source = jax.vmap(
                 lambda p: jax.random.categorical(jax.random.fold_in(key, p), logits)
             )(g).astype(jnp.int32)
-            onehot = ((source[:, None] == jnp.arange(num_sources)) & valid[:, None]).astype(
+            onehot = ((source[:, None] == jnp.arange(num_sources)[None, :]) & valid[:, None]).astype(
                 jnp.int32
             )
             before = jnp.cumsum(onehot, axis=0) - onehot
