@@ -19,7 +19,6 @@ intermediate batch. Packing (`lengths=`) rebuilds each token from the segment id
 positions `pack` emits.
 """
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -314,7 +313,8 @@ def pipeline(
             out.append(jnp.where(_mask_like(valid, rows), rows, got))
         data_out = jax.tree.unflatten(jax.tree.structure(batch.data), out)
         rest = {k: v for k, v in states.items() if k != _ROW}
-        return dataclasses.replace(batch, data=data_out, states=rest)
+        # `tree_at`, not `replace`: a stacked batch's mask is 2-d, which `Batch()` refuses.
+        return eqx.tree_at(lambda b: (b.data, b.states), batch, (data_out, rest))
 
     def gather_packed(batch: Batch, data: PyTree) -> Batch:
         """Tokens of a packed batch, read from `data` through the segment ids, positions
@@ -340,7 +340,7 @@ def pipeline(
                 present = slots[None, :] < used[:, None]
                 values = jnp.take(x, table, axis=0)
                 got[name] = jnp.where(_mask_like(present, values), values, got[name])
-        return dataclasses.replace(batch, data=got)
+        return eqx.tree_at(lambda b: b.data, batch, got)
 
     def payload(batch: Batch, data: PyTree) -> Batch:
         if not (late_gather and any_proxied):
