@@ -1,5 +1,7 @@
 """`jb.pipeline`: positions -> order -> stages -> batcher, checked as a batcher."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -222,12 +224,15 @@ def _pipe_for(size, batch, epochs):
     return _PIPES[key]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _collect_jit(pipe, state, positions, capacity, flush):
+    out = jb.collect(pipe, state, positions, capacity, flush=flush)
+    # h17a-order: `collect` returns `(batches, count, state)` after h17a, `(state, ...)` before
+    return out if isinstance(out[-1], jb.PipelineState) else (*out[1:], out[0])
+
+
 def _collect(pipe, state, positions, flush=False):
-    capacity = positions.shape[0] + 3
-    state, batches, count = jax.jit(jb.collect, static_argnums=(0, 3, 4))(
-        pipe, state, positions, capacity, flush
-    )
-    return batches, count, state
+    return _collect_jit(pipe, state, positions, positions.shape[0] + 3, flush)
 
 
 def test_mixture_into_pack_counts_each_source_and_changes_weights():

@@ -537,7 +537,7 @@ def pipeline(
         inner, emissions = batcher.feed(state.inner, elements_of(state.data, where.row), flush)
         stats = _advance(state.stats, state.inner.stats, inner.stats)
         bulk = PipelineState(state.data, order_state, state.seed, inner, None, stats)
-        if order.num_epochs is None:  # unbounded: every position is read
+        if order.num_epochs is None or not positions.shape[0]:  # every position is read
             inner_em = emissions
             return bulk, Emissions(
                 inner_em.count,
