@@ -67,7 +67,11 @@ def main(small: bool = False) -> None:
     totals = jnp.zeros(3, jnp.int32)
     for _ in range(2):  # two chunks of positions: the same compiled program
         totals, state = jb.scan(
-            mix, tokens_per_source, totals, jb.next_positions(state, chunk), state=state,
+            mix,
+            tokens_per_source,
+            totals,
+            jb.next_positions(state, chunk),
+            state=state,
             flush=False,
         )
     progress = {k: np.asarray(v).tolist() for k, v in jb.progress(state).items()}

@@ -101,10 +101,10 @@ from ._src.sharding import (
     stream_indices as stream_indices,
 )
 from ._src.sources import (
+    Located as Located,
     Order as Order,
     OrderState as OrderState,
     epochs as epochs,
-    Located as Located,
     mixture as mixture,
     order_rows as order_rows,
     permute as permute,

@@ -14,7 +14,10 @@ from jaxbatch.testing import check_batcher
 KEY = jax.random.key(0)
 N = 5
 # `v` rows are 32 bytes: payload, gathered after batching; `x` travels with the proxy.
-DATA = {"x": jnp.arange(N, dtype=jnp.int32), "v": jnp.arange(N * 8, dtype=jnp.float32).reshape(N, 8)}
+DATA = {
+    "x": jnp.arange(N, dtype=jnp.int32),
+    "v": jnp.arange(N * 8, dtype=jnp.float32).reshape(N, 8),
+}
 HOST = jax.tree.map(np.asarray, DATA)
 
 L = 5
@@ -241,8 +244,12 @@ def test_mixture_into_pack_counts_each_source_and_changes_weights():
     mix = jb.pipeline(parts, packer, order=jb.mixture([0.5, 0.3, 0.2]), lengths=LENGTHS)
     state = mix.init(jnp.int32(0), key=KEY)
     total, state = jb.scan(
-        mix, lambda c, b: c + jnp.sum(b.data["tokens_segment_ids"] > 0), 0,
-        jb.next_positions(state, 10), state=state, flush=False,
+        mix,
+        lambda c, b: c + jnp.sum(b.data["tokens_segment_ids"] > 0),
+        0,
+        jb.next_positions(state, 10),
+        state=state,
+        flush=False,
     )
     counts = np.asarray(jb.progress(state)["counts"])
     assert counts.sum() == 10 and counts.tolist() == [5, 3, 2]

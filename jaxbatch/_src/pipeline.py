@@ -214,8 +214,10 @@ def pipeline(
         )
     sources = _sources(data, order)
     if lengths is not None:
-        if not isinstance(lengths, Mapping) or not lengths or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in lengths.items()
+        if (
+            not isinstance(lengths, Mapping)
+            or not lengths
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in lengths.items())
         ):
             raise ValueError(
                 "`lengths` must be the mapping given to `jb.pack`, {feature: length key}, "
@@ -462,7 +464,9 @@ def pipeline(
             def flush_then(s, batch):
                 return then.flush(s)
 
-            then_state, out = jax.lax.cond(emit.ready, step_then, flush_then, then_state, emit.batch)
+            then_state, out = jax.lax.cond(
+                emit.ready, step_then, flush_then, then_state, emit.batch
+            )
             return inner, then_state, out, out.ready | ~emit.ready
 
         like = jax.eval_shape(lambda s: then.flush(s)[1], state.then)
@@ -626,12 +630,9 @@ def without_data(state: PipelineState) -> PipelineState:
     Put the data back with `eqx.tree_at(lambda s: s.data, loaded, pipe.init(...).data)`
     (or `with_data`).
     """
-    return eqx.tree_at(
-        lambda s: s.data, state, jax.tree.map(lambda x: x[:0], state.data)
-    )
+    return eqx.tree_at(lambda s: s.data, state, jax.tree.map(lambda x: x[:0], state.data))
 
 
 def with_data(state: PipelineState, data: PipelineState) -> PipelineState:
     """`state` with the data of `data` (another pipeline state, e.g. a fresh `init`)."""
     return eqx.tree_at(lambda s: s.data, state, data.data)
-

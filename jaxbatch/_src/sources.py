@@ -318,7 +318,10 @@ def _schedule(weights: tuple[float, ...]) -> _Schedule:
     for k in range(period):  # Grain's `_dataset_and_key_of_next_element`, slot by slot
         remaining, cur, nxt = period, k, k + 1
         for i, p in enumerate(props):
-            next_k, next_k1 = (cur * (remaining - p)) // remaining, (nxt * (remaining - p)) // remaining
+            next_k, next_k1 = (
+                (cur * (remaining - p)) // remaining,
+                (nxt * (remaining - p)) // remaining,
+            )
             count = nxt - next_k1
             if cur - next_k != count:
                 source[k], index[k] = i, count - 1
@@ -419,12 +422,12 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
             counts = base + (kk // sched.period) * props + before
         else:
             key = seed_key(seed)
-            source = jax.vmap(
-                lambda p: jax.random.categorical(jax.random.fold_in(key, p), logits)
-            )(g).astype(jnp.int32)
-            onehot = ((source[:, None] == jnp.arange(num_sources)[None, :]) & valid[:, None]).astype(
-                jnp.int32
-            )
+            source = jax.vmap(lambda p: jax.random.categorical(jax.random.fold_in(key, p), logits))(
+                g
+            ).astype(jnp.int32)
+            onehot = (
+                (source[:, None] == jnp.arange(num_sources)[None, :]) & valid[:, None]
+            ).astype(jnp.int32)
             before = jnp.cumsum(onehot, axis=0) - onehot
             j = state.counts[source] + jnp.take_along_axis(before, source[:, None], 1)[:, 0]
             counts = state.counts + jnp.sum(onehot, axis=0)
