@@ -185,7 +185,6 @@ def pipeline(
         >>> pipe = jb.pipeline({"x": jnp.arange(5)}, jb.fixed_size(4),
         ...                    order=jb.epochs(num_epochs=3))
         >>> state = pipe.init(jnp.int32(0), key=jax.random.key(0))
-        >>> rows = lambda seen, batch: seen + [batch.data["x"][batch.valid_mask].tolist()]
         >>> seen, state = jb.scan(pipe, lambda c, b: c + b.num_valid, jnp.int32(0),
         ...                       jb.next_positions(state, 16), state=state)
         >>> int(seen), int(state.order.position), int(state.order.epoch)
