@@ -50,14 +50,23 @@ def _moduli(n: int) -> tuple[int, int]:
 
 
 def _feistel(x: Array, keys: Array, a: int, b: int) -> Array:
-    """One pass of the Feistel bijection of `[0, a * b)` (uint32 in, uint32 out)."""
-    left, right = x // jnp.uint32(b), x % jnp.uint32(b)
-    m_left, m_right = a, b
-    for r in range(_ROUNDS):
-        f = _hash32(right ^ keys[..., r]) % jnp.uint32(m_left)
-        left, right = right, (left + f) % jnp.uint32(m_left)
-        m_left, m_right = m_right, m_left
-    return left * jnp.uint32(b) + right
+    """One pass of the Feistel bijection of `[0, a * b)` (uint32 in, uint32 out).
+
+    `(left, right)` in `Z_a x Z_b` becomes `(right, (left + f(right)) mod a)`, now in
+    `Z_b x Z_a`; the moduli swap each round, so after an even number of rounds the pair is
+    back in `Z_a x Z_b`. The rounds run in a `fori_loop`: one copy of the round in the
+    program, which keeps its compile time small.
+    """
+    ua, ub = jnp.uint32(a), jnp.uint32(b)
+
+    def round_(r, lr):
+        left, right = lr
+        m = jnp.where(r % 2 == 0, ua, ub)  # the modulus of `left` in round r
+        f = _hash32(right ^ jnp.take(keys, r, axis=-1)) % m
+        return right, (left + f) % m
+
+    left, right = jax.lax.fori_loop(0, _ROUNDS, round_, (x // ub, x % ub))
+    return left * ub + right
 
 
 def _round_keys(seed: Array, source: Array, epoch: Array) -> Array:
@@ -72,14 +81,16 @@ def _permute(index: Array, keys: Array, n: int) -> Array:
     """`index` (in `[0, n)`) through the keyed bijection of `[0, n)`: a Feistel pass on
     `[0, a * b)`, repeated while the result falls outside `[0, n)` (cycle walking)."""
     a, b = _moduli(n)
-    x = _feistel(index.astype(jnp.uint32), keys, a, b)
+    x = index.astype(jnp.uint32)
     if a * b == n:
-        return x.astype(jnp.int32)
+        return _feistel(x, keys, a, b).astype(jnp.int32)
 
-    def walk(x):
-        return jnp.where(x >= n, _feistel(x, keys, a, b), x)
+    def walk(c):  # one Feistel site in the program: the first pass is the loop's first trip
+        x, todo = c
+        x = jnp.where(todo, _feistel(x, keys, a, b), x)
+        return x, x >= n
 
-    x = jax.lax.while_loop(lambda x: jnp.any(x >= n), walk, x)
+    x, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), walk, (x, jnp.ones(x.shape, bool)))
     return x.astype(jnp.int32)
 
 
