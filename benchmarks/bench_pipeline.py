@@ -8,7 +8,8 @@ Printed, best of `repeats` (ratios are taken within this run, on this machine):
   order=jb.epochs())` over one epoch of positions, against the zero-overhead limit (the same
   consumer over the data already batched: a loop of dynamic slices), a plain XLA copy of
   the bytes, and the user's way before pipelines (`jax.random.permutation`, a gather of the
-  whole dataset, then `jb.scan(jb.fixed_size)`).
+  whole dataset, then `jb.scan(jb.fixed_size)`), and the same rows gathered by hand in the
+  consumer from pre-batched indices (the cost of random row access itself).
 * **Shuffle -> pack.** A token corpus (lengths uniform in [16, 256]) packed into rows of
   512: `jb.pipeline(corpus, jb.pack(...), lengths=...)` over one shuffled epoch, tokens/s,
   against `jb.scan(jb.pack)` over the same corpus already in that shuffled order.
@@ -98,6 +99,20 @@ def fixed_size_rows(num, repeats):
         perm = jax.random.permutation(key, num)
         shuffled = jax.tree.map(lambda v: jnp.take(v, perm, axis=0), data)
         return jb.scan(alone, consume_rows, jnp.float32(0), shuffled)[0]
+
+    def hand_gather(data, rows):  # the indices batched, each batch's rows gathered by hand
+        mask = jnp.ones((BATCH,), bool)
+
+        def body(k, c):
+            index = jax.lax.dynamic_slice_in_dim(rows, k * BATCH, BATCH)
+            b = jb.Batch(data={"x": jnp.take(data["x"], index, axis=0)}, valid_mask=mask)
+            return consume_rows(c, b)
+
+        return jax.lax.fori_loop(0, num // BATCH, body, jnp.float32(0))
+
+    rows = jb.order_rows(jb.epochs(), num, key, jnp.arange(num)).row
+    hand_c, _ = _compile(hand_gather, data, rows)
+    out["hand_gather"] = timeit(lambda: jax.block_until_ready(hand_c(data, rows)), repeats)
 
     user_c, _ = _compile(user_way, data, key)
     out["user_way"] = timeit(lambda: jax.block_until_ready(user_c(data, key)), repeats)
@@ -210,10 +225,11 @@ def main(quick: bool = False) -> None:
     f = fixed_size_rows(num, repeats)
     mib = num * ROW_FLOATS * 4 / 2**20
     print(f"\nshuffled epoch, fixed size: {num} rows of 12 KiB ({mib:.0f} MiB), batch {BATCH}")
-    for name in ("limit", "copy", "pipeline", "user_way"):
+    for name in ("limit", "copy", "pipeline", "hand_gather", "user_way"):
         _rate(name, f[name], num, "rows/s")
     _ratio("pipeline / zero-overhead limit", f["pipeline"] / f["limit"], "<= 1.5")
     _ratio("pipeline / plain copy", f["pipeline"] / f["copy"])
+    _ratio("hand gather (same rows) / limit", f["hand_gather"] / f["limit"])
     _ratio("user way (permute+gather) / limit", f["user_way"] / f["limit"])
     compile_ratio = f["compile_pipeline"] / f["compile_batcher"]
     _ratio("compile: pipeline / fixed_size alone", compile_ratio, "<= 1.5")

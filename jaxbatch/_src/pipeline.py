@@ -260,6 +260,17 @@ def pipeline(
     is_proxied = [proxied(path, spec) for path, spec in flat_spec]
     any_proxied = any(is_proxied)
 
+    def carries_rows(path: Any, spec: jax.ShapeDtypeStruct) -> bool:
+        """A packed 1-d integer feature that can hold row numbers: its proxy is the row
+        index at every token, so packing it yields each token's row (no table lookup)."""
+        name = path[0].key if path and hasattr(path[0], "key") else None
+        if lengths is None or name not in packed or len(spec.shape) != 1:
+            return False
+        dtype = np.dtype(spec.dtype)
+        return dtype.kind in "iu" and np.iinfo(dtype).max >= num_rows - 1
+
+    row_carriers = [carries_rows(path, spec) for path, spec in flat_spec]
+
     # --------------------------------------------------------------------- elements
 
     def read(data: PyTree, rows: Array) -> Element:
@@ -270,11 +281,14 @@ def pipeline(
         """What the batcher sees for rows `rows`: small leaves read, payload as zeros (a
         broadcast: never materialised), and the row index."""
         leaves = jax.tree.leaves(data)
+        n = rows.shape[0]
         out = [
-            jnp.broadcast_to(jnp.zeros((), s.dtype), (rows.shape[0], *s.shape))
+            jnp.broadcast_to(rows.astype(s.dtype)[:, None], (n, *s.shape))
+            if r
+            else jnp.broadcast_to(jnp.zeros((), s.dtype), (n, *s.shape))
             if p
             else jnp.take(x, rows, axis=0)
-            for (_, s), p, x in zip(flat_spec, is_proxied, leaves)
+            for (_, s), p, r, x in zip(flat_spec, is_proxied, row_carriers, leaves)
         ]
         tree = jax.tree.unflatten(spec_def, out)
         if lengths is not None:
@@ -327,14 +341,17 @@ def pipeline(
         seg_first = got[f"{first}_segment_ids"]
         used = jnp.max(seg_first, axis=-1)  # segments in each row
         slots = jnp.arange(table.shape[-1])
-        for path, spec in flat_spec:
+        for (path, spec), carrier in zip(flat_spec, row_carriers):
             name = path[0].key
             if not proxied(path, spec) or name in length_keys:
                 continue
             x = data[name]
             if name in packed:
                 seg, pos = got[f"{name}_segment_ids"], got[f"{name}_positions"]
-                rows = jnp.take_along_axis(table, jnp.maximum(seg - 1, 0), axis=-1)
+                if carrier:  # packing the proxy gave each token's row
+                    rows = jnp.clip(got[name].astype(jnp.int32), 0, num_rows - 1)
+                else:
+                    rows = jnp.take_along_axis(table, jnp.maximum(seg - 1, 0), axis=-1)
                 tokens = x[rows, jnp.clip(pos, 0, x.shape[1] - 1)]
                 got[name] = jnp.where(_mask_like(seg > 0, tokens), tokens, got[name])
             else:
