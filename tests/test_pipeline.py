@@ -285,3 +285,15 @@ def test_bad_input():
         pipe.init(jnp.int32(0))
     with pytest.raises(ValueError, match="positions"):
         pipe.init(jnp.float32(0), key=KEY)
+
+
+def test_checkpoint_without_data(tmp_path):
+    pipe = jb.pipeline(DATA, jb.fixed_size(2), order=jb.epochs(shuffle=False))
+    state = pipe.init(jnp.int32(0))
+    _, state = jb.scan(
+        pipe, lambda c, b: c, 0, jb.next_positions(state, 3), state=state, flush=False
+    )
+    jb.save_state(tmp_path / "s", jb.without_data(state))
+    like = jb.without_data(pipe.init(jnp.int32(0)))
+    loaded = jb.with_data(jb.load_state(tmp_path / "s", like), pipe.init(jnp.int32(0)))
+    jax.tree.map(np.testing.assert_array_equal, loaded, state)

@@ -15,8 +15,9 @@ Payload moves once (the bulk path, `feed`): with `late_gather` the batcher plans
 payload leaves as zeros that XLA never materialises, plus the row index (an element
 state, or a per-segment table `__row` for packing). The emitted batch then gathers the
 payload straight from the data by those row indices: no permuted copy of the data, no
-intermediate batch. Packing (`lengths=`) rebuilds each token from the segment ids and
-positions `pack` emits.
+intermediate batch. Packing (`lengths=`) rebuilds each token from the positions `pack`
+emits and its row: an integer packed feature's proxy is the row index at every token, so
+packing it places each token's row beside it (other features: the per-segment row table).
 """
 
 from collections.abc import Mapping
