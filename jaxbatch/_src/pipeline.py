@@ -11,9 +11,11 @@ compiled program serves every chunk of positions of that length: a resumed half-
 the same program (`jb.next_positions(state, n)`), positions past the last epoch skipped.
 
 Payload moves once (the bulk path, `feed`): with `late_gather` the batcher plans on a
-*proxy* of each element, the leaves it may read (small ones: lengths, labels) real and the
-payload leaves as zeros that XLA never materialises, plus the row index (an element
-state, or a per-segment table `__row` for packing). The emitted batch then gathers the
+*proxy* of each element, the leaves it may read (small ones: lengths, labels) real, each
+payload leaf as one scalar placeholder (its batched value is what padding rows hold; a
+packed feature keeps its shape, as zeros or row numbers), plus the row index (an element
+state, or a per-segment table `__row` for packing). The batcher's buffers then hold no
+payload. The emitted batch then gathers the
 payload straight from the data by those row indices: no permuted copy of the data, no
 intermediate batch. Packing (`lengths=`) rebuilds each token from the positions `pack`
 emits and its row: an integer packed feature's proxy is the row index at every token, so
@@ -121,6 +123,11 @@ def _sources(data: Any, order: Order) -> list[Any]:
                     "mixed sources need one element spec (pad or cast them first)."
                 )
     return sources
+
+
+def _top_key(path: Any) -> Any:
+    """The top-level dict key of a leaf path, or None."""
+    return path[0].key if path and hasattr(path[0], "key") else None
 
 
 def _mask_like(mask: Array, leaf: Array) -> Array:
@@ -250,7 +257,7 @@ def pipeline(
         if not late_gather:
             return False
         if lengths is not None:
-            name = path[0].key if path and hasattr(path[0], "key") else None
+            name = _top_key(path)
             if name in length_keys:
                 return False
             if name in packed:
@@ -264,7 +271,7 @@ def pipeline(
     def carries_rows(path: Any, spec: jax.ShapeDtypeStruct) -> bool:
         """A packed 1-d integer feature that can hold row numbers: its proxy is the row
         index at every token, so packing it yields each token's row (no table lookup)."""
-        name = path[0].key if path and hasattr(path[0], "key") else None
+        name = _top_key(path)
         if lengths is None or name not in packed or len(spec.shape) != 1:
             return False
         dtype = np.dtype(spec.dtype)
@@ -287,9 +294,11 @@ def pipeline(
             jnp.broadcast_to(rows.astype(s.dtype)[:, None], (n, *s.shape))
             if r
             else jnp.broadcast_to(jnp.zeros((), s.dtype), (n, *s.shape))
+            if p and _top_key(path) in packed  # `pack` reads a packed feature's shape
+            else jnp.zeros((n,), s.dtype)  # one scalar per row: what padding rows hold
             if p
             else jnp.take(x, rows, axis=0)
-            for (_, s), p, r, x in zip(flat_spec, is_proxied, row_carriers, leaves)
+            for (path, s), p, r, x in zip(flat_spec, is_proxied, row_carriers, leaves)
         ]
         tree = jax.tree.unflatten(spec_def, out)
         if lengths is not None:
@@ -326,7 +335,8 @@ def pipeline(
                 out.append(got)
                 continue
             rows = jnp.take(x, index, axis=0)
-            out.append(jnp.where(_mask_like(valid, rows), rows, got))
+            # Padding rows: the batcher's fill of the row's scalar placeholder.
+            out.append(jnp.where(_mask_like(valid, rows), rows, _mask_like(got, rows)))
         data_out = jax.tree.unflatten(jax.tree.structure(batch.data), out)
         rest = {k: v for k, v in states.items() if k != _ROW}
         # `tree_at`, not `replace`: a stacked batch's mask is 2-d, which `Batch()` refuses.
@@ -358,7 +368,8 @@ def pipeline(
             else:
                 present = slots[None, :] < used[:, None]
                 values = jnp.take(x, table, axis=0)
-                got[name] = jnp.where(_mask_like(present, values), values, got[name])
+                fill = _mask_like(got[name], values)  # the table's scalar placeholder
+                got[name] = jnp.where(_mask_like(present, values), values, fill)
         return eqx.tree_at(lambda b: b.data, batch, got)
 
     def payload(batch: Batch, data: PyTree) -> Batch:
@@ -644,12 +655,23 @@ def progress(state: PipelineState) -> dict[str, Any]:
 def without_data(state: PipelineState) -> PipelineState:
     """`state` with its data replaced by zero-row arrays: a small checkpoint.
 
-    Put the data back with `eqx.tree_at(lambda s: s.data, loaded, pipe.init(...).data)`
-    (or `with_data`).
+    Put the data back with `with_data(loaded, pipe.init(...))`.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> pipe = jb.pipeline({"x": jnp.arange(3)}, jb.fixed_size(2),
+        ...                    order=jb.epochs(shuffle=False))
+        >>> state = pipe.init(jnp.int32(0))
+        >>> jb.without_data(state).data["x"].shape
+        (0,)
+        >>> jb.with_data(jb.without_data(state), state).data["x"].shape
+        (3,)
     """
     return eqx.tree_at(lambda s: s.data, state, jax.tree.map(lambda x: x[:0], state.data))
 
 
 def with_data(state: PipelineState, data: PipelineState) -> PipelineState:
-    """`state` with the data of `data` (another pipeline state, e.g. a fresh `init`)."""
+    """`state` with the data of `data` (another pipeline state, e.g. a fresh `init`): the
+    inverse of `without_data` (see its example)."""
     return eqx.tree_at(lambda s: s.data, state, data.data)
