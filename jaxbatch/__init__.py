@@ -97,6 +97,14 @@ from ._src.ops import (
     update as update,
     while_transform as while_transform,
 )
+from ._src.pipeline import (
+    PipelineState as PipelineState,
+    next_positions as next_positions,
+    pipeline as pipeline,
+    progress as progress,
+    with_data as with_data,
+    without_data as without_data,
+)
 from ._src.sharding import (
     batch_sharding as batch_sharding,
     device_streams as device_streams,
@@ -105,6 +113,15 @@ from ._src.sharding import (
     scan_per_device as scan_per_device,
     shard as shard,
     stream_indices as stream_indices,
+)
+from ._src.sources import (
+    Located as Located,
+    Order as Order,
+    OrderState as OrderState,
+    epochs as epochs,
+    mixture as mixture,
+    order_rows as order_rows,
+    permute as permute,
 )
 from ._src.spec import batch_spec as batch_spec, element_spec as element_spec
 
