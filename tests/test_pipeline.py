@@ -75,6 +75,7 @@ def test_fixed_size_pipeline_passes_check_batcher():
     assert "vmap" in report.checks and "feed" in report.checks
 
 
+@pytest.mark.slow
 def test_pack_pipeline_passes_check_batcher():
     order = jb.epochs()
     pipe = jb.pipeline(CORPUS, jb.pack(6, 2, lengths=LENGTHS), order=order, lengths=LENGTHS)
@@ -92,6 +93,7 @@ def test_pack_pipeline_passes_check_batcher():
     assert report.stats["emitted"] == 6
 
 
+@pytest.mark.slow
 def test_rebatch_after_pack_passes_check_batcher():
     order = jb.epochs()
     pipe = jb.pipeline(
@@ -116,6 +118,7 @@ def test_rebatch_after_pack_passes_check_batcher():
     assert report.stats["emitted"] == 6 and pipe.feed is None
 
 
+@pytest.mark.slow
 def test_custom_batcher_with_map_and_keep_passes_check_batcher():
     # A user's batcher (no bulk path), elements mapped and filtered before it.
     inner = jb.fixed_size(2)
@@ -228,9 +231,7 @@ def _pipe_for(size, batch, epochs):
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _collect_jit(pipe, state, positions, capacity, flush):
-    out = jb.collect(pipe, state, positions, capacity, flush=flush)
-    # h17a-order: `collect` returns `(batches, count, state)` after h17a, `(state, ...)` before
-    return out if isinstance(out[-1], jb.PipelineState) else (*out[1:], out[0])
+    return jb.collect(pipe, state, positions, capacity, flush=flush)  # (batches, count, state)
 
 
 def _collect(pipe, state, positions, flush=False):
