@@ -10,13 +10,15 @@ What it shows:
   cut at line boundaries into pieces of at most `row_length` bytes. Each piece is one
   sequence (a "document", from a few bytes to `row_length`); the pieces of a file,
   concatenated, give the file back.
-* **Packing inside `jit`**: `jb.pack` packs the sequences into `[num_rows, row_length]`
-  rows (first fit), with per-token segment ids and positions.
-* **A scan-fused training loop**: `jb.scan` runs the packer and the train step (a small
-  transformer in equinox, Adam written out by hand) in one XLA program per chunk of the
-  stream. Chunks carry the packer's state (`state=`, `flush=False`), so packing continues
-  seamlessly across chunks and epochs; the last call flushes. Between chunks, the host
-  advances a progress bar and prints the loss.
+* **A pipeline in one program**: `jb.pipeline` holds the corpus on the device and reads it
+  in a new global order every epoch (`jb.epochs`: a keyed bijection of the rows, no
+  permuted copy), and `jb.pack` packs the sequences into `[num_rows, row_length]` rows
+  (first fit) with per-token segment ids and positions; the bytes are gathered once, into
+  the packed rows.
+* **A scan-fused training loop, fed in chunks**: `jb.scan_host` runs the pipeline and the
+  train step (a small transformer in equinox, Adam written out by hand) as one compiled XLA
+  program per chunk of stream positions, the same program for every chunk, while a
+  background thread prepares the next chunk; its progress bar shows the loss.
 * **Segment masking**: attention is causal *and* within one segment, positions restart at 0
   in each segment, and each byte predicts the next byte of the same segment only (the last
   byte of a segment predicts nothing), so no document sees or predicts another.
@@ -323,20 +325,18 @@ def main(argv=None) -> None:
     batcher = jb.pack(L, R, lengths={"bytes": "length"})  # built once: a static argument
     print(f"packing: jb.pack into batches of {R} rows x {L} bytes (first fit)")
 
-    # The stream: the corpus reshuffled each epoch, cut into chunks of `chunk` sequences.
-    # The last chunk is padded with empty sequences (length 0), which `pack` skips, so every
-    # chunk has one shape and `jb.scan` compiles once (plus once for the final flush).
-    rng = np.random.default_rng(args.seed)
-    order = np.concatenate([rng.permutation(n) for _ in range(args.epochs)])
-    num_chunks = -(-len(order) // args.chunk)
-    order = np.concatenate([order, np.full(num_chunks * args.chunk - len(order), -1)])
-
-    def chunk(i: int) -> dict[str, np.ndarray]:
-        idx = order[i * args.chunk : (i + 1) * args.chunk]
-        out = {k: v[np.maximum(idx, 0)] for k, v in corpus.items()}
-        for v in out.values():
-            v[idx < 0] = 0  # an empty sequence
-        return out
+    # The pipeline: the corpus on the device, read in a new global order every epoch (a keyed
+    # bijection of the rows, no permuted copy), packed by `jb.pack`. Its elements are stream
+    # positions and its state (the data, where the stream stands, the packer's state) is the
+    # whole checkpoint. `lengths=`: pack plans on lengths and gathers the bytes once.
+    pipe = jb.pipeline(
+        {k: jnp.asarray(v) for k, v in corpus.items()},
+        batcher,
+        order=jb.epochs(num_epochs=args.epochs),
+        lengths={"bytes": "length"},
+    )
+    positions = np.arange(args.epochs * n, dtype=np.int32)
+    num_chunks = -(-len(positions) // args.chunk)
 
     model = ByteLM(args.dim, args.layers, args.heads, L, jax.random.key(args.seed))
     params, static = eqx.partition(model, eqx.is_array)
@@ -360,51 +360,57 @@ def main(argv=None) -> None:
     )
     train_step = make_train_step(static, args.lr, warmup=min(50, max_steps // 5 + 1))
 
-    total = int(lengths[order[order >= 0]].sum())
+    total = int(lengths.sum()) * args.epochs
     print(
-        f"training: {args.epochs} epoch(s) of {total:,} bytes"
+        f"training: {args.epochs} epoch(s) of {total // args.epochs:,} bytes, each in a new "
+        f"order"
         + (f", at most {args.steps} steps" if args.steps else "")
         + f", {num_chunks} jitted chunks of {args.chunk} sequences"
     )
+    # `jb.scan_host` runs the fused program (pipeline + train step) once per chunk of stream
+    # positions, every chunk the same compiled program, while a background thread prepares
+    # the next chunk; its bar counts sequences and shows what `report` returns (the loss).
     report_every = max(1, num_chunks // 10)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="train", smoothing=0.1)
-    # The packer's state, made once from one element's shapes: every chunk then has the same
-    # argument types (with `state=None` the first call would compile a program of its own).
-    packer = batcher.init({k: v[0] for k, v in corpus.items()})
-    curve = []
-    timed_tokens, timed_seconds, first_seconds = 0, 0.0, 0.0
-    for i in range(num_chunks):
-        start, before_tokens, before_step = time.perf_counter(), int(state.tokens), int(state.step)
-        state, packer = jb.scan(batcher, train_step, state, chunk(i), state=packer, flush=False)
-        step = int(state.step)  # waits for the chunk
-        seconds = time.perf_counter() - start
+    curve: list[tuple[int, float]] = []
+    clock = {"chunk": 0, "step": 0, "tokens": 0, "at": time.perf_counter()}
+    timed = {"tokens": 0, "seconds": 0.0, "first": 0.0}
+
+    def report(state: TrainState) -> dict[str, str]:
+        step, tokens = int(state.step), int(state.tokens)  # waits for this chunk
+        now = time.perf_counter()
+        seconds, i = now - clock["at"], clock["chunk"]
         if i == 0:
-            first_seconds = seconds
-        else:
-            timed_tokens += int(state.tokens) - before_tokens
-            timed_seconds += seconds
-        idx = order[i * args.chunk : (i + 1) * args.chunk]
-        fed = int(lengths[idx[idx >= 0]].sum())
-        bar.update(fed)
-        losses = np.asarray(state.losses[before_step:step]) / math.log(2)
+            timed["first"] = seconds
+        elif step > clock["step"]:
+            timed["tokens"] += tokens - clock["tokens"]
+            timed["seconds"] += seconds
+        losses = np.asarray(state.losses[clock["step"] : step]) / math.log(2)
         if len(losses):
             curve.append((step, float(losses.mean())))
-            bar.set_postfix(step=step, loss=f"{losses.mean():.2f}")
-        if i % report_every == 0 or i == num_chunks - 1 or step >= max_steps:
-            rate = (int(state.tokens) - before_tokens) / seconds
-            bar.write(
+        if len(losses) and (i % report_every == 0 or i >= num_chunks - 1):
+            rate = (tokens - clock["tokens"]) / seconds
+            tqdm.write(
                 f"  chunk {i + 1:3d}/{num_chunks}  step {step:5d}  "
-                f"loss {curve[-1][1] if curve else float('nan'):.3f} bits/byte  "
-                f"{rate:,.0f} tokens/s" + ("  (includes compile)" if i == 0 else "")
+                f"loss {curve[-1][1]:.3f} bits/byte  {rate:,.0f} tokens/s"
+                + ("  (includes compile)" if i == 0 else "")
             )
-        if step >= max_steps:
-            break
-    bar.close()
+        clock.update(chunk=i + 1, step=step, tokens=tokens, at=time.perf_counter())
+        return {"step": step, "loss": f"{curve[-1][1]:.2f}"} if curve else {"step": step}
 
-    # End of stream: flush the last, partly filled rows as one more batch (trained on if
-    # steps remain): `jb.scan` on no more elements, with its default `flush=True`.
-    nothing = {k: v[:0] for k, v in corpus.items()}
-    state, packer = jb.scan(batcher, train_step, state, nothing, state=packer)
+    key = jax.random.key(args.seed)
+    state, pipe_state = jb.scan_host(
+        pipe,
+        train_step,
+        state,
+        positions,
+        chunk_size=args.chunk,
+        key=key,
+        state=pipe.init(jnp.int32(0), key=key),  # made here: the data is an argument
+        progress=True,
+        on_chunk=report,
+        max_batches_per_chunk=args.chunk + 2,
+    )
+    packer = pipe_state.inner
     stats = {k: int(v) for k, v in jb.packing_stats(packer).items()}
     ops = {k: int(v) for k, v in jb.operation_stats(packer).items()}
     train_seconds = time.perf_counter() - t0
@@ -415,10 +421,10 @@ def main(argv=None) -> None:
         f"{stats['sequences'] / max(stats['rows'], 1):.1f} per row; "
         f"{ops['batch_count']} batches, {stats['truncated']} truncated)"
     )
-    steady = timed_tokens / timed_seconds if timed_seconds else float("nan")
+    steady = timed["tokens"] / timed["seconds"] if timed["seconds"] else float("nan")
     print(
         f"throughput: {steady:,.0f} tokens/s after compile ({int(state.step)} steps, "
-        f"{int(state.tokens):,} target bytes; first chunk with compile {first_seconds:.1f} s)"
+        f"{int(state.tokens):,} target bytes; first chunk with compile {timed['first']:.1f} s)"
     )
     losses = np.asarray(state.losses)[: int(state.step)] / math.log(2)
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]

@@ -455,6 +455,7 @@ class _Progress:
         self.bar = None
         self.tokens, self.batches, self.started = 0, 0, time.perf_counter()
         self.show_tokens = tokens
+        self.extra: dict[str, Any] = {}  # what `on_chunk` returned last (a loss, say)
         if enabled:
             try:
                 from tqdm.auto import tqdm
@@ -470,8 +471,14 @@ class _Progress:
             postfix: dict[str, Any] = {"batches": self.batches}
             if self.show_tokens:
                 postfix["tokens/s"] = f"{self.tokens / seconds:,.0f}"
+            postfix.update(self.extra)
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(rows)
+
+    def show(self, shown: Any) -> None:
+        """Keep what `on_chunk` returned for the bar, when it is a mapping."""
+        if isinstance(shown, Mapping):
+            self.extra = dict(shown)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -526,7 +533,8 @@ def scan_host(
         key: PRNG key for a stochastic batcher's `init`.
         state: the batcher state to start from, instead of `batcher.init` on the first
             element: e.g. a `jb.pipeline`'s state (which holds its data), fed a source of
-            stream positions. Ignored when resuming (the checkpoint's).
+            stream positions (a stochastic one still takes `key`, for its batch shape).
+            Ignored when resuming (the checkpoint's).
         resume: a `HostCheckpoint`, or the path of one saved by `checkpoint_path`.
         checkpoint_path: where to save a `HostCheckpoint` (with `jb.save_state`) every
             `checkpoint_every` chunks, at the end, and after the source raised.
@@ -536,6 +544,7 @@ def scan_host(
             when it has one), batches, tokens/s.
         on_chunk: called with the carry after each chunk's program is dispatched (read
             your loss there; it waits for that chunk, not for the reading of the next).
+            A mapping it returns (`{"loss": "2.31"}`) is shown on the progress bar.
         max_batches_per_chunk: room for the batches of one short chunk; default
             `ceil(chunk_size / batch_size) + 1`.
 
@@ -587,8 +596,10 @@ def scan_host(
         if isinstance(resume, HostCheckpoint):
             return resume.carry, resume.state
         return carry, None
+    if state is not None:
+        rows_of._state = state  # `_start` then only reads the rows' spec
     rows_of._start(first)
-    state = rows_of._state if state is None else state
+    state = rows_of._state
     capacity = max_batches_per_chunk
     if capacity is None:
         size = batch_spec(batcher, rows_of._spec, key=key).batch_size
@@ -633,7 +644,7 @@ def scan_host(
                     batcher, fn, capacity, carry, state, chunk.data, rows
                 )
                 if on_chunk is not None:
-                    on_chunk(carry)
+                    bar.show(on_chunk(carry))
                 if last is not None:
                     account(last)
                 last = (count, chunk.rows, chunk.tokens)
@@ -650,7 +661,7 @@ def scan_host(
                 save(chunk.position, chunk.source_state)
         carry, state, count = _drain(batcher, fn, carry, state)
         if on_chunk is not None:
-            on_chunk(carry)
+            bar.show(on_chunk(carry))
         bar.update(0, 0, int(count))
         save(chunk.position, chunk.source_state)
     finally:
