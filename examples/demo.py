@@ -28,7 +28,7 @@ falling (bits per byte), a sample of generated text, and saves a PNG (loss curve
 strip of packed rows coloured by segment id).
 
 Run: `make demo` (or `python examples/demo.py`; `--help` for the flags). The default run
-(30 files, two epochs, each in a new order) takes under a minute on 2 quiet CPU cores;
+(20 files, two epochs, each in a new order) takes under a minute on 2 quiet CPU cores;
 `--long` (500 files, one epoch, ~1,780 steps) about three minutes. `--quick` (6 files, 40
 steps, a tinier model) takes about 15 s, mostly compiling.
 Needs the `demo` extra: `tqdm` and `matplotlib`.
@@ -289,9 +289,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     lr = args.lr
-    # The default run (30 files, two epochs, each in a new order) fits in a minute on two
+    # The default run (20 files, two epochs, each in a new order) fits in a minute on two
     # quiet CPU cores; `--long` is the earlier default, a longer look at the loss falling.
-    files, epochs = (500, 1) if args.long else (30, 2)
+    files, epochs = (500, 1) if args.long else (20, 2)
     args.max_files = args.max_files or files
     args.epochs = args.epochs or epochs
     # Sizes: bytes per row, rows per batch, sequences per `jb.scan` call, model width.
@@ -389,8 +389,9 @@ def main(argv=None) -> None:
             curve.append((step, float(losses.mean())))
         if len(losses) and (i % report_every == 0 or i >= num_chunks - 1):
             rate = (tokens - clock["tokens"]) / seconds
+            where = f"chunk {i + 1:3d}/{num_chunks}" if i < num_chunks else "final flush"
             tqdm.write(
-                f"  chunk {i + 1:3d}/{num_chunks}  step {step:5d}  "
+                f"  {where}  step {step:5d}  "
                 f"loss {curve[-1][1]:.3f} bits/byte  {rate:,.0f} tokens/s"
                 + ("  (includes compile)" if i == 0 else "")
             )
