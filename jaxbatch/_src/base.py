@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int, PyTree, UInt32
 
 from .batch import Batch
@@ -155,7 +156,8 @@ class Batcher(NamedTuple):
 class Counter(eqx.Module):
     """A count that never wraps: 64 bits held as two uint32 words (no `jax_enable_x64`).
 
-    Advance it with `add`; read it with `int()` outside `jit`.
+    Advance it with `add`; read it with `int()` outside `jit`. A stack of counters (the
+    per-device states of `jb.scan_per_device`) reads as their total.
 
     Examples:
         >>> import jaxbatch as jb
@@ -184,7 +186,9 @@ class Counter(eqx.Module):
         return Counter(lo=lo, hi=self.hi + other.hi + (lo < self.lo).astype(jnp.uint32))
 
     def __int__(self) -> int:
-        return (int(self.hi) << 32) | int(self.lo)
+        # A stack of counters (per-device states, `[S]`) reads as their total.
+        his, los = np.ravel(self.hi).tolist(), np.ravel(self.lo).tolist()
+        return sum((int(hi) << 32) | int(lo) for hi, lo in zip(his, los))
 
 
 class Stats(eqx.Module):

@@ -465,9 +465,48 @@ def _merge(batch: Any, ready: jax.Array) -> Any:
     return batch.map_rows(lambda x: x.reshape((-1, *x.shape[2:])))
 
 
+def _explicit_axes(mesh: Mesh) -> tuple[str, ...]:
+    explicit = jax.sharding.AxisType.Explicit
+    return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == explicit)
+
+
+def _global_view(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` with the mesh's Explicit axes made Auto inside (`jax.sharding.auto_axes`), so an
+    ordinary train step (an embedding lookup `embed[tokens]`, a gather XLA must place) runs
+    on the mesh `jax.make_mesh` builds by default; the carry keeps its sharding."""
+    axes = _explicit_axes(mesh)
+    if not axes:
+        return fn
+
+    def wrapped(carry: Any, batch: Any) -> Any:
+        specs = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, carry)
+        return jax.sharding.auto_axes(fn, axes=axes, out_sharding=specs)(carry, batch)
+
+    return wrapped
+
+
+def _place_carry(carry: Any, mesh: Mesh) -> Any:
+    """Leaves of `carry` not yet on `mesh` replicated on it, so the returned carry (which
+    is on the mesh) has the placement of the one given: no new trace on the next call."""
+    whole = NamedSharding(mesh, P())
+
+    def place(x: Any) -> Any:
+        if isinstance(x, jax.core.Tracer):  # pyright: ignore
+            return x
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding):
+            if x.sharding.mesh == mesh:
+                return x
+        if not isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex):
+            return x
+        return jax.device_put(x, whole)
+
+    return jax.tree.map(place, carry)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 9))
 def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key, room):
     count, length = jax.tree.leaves(streams)[0].shape[:2]
+    fn = _global_view(fn, mesh)
     per_stream = NamedSharding(mesh, P(axis))
     streams = _constrain(streams, per_stream)
     if states is None:
@@ -657,6 +696,7 @@ def scan_per_device(
         raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
     if max_batches is None and batcher.feed is not None:
         max_batches = _default_room(batcher, streams, states, key, flush)
+    carry = _place_carry(carry, mesh)
     with _on(mesh):
         carry, states, needed = _scan_per_device(
             batcher, fn, mesh, axis, flush, carry, streams, states, key, max_batches
