@@ -34,7 +34,7 @@ from jaxtyping import PyTree
 
 from .base import Batcher, Carry, Emit, State, when_ready
 from .batch import Batch, rows_mask
-from .drivers import _check_room, collect
+from .drivers import _check_room, _mask_slots, collect
 from .element import as_element
 
 _WHOLE_BATCH_FIELDS = ("batch_state", "batch_metadata")
@@ -402,22 +402,77 @@ def _streams_of(streams: Any, mesh: Mesh, axis: str) -> tuple[Any, int, int]:
     return streams, count, length
 
 
+class DeviceStates(eqx.Module):
+    """The per-device batcher states of `scan_per_device`, and the batches they hold back.
+
+    A global batch is every stream's `k`-th batch, counted from the start of the stream,
+    not of the call: a call without `flush` hands the consumer only the global batches that
+    every stream has completed, and keeps each stream's later batches here for the next
+    call. So where the stream is split into calls changes nothing.
+
+    Every attribute of the batcher states reads through (`states.count`, `states.stats`),
+    so `jb.operation_stats(states)` and `jb.packing_stats(states)` work on it; their
+    counters are stacked `[S]` and `int()` reads their total over the streams. A held-back
+    batch is already counted as emitted by its batcher.
+
+    Attributes:
+        states: the batcher states, stacked: leaves `[S, ...]`, sharded over the mesh axis.
+        pending: each stream's held-back batches, `Batch` leaves `[S, max_pending, b, ...]`.
+        pending_count: `[S]` int32, how many of `pending`'s slots are held.
+        lost: `[S]` int32, batches that found no room (`max_batches` or `max_pending` too
+            small) and were dropped: always 0 when `scan_per_device` returns (it raises
+            instead); under your own `jit` it cannot raise, so check this count.
+    """
+
+    states: Any
+    pending: Any
+    pending_count: Any
+    lost: Any
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("states", "pending", "pending_count", "lost"):
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "states"), name)
+
+
 def _init_states(batcher: Batcher, spec: Any, count: int, key: Any) -> State:
     if key is None:
         return jax.vmap(lambda _: batcher.init(spec))(jnp.arange(count))
     return jax.vmap(lambda k: batcher.init(spec, key=k))(jax.random.split(key, count))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _init_jit(batcher, streams, mesh, axis, key):
+def _wrap(batcher: Batcher, states: Any, spec: Any, max_pending: int) -> DeviceStates:
+    """`states` (stacked batcher states, or `DeviceStates`) as `DeviceStates`."""
+    if isinstance(states, DeviceStates):
+        return states
+    count = jax.tree.leaves(states)[0].shape[0]
+    column = jax.tree.map(lambda x: jax.ShapeDtypeStruct((count, *x.shape), x.dtype), spec)
+    batch = jax.eval_shape(lambda s, e: jax.vmap(batcher.step)(s, e)[1].batch, states, column)
+    slots = max_pending if batcher.feed is not None and isinstance(batch, Batch) else 0
+    pending = jax.tree.map(lambda x: jnp.zeros((count, slots, *x.shape[1:]), x.dtype), batch)
+    zeros = jnp.zeros(count, jnp.int32)
+    return DeviceStates(states, pending, zeros, zeros)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 5))
+def _init_jit(batcher, streams, mesh, axis, key, max_pending):
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
     states = _init_states(batcher, spec, jax.tree.leaves(streams)[0].shape[0], key)
-    return _constrain(states, NamedSharding(mesh, P(axis)))
+    return _constrain(_wrap(batcher, states, spec, max_pending), NamedSharding(mesh, P(axis)))
+
+
+MAX_PENDING = 8
 
 
 def init_per_device(
-    batcher: Batcher, streams: Any, mesh: Mesh, axis: str = "data", *, key: Any = None
-) -> State:
+    batcher: Batcher,
+    streams: Any,
+    mesh: Mesh,
+    axis: str = "data",
+    *,
+    key: Any = None,
+    max_pending: int = MAX_PENDING,
+) -> DeviceStates:
     """One batcher state per stream, stacked on a leading axis sharded over `axis`.
 
     Args:
@@ -427,9 +482,12 @@ def init_per_device(
         mesh: the mesh; `axis` must divide `S`.
         axis: the mesh axis the streams are split over.
         key: for a stochastic batcher: split into one key per stream.
+        max_pending: with a bulk `feed`, how many batches a stream may hold back between
+            calls without `flush` while the other streams catch up (`DeviceStates`).
 
     Returns:
-        The stacked states, leaves `[S, ...]`, device `d` holding its streams' states.
+        `DeviceStates`: the stacked states, leaves `[S, ...]`, device `d` holding its
+        streams' states.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -441,10 +499,21 @@ def init_per_device(
         True
     """
     _check_mesh(mesh, axis)
+    _check_positive(max_pending, "max_pending", zero=True)
     streams, _, _ = _streams_of(streams, mesh, axis)
     streams = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), streams)
     with _on(mesh):
-        return _init_jit(batcher, streams, mesh, axis, key)
+        return _init_jit(batcher, streams, mesh, axis, key, max_pending)
+
+
+def _check_positive(value: Any, name: str, zero: bool = False) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < (0 if zero else 1)
+    ):
+        what = "a non-negative int" if zero else "a positive int or None"
+        raise ValueError(f"`{name}` must be {what}, got {value!r}.")
 
 
 def _merge(batch: Any, ready: jax.Array) -> Any:
@@ -503,16 +572,18 @@ def _place_carry(carry: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, carry)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 9))
-def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key, room):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 9, 10))
+def _scan_per_device(
+    batcher, fn, mesh, axis, flush, carry, streams, states, key, room, max_pending
+):
     count, length = jax.tree.leaves(streams)[0].shape[:2]
     fn = _global_view(fn, mesh)
     per_stream = NamedSharding(mesh, P(axis))
     streams = _constrain(streams, per_stream)
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
     if states is None:
-        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
         states = _init_states(batcher, spec, count, key)
-    states = _constrain(states, per_stream)
+    states = _constrain(_wrap(batcher, states, spec, max_pending), per_stream)
 
     # Each device runs its own streams' states on its own elements: no communication.
     # Every value inside is per device, so the varying-axes check has nothing to find (and
@@ -523,9 +594,17 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
         )
 
     if batcher.feed is not None:
-        return _bulk_per_device(batcher, fn, flush, carry, streams, states, room, local)
+        return _bulk_per_device(
+            batcher, fn, flush, carry, streams, states, room, local, per_stream
+        )
 
-    # Without a bulk `feed`: step every stream, one element per iteration.
+    # Without a bulk `feed`: step every stream, one element per iteration (global batch `k`
+    # is step `k`'s batches, so it does not depend on where calls end either).
+    held, states = states, states.states
+
+    def done(carry, states):
+        return carry, eqx.tree_at(lambda d: d.states, held, states), None
+
     everyone = _constrain(jnp.ones(count, bool), per_stream)
     step_all, flush_all = local(batcher.step), local(batcher.flush)
 
@@ -541,7 +620,7 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
 
     if not flush:
         if not length:
-            return carry, states, None
+            return done(carry, states)
 
         def body(c, i):
             states, carry = c
@@ -550,7 +629,7 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
             return (states, carry), None
 
         (states, carry), _ = jax.lax.scan(body, (states, carry), jnp.arange(length))
-        return carry, states, None
+        return done(carry, states)
 
     def body(c):
         i, states, carry, live = c
@@ -575,27 +654,52 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
 
     start = (jnp.zeros((), jnp.int32), states, carry, everyone)
     _, states, carry, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]), body, start)
-    return carry, states, None
+    return done(carry, states)
 
 
-def _bulk_per_device(batcher, fn, flush, carry, streams, states, room, local):
+def _bulk_per_device(batcher, fn, flush, carry, streams, held, room, local, per_stream):
     """`_scan_per_device` for a batcher with a bulk `feed`: each device runs `collect` on
-    its streams (plan, then gather: no element loop; the drain folded in), the `k`-th
-    batches of all streams make global batch `k`, and one loop hands them to `fn`."""
+    its streams (plan, then gather: no element loop; the drain folded in). A stream's
+    batches are its held-back ones (`DeviceStates.pending`), then this call's. Global batch
+    `k` is every stream's `k`-th; without `flush` only the global batches that every stream
+    completed are handed to `fn`, the rest held back, so calls may end anywhere."""
+    slots = jax.tree.leaves(held.pending)[0].shape[1]
 
-    def gather(states, streams):
-        return collect(batcher, states, streams, room, flush=flush)
+    def gather(states, pending, pending_count, streams):
+        states, out, counts = collect(batcher, states, streams, room, flush=flush)
+        both = jax.tree.map(lambda p, o: jnp.concatenate([p, o]), pending, out)
+        j = jnp.arange(slots + room)
+        source = jnp.where(j < pending_count, j, slots + j - pending_count)
+        lined = jax.tree.map(lambda x: x[jnp.minimum(source, slots + room - 1)], both)
+        return states, lined, pending_count + jnp.minimum(counts, room), counts
 
-    states, out, counts = local(gather)(states, streams)
+    states, lined, ready, counts = local(gather)(
+        held.states, held.pending, held.pending_count, streams
+    )
+    # The only values reduced across devices: how many global batches to hand out.
+    total = jnp.max(ready) if flush else jnp.min(ready)
 
     def body(k, carry):  # global batch `k`: every stream's `k`-th batch, side by side
-        batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False), out)
-        return fn(carry, _merge(batch, k < counts))
+        batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False), lined)
+        return fn(carry, _merge(batch, k < ready))
 
+    carry = jax.lax.fori_loop(0, total, body, carry)
+
+    def keep(lined, ready, total):  # a stream's batches past `total` wait for the next call
+        left = ready - total
+        j = jnp.arange(slots)
+        pending = jax.tree.map(
+            lambda x: x[jnp.minimum(total + j, slots + room - 1)], lined
+        )
+        pending = _mask_slots(pending, j < left)
+        return pending, jnp.minimum(left, slots), jnp.maximum(left - slots, 0)
+
+    totals = _constrain(jnp.broadcast_to(total, ready.shape), per_stream)
+    pending, pending_count, lost = local(keep)(lined, ready, totals)
     # The batches past `room` were counted, not stored: the caller raises on `needed`.
-    needed = jnp.max(counts)
-    total = jnp.minimum(needed, room)
-    return jax.lax.fori_loop(0, total, body, carry), states, needed
+    lost = held.lost + lost + jnp.maximum(counts - room, 0)
+    needed = jnp.max(counts), jnp.max(ready - total)
+    return carry, DeviceStates(states, pending, pending_count, lost), needed
 
 
 def _default_room(batcher: Batcher, streams: Any, states: Any, key: Any, flush: bool) -> int:
@@ -607,6 +711,7 @@ def _default_room(batcher: Batcher, streams: Any, states: Any, key: Any, flush: 
     if states is None:
         one = jax.eval_shape(lambda: batcher.init(spec, key=key))
     else:
+        states = states.states if isinstance(states, DeviceStates) else states
         one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states)
     emitted = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, one, spec)
     size = emitted.valid_mask.shape[-1]
@@ -626,7 +731,8 @@ def scan_per_device(
     key: Any = None,
     flush: bool = True,
     max_batches: int | None = None,
-) -> tuple[Carry, State]:
+    max_pending: int = MAX_PENDING,
+) -> tuple[Carry, DeviceStates]:
     """`scan` with one batcher per device: each device batches its own stream.
 
     The `S` streams (leaves `[S, n, ...]`, `device_streams`) are split over the mesh axis;
@@ -690,19 +796,27 @@ def scan_per_device(
     """
     _check_mesh(mesh, axis)
     streams, _, _ = _streams_of(streams, mesh, axis)
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
+    if max_batches is not None:
+        _check_positive(max_batches, "max_batches")
+    _check_positive(max_pending, "max_pending", zero=True)
     if max_batches is None and batcher.feed is not None:
         max_batches = _default_room(batcher, streams, states, key, flush)
     carry = _place_carry(carry, mesh)
     with _on(mesh):
         carry, states, needed = _scan_per_device(
-            batcher, fn, mesh, axis, flush, carry, streams, states, key, max_batches
+            batcher, fn, mesh, axis, flush, carry, streams, states, key, max_batches, max_pending
         )
     # Checked here, not with `eqx.error_if` inside the sharded program (its callback aborts
-    # the process on a multi-device CPU mesh). Under your own `jit` it cannot be checked.
-    if needed is not None and not isinstance(needed, jax.core.Tracer):  # pyright: ignore
-        _check_room(needed, max_batches, "max_batches")
+    # the process on a multi-device CPU mesh). Under your own `jit` it cannot be checked:
+    # the batches that found no room are counted in `states.lost`.
+    if needed is not None and not isinstance(needed[0], jax.core.Tracer):  # pyright: ignore
+        _check_room(needed[0], max_batches, "max_batches")
+        slots = jax.tree.leaves(states.pending)[0].shape[1]
+        if int(needed[1]) > slots:
+            raise ValueError(
+                f"A stream got {int(needed[1])} batches ahead of the slowest stream, more "
+                f"than the {slots} it may hold back between calls without `flush`; pass a "
+                "larger `max_pending` to `init_per_device` (or `scan_per_device` without "
+                "`states`), or split the stream into longer calls."
+            )
     return carry, states
