@@ -507,11 +507,7 @@ def init_per_device(
 
 
 def _check_positive(value: Any, name: str, zero: bool = False) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < (0 if zero else 1)
-    ):
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
         what = "a non-negative int" if zero else "a positive int or None"
         raise ValueError(f"`{name}` must be {what}, got {value!r}.")
 
@@ -572,6 +568,15 @@ def _place_carry(carry: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, carry)
 
 
+def _local(f: Callable, mesh: Mesh, axis: Any) -> Callable:
+    """`f` on every stream, each device on its own streams: no communication. Every value
+    inside is per device, so the varying-axes check has nothing to find (and it would
+    refuse batchers whose `eqx.error_if` mixes per-device and constant values)."""
+    return jax.shard_map(
+        jax.vmap(f), mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False
+    )
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 9, 10))
 def _scan_per_device(
     batcher, fn, mesh, axis, flush, carry, streams, states, key, room, max_pending
@@ -585,18 +590,7 @@ def _scan_per_device(
         states = _init_states(batcher, spec, count, key)
     states = _constrain(_wrap(batcher, states, spec, max_pending), per_stream)
 
-    # Each device runs its own streams' states on its own elements: no communication.
-    # Every value inside is per device, so the varying-axes check has nothing to find (and
-    # it would refuse batchers whose `eqx.error_if` mixes per-device and constant values).
-    def local(f):
-        return jax.shard_map(
-            jax.vmap(f), mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False
-        )
-
-    if batcher.feed is not None:
-        return _bulk_per_device(
-            batcher, fn, flush, carry, streams, states, room, local, per_stream
-        )
+    local = functools.partial(_local, mesh=mesh, axis=axis)
 
     # Without a bulk `feed`: step every stream, one element per iteration (global batch `k`
     # is step `k`'s batches, so it does not depend on where calls end either).
@@ -657,12 +651,19 @@ def _scan_per_device(
     return done(carry, states)
 
 
-def _bulk_per_device(batcher, fn, flush, carry, streams, held, room, local, per_stream):
-    """`_scan_per_device` for a batcher with a bulk `feed`: each device runs `collect` on
-    its streams (plan, then gather: no element loop; the drain folded in). A stream's
-    batches are its held-back ones (`DeviceStates.pending`), then this call's. Global batch
-    `k` is every stream's `k`-th; without `flush` only the global batches that every stream
-    completed are handed to `fn`, the rest held back, so calls may end anywhere."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 7, 8))
+def _gather_per_device(batcher, mesh, axis, flush, streams, states, key, room, max_pending):
+    """The bulk path's first program: each device runs `collect` on its streams (plan, then
+    gather: no element loop; the drain folded in) and lines each stream's batches up, its
+    held-back ones (`DeviceStates.pending`) first. Nothing crosses devices, so a run-time
+    check of the batcher (`eqx.error_if`) raises here rather than stalling a collective."""
+    count = jax.tree.leaves(streams)[0].shape[0]
+    per_stream = NamedSharding(mesh, P(axis))
+    streams = _constrain(streams, per_stream)
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
+    if states is None:
+        states = _init_states(batcher, spec, count, key)
+    held = _constrain(_wrap(batcher, states, spec, max_pending), per_stream)
     slots = jax.tree.leaves(held.pending)[0].shape[1]
 
     def gather(states, pending, pending_count, streams):
@@ -673,9 +674,21 @@ def _bulk_per_device(batcher, fn, flush, carry, streams, held, room, local, per_
         lined = jax.tree.map(lambda x: x[jnp.minimum(source, slots + room - 1)], both)
         return states, lined, pending_count + jnp.minimum(counts, room), counts
 
+    local = functools.partial(_local, mesh=mesh, axis=axis)
     states, lined, ready, counts = local(gather)(
         held.states, held.pending, held.pending_count, streams
     )
+    return eqx.tree_at(lambda d: d.states, held, states), lined, ready, counts
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _hand_out(fn, mesh, axis, flush, room, carry, held, lined, ready, counts):
+    """The bulk path's second program: global batch `k` is every stream's `k`-th batch;
+    without `flush` only the global batches that every stream completed go to `fn`, the
+    rest are held back for the next call, so calls may end anywhere."""
+    fn = _global_view(fn, mesh)
+    per_stream = NamedSharding(mesh, P(axis))
+    slots = jax.tree.leaves(held.pending)[0].shape[1]
     # The only values reduced across devices: how many global batches to hand out.
     total = jnp.max(ready) if flush else jnp.min(ready)
 
@@ -688,18 +701,17 @@ def _bulk_per_device(batcher, fn, flush, carry, streams, held, room, local, per_
     def keep(lined, ready, total):  # a stream's batches past `total` wait for the next call
         left = ready - total
         j = jnp.arange(slots)
-        pending = jax.tree.map(
-            lambda x: x[jnp.minimum(total + j, slots + room - 1)], lined
-        )
+        pending = jax.tree.map(lambda x: x[jnp.minimum(total + j, slots + room - 1)], lined)
         pending = _mask_slots(pending, j < left)
         return pending, jnp.minimum(left, slots), jnp.maximum(left - slots, 0)
 
     totals = _constrain(jnp.broadcast_to(total, ready.shape), per_stream)
+    local = functools.partial(_local, mesh=mesh, axis=axis)
     pending, pending_count, lost = local(keep)(lined, ready, totals)
     # The batches past `room` were counted, not stored: the caller raises on `needed`.
     lost = held.lost + lost + jnp.maximum(counts - room, 0)
     needed = jnp.max(counts), jnp.max(ready - total)
-    return carry, DeviceStates(states, pending, pending_count, lost), needed
+    return carry, DeviceStates(held.states, pending, pending_count, lost), needed
 
 
 def _default_room(batcher: Batcher, streams: Any, states: Any, key: Any, flush: bool) -> int:
@@ -803,9 +815,20 @@ def scan_per_device(
         max_batches = _default_room(batcher, streams, states, key, flush)
     carry = _place_carry(carry, mesh)
     with _on(mesh):
-        carry, states, needed = _scan_per_device(
-            batcher, fn, mesh, axis, flush, carry, streams, states, key, max_batches, max_pending
-        )
+        if batcher.feed is None:
+            carry, states, needed = _scan_per_device(
+                batcher, fn, mesh, axis, flush, carry, streams, states, key, None, max_pending
+            )
+        else:  # two programs: the batcher's own checks raise before any collective runs
+            args = (streams, states, key, max_batches, max_pending)
+            states, *lined = _gather_per_device(batcher, mesh, axis, flush, *args)
+            if not isinstance(lined[1], jax.core.Tracer):  # pyright: ignore
+                # A failed check raises here: dispatched, the next program's collective
+                # would wait forever for the device that failed (the process aborts).
+                jax.block_until_ready(lined[1])
+            carry, states, needed = _hand_out(
+                fn, mesh, axis, flush, max_batches, carry, states, *lined
+            )
     # Checked here, not with `eqx.error_if` inside the sharded program (its callback aborts
     # the process on a multi-device CPU mesh). Under your own `jit` it cannot be checked:
     # the batches that found no room are counted in `states.lost`.

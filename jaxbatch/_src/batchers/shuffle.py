@@ -336,9 +336,7 @@ def shuffle(
         # `i` evicts (meaningless while the buffer fills).
         # `unroll=2`: XLA:CPU of jaxlib 0.11 runs this chain rolled ~50x slower than 0.10
         # or 0.12 (24 ms for 4096 splits); unrolled twice it is fast on every release.
-        key, draws = jax.lax.scan(
-            lambda key, _: _step_key(key), state.key, length=n, unroll=2
-        )
+        key, draws = jax.lax.scan(lambda key, _: _step_key(key), state.key, length=n, unroll=2)
         picks = jax.vmap(lambda draw: _random_slot(draw, buffer_size))(draws)
 
         def plan_step(carry, x):
