@@ -757,13 +757,24 @@ def scan_per_device(
     The only cross-device values batching adds are the streams' batch counts (their max)
     and the `[S]` ready vector's `any` while draining.
 
+    `fn` runs with the mesh's Explicit axes made Auto (`jax.sharding.auto_axes`), so
+    ordinary code (an embedding lookup `embed[tokens]`) works on `jax.make_mesh`'s mesh;
+    the carry is placed on the mesh (replicated, unless it already is on it), so the
+    returned carry, passed back, reuses the compiled program.
+
     A batcher with a bulk `feed` (`fixed_size`, `pack`) plans and gathers each stream's
     batches at once (`jb.collect` per device: this call's batches are materialised, about
-    one more copy of the streams, and `max_batches` is their room, the drain's included);
-    one without is stepped element by element (global batch `k` is then step `k`'s
-    batches). At the end, every stream is flushed until it emits nothing (unless
-    `flush=False`; pass the returned states back to continue). Each stream's batches,
-    order and `Stats` are exactly those of `jb.scan` on that stream alone.
+    one more copy of the streams, and `max_batches` is their room, the drain's included),
+    in a program of its own that moves nothing between devices, so a run-time check of the
+    batcher raises when the call returns. Global batch `k` is every stream's `k`-th batch
+    counted from the start of the stream: without `flush`, only the global batches every
+    stream has completed go to `fn`, and a stream's further batches wait in the returned
+    `DeviceStates` (at most `max_pending`), so the global batches do not depend on where
+    the stream is split into calls. A batcher without a bulk `feed` is stepped element by
+    element (global batch `k` is then step `k`'s batches, also independent of the calls).
+    At the end, every stream is flushed until it emits nothing (unless `flush=False`;
+    pass the returned states back to continue). Each stream's batches, order and `Stats`
+    are exactly those of `jb.scan` on that stream alone.
 
     Args:
         batcher: a batcher whose `Emit.batch` is one `Batch` (static: build it once).
@@ -774,22 +785,25 @@ def scan_per_device(
         streams: per-device streams, leaves `[S, n, ...]`; `S` a multiple of the axis size.
         mesh: the mesh (static).
         axis: the mesh axis the streams and batches are split over.
-        states: stacked states to continue from (`init_per_device`, or a previous call).
+        states: the states to continue from (`init_per_device`, or a previous call's).
         key: PRNG key for a stochastic batcher, split into one per stream.
         flush: drain every stream at the end.
         max_batches: with a bulk `feed`, room for each stream's batches in this call, the
             drain's included; default `ceil(n / b) + 1`, plus `ceil(R / b) + 1` with `flush`
             for a state whose leaves hold at most `R` rows: enough for the batchers of
             jaxbatch (one batch per `b` elements; a drain of at most its buffered rows).
+        max_pending: with a bulk `feed` and no `states`: how many batches a stream may
+            hold back between calls without `flush` (see `init_per_device`).
 
     Returns:
-        `(carry, states)`.
+        `(carry, states)`, `states` a `DeviceStates`.
 
     Raises:
         ValueError: `S` not divisible by the axis size, or leaves of different `[S, n]`;
             `max_batches` not a positive int; a stream that needed more than `max_batches`
             (checked when the call returns, so the call waits for its result; under your
-            own `jit` it cannot be checked, so size `max_batches` for your batcher there).
+            own `jit` it cannot raise: the batches that found no room are counted in
+            `states.lost`); a stream more than `max_pending` batches ahead of the others.
         TypeError: a batcher that emits a tree of batches (such as `bucket_by`).
 
     Examples:
