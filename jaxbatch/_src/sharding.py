@@ -35,7 +35,7 @@ from jaxtyping import PyTree
 from .base import Batcher, Carry, Emit, State, when_ready
 from .batch import Batch, rows_mask
 from .drivers import _check_room, _mask_slots, collect
-from .element import as_element
+from .element import Element, as_element
 
 _WHOLE_BATCH_FIELDS = ("batch_state", "batch_metadata")
 
@@ -293,7 +293,9 @@ def _local_positions(mesh: Mesh, axis: str) -> list[int]:
     return here
 
 
-def stream_indices(num_elements: int, mesh: Mesh, axis: str = "data") -> np.ndarray:
+def stream_indices(
+    num_elements: int, mesh: Mesh, axis: str = "data", *, start: int = 0
+) -> np.ndarray:
     """Which stream elements this process reads: element sharding by process index.
 
     The stream is dealt out like cards: element `i` goes to stream `i % S`, one stream per
@@ -305,10 +307,12 @@ def stream_indices(num_elements: int, mesh: Mesh, axis: str = "data") -> np.ndar
         num_elements: the length of the whole stream (all processes together).
         mesh: the global mesh.
         axis: the mesh axis whose devices each batch their own stream.
+        start: the global position of the first element to deal (e.g. where a stream
+            read on another number of devices stopped: `resume_per_device`).
 
     Returns:
         int64 array `[local streams, num_elements // S]`: row `r` lists, in order, the
-        elements of this process's `r`-th stream.
+        elements of this process's `r`-th stream (offset by `start`).
 
     Raises:
         ValueError: `num_elements` not divisible by `S` (the message says which lengths
@@ -327,7 +331,9 @@ def stream_indices(num_elements: int, mesh: Mesh, axis: str = "data") -> np.ndar
     if isinstance(num_elements, bool) or not isinstance(num_elements, int) or num_elements < 0:
         raise ValueError(f"`num_elements` must be a non-negative int, got {num_elements!r}.")
     _check_divisible(num_elements, streams, "`num_elements`", axis)
-    positions = np.asarray(_local_positions(mesh, axis), dtype=np.int64)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"`start` must be a non-negative int, got {start!r}.")
+    positions = np.asarray(_local_positions(mesh, axis), dtype=np.int64) + start
     return positions[:, None] + streams * np.arange(num_elements // streams, dtype=np.int64)
 
 
@@ -857,3 +863,112 @@ def scan_per_device(
                 "`states`), or split the stream into longer calls."
             )
     return carry, states
+
+
+# --------------------------------------------------------------------------- elastic resume
+
+
+def _rows(tree: Any, index: Any) -> Any:
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def _carried_elements(states: DeviceStates) -> Element:
+    """Every element a `fixed_size` `DeviceStates` holds (host arrays), stream by stream:
+    its held-back batches' valid rows, then its buffered rows."""
+    inner, pending = states.states, states.pending
+    held = Element(data=pending.data, state=pending.states, metadata=pending.metadata)
+    parts = []
+    for s in range(np.shape(states.pending_count)[0]):
+        for j in range(int(states.pending_count[s])):
+            rows = np.flatnonzero(np.asarray(pending.valid_mask[s, j]))
+            parts.append(_rows(held, (s, j, rows)))
+        parts.append(_rows(inner.buffer, (s, slice(0, int(inner.count[s])))))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+
+
+def resume_per_device(
+    batcher: Batcher,
+    states: DeviceStates,
+    mesh: Mesh,
+    axis: str = "data",
+    *,
+    max_pending: int | None = None,
+) -> DeviceStates:
+    """Per-device states saved on `D` devices, continued on the `D'` of `mesh`'s `axis`.
+
+    Elastic resume: every element the saved states hold (the batches a device held back,
+    then its buffered rows, device by device) is dealt round-robin to the `D'` new streams
+    and fed to fresh states, so each element is batched exactly once; the order is fixed by
+    `(D, D', split point)`. The stream's unread elements, from global position
+    `start = columns consumed * D`, are then dealt to the new devices with
+    `jb.stream_indices(n, mesh, start=start)`. The new states' `Stats` count the carried
+    elements again (they restart at the resume). One process, `fixed_size` states (other
+    batchers buffer rows that are no longer elements).
+
+    Args:
+        batcher: the `fixed_size` batcher the states belong to.
+        states: the `DeviceStates` of `scan_per_device` (or `load_distributed`), on the
+            devices or the host.
+        mesh: the new mesh; `axis` gives `D'`.
+        axis: the new mesh's data axis.
+        max_pending: the new states' `max_pending`; default the saved states'.
+
+    Returns:
+        `DeviceStates` with `D'` streams, sharded over `axis`.
+
+    Raises:
+        TypeError: `states` not `DeviceStates` of `fixed_size`.
+        ValueError: a new stream would hold back more than `max_pending` batches.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import jaxbatch as jb
+        >>> d = jax.device_count()
+        >>> old = jax.make_mesh((d,), ("data",))
+        >>> new = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+        >>> idx = jb.stream_indices(10 * d, old)[:, :5]  # 5 elements read on each device
+        >>> streams = jb.device_streams({"i": np.arange(10 * d)[idx]}, old)
+        >>> batcher = jb.fixed_size(3)
+        >>> _, saved = jb.scan_per_device(batcher, lambda c, b: c, 0, streams, old, flush=False)
+        >>> states = jb.resume_per_device(batcher, saved, new)  # 2 buffered on each device
+        >>> int(states.count[0]) + 3 * int(states.pending_count[0]) == 2 * d
+        True
+        >>> rest = jb.stream_indices(5 * d, new, start=5 * d)  # the unread half, on 1 device
+        >>> rest[0, :2].tolist() == [5 * d, 5 * d + 1]
+        True
+    """
+    from .batchers.fixed_size import FixedSizeState
+
+    if not isinstance(states, DeviceStates) or not isinstance(states.states, FixedSizeState):
+        raise TypeError(
+            "`states` must be the `DeviceStates` of `fixed_size` (from `scan_per_device` or "
+            f"`init_per_device`), got {type(states).__name__}"
+            + (f" of {type(states.states).__name__}" if isinstance(states, DeviceStates) else "")
+            + "; elastic resume carries buffered elements, which only `fixed_size` keeps."
+        )
+    _check_mesh(mesh, axis)
+    states = jax.device_get(states)
+    slots = np.shape(states.pending_count)[0] and jax.tree.leaves(states.pending)[0].shape[1]
+    slots = slots if max_pending is None else max_pending
+    _check_positive(slots, "max_pending", zero=True)
+    carried = _carried_elements(states)
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), carried)
+    size = jax.tree.leaves(states.states.buffer)[0].shape[1]
+    count = _axis_size(mesh, axis)
+    news = []
+    for r in range(count):
+        share = _rows(carried, slice(r, None, count))
+        n = jax.tree.leaves(share)[0].shape[0]
+        state = batcher.init(spec)
+        state, out, emitted = collect(batcher, state, share, n // size + 1)
+        if int(emitted) > slots:
+            raise ValueError(
+                f"New stream {r} starts with {int(emitted)} full batches of carried "
+                f"elements, more than `max_pending` ({slots}); pass a larger `max_pending`."
+            )
+        keep = np.minimum(np.arange(slots), max(n // size, 0))
+        pending = _mask_slots(_rows(out, keep), jnp.arange(slots) < emitted)
+        news.append(DeviceStates(state, pending, emitted.astype(jnp.int32), jnp.int32(0)))
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *news)
+    with _on(mesh):
+        return jax.device_put(stacked, NamedSharding(mesh, P(axis)))
