@@ -177,3 +177,40 @@ def test_too_little_room_raises_eagerly_and_is_counted_under_your_own_jit():
     # A stream far ahead of the others between calls needs room to hold its batches back.
     with pytest.raises(ValueError, match="`max_pending`"):
         jb.scan_per_device(PACK, count, jnp.int32(0), streams, mesh, flush=False, max_pending=0)
+
+
+# --------------------------------------------------------------------------- elastic resume
+
+
+def seen_ids(carry, batch):
+    """Consumer: every valid row's element id, in slot order (`-1` for masked rows)."""
+    out, k = carry
+    ids = jnp.where(batch.valid_mask, batch.data["i"], -1)
+    return jax.lax.dynamic_update_slice_in_dim(out, ids, k * ids.shape[0], 0), k + 1
+
+
+@pytest.mark.parametrize("before, after", [(4, 2), (2, 4)])
+def test_elastic_resume_batches_every_element_exactly_once(before, after):
+    """Read part of the stream on `before` devices, save, continue on `after` devices:
+    the buffered rows are carried over and every element is batched exactly once."""
+    old = jax.make_mesh((before,), ("data",), devices=jax.devices()[:before])
+    new = jax.make_mesh((after,), ("data",), devices=jax.devices()[:after])
+    ids = np.arange(42, dtype=np.int32)
+    read = 5 * before  # 5 elements per old device: 1 batch of 3 out, 2 rows buffered
+    batcher = jb.fixed_size(3)
+    empty = (jnp.full(128, -1, jnp.int32), jnp.int32(0))
+    idx = jb.stream_indices(read, old)
+    (first, _), saved = jb.scan_per_device(
+        batcher, seen_ids, empty, jb.device_streams({"i": ids[idx]}, old), old, flush=False
+    )
+    saved = jax.device_get(saved)  # e.g. through `save_distributed` / `load_distributed`
+    states = jb.resume_per_device(batcher, saved, new)
+    assert states.count.shape == (after,)
+    idx = jb.stream_indices(len(ids) - read, new, start=read)
+    (second, _), _ = jb.scan_per_device(
+        batcher, seen_ids, empty, jb.device_streams({"i": ids[idx]}, new), new, states=states
+    )
+    got = np.concatenate([np.asarray(first), np.asarray(second)])
+    assert sorted(got[got >= 0].tolist()) == ids.tolist()
+    with pytest.raises(TypeError, match="`fixed_size`"):
+        jb.resume_per_device(PACK, saved.states, new)

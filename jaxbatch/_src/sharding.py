@@ -888,7 +888,7 @@ def _carried_elements(states: DeviceStates) -> Element:
 
 def resume_per_device(
     batcher: Batcher,
-    states: DeviceStates,
+    states: Any,
     mesh: Mesh,
     axis: str = "data",
     *,
