@@ -92,6 +92,7 @@ def test_an_lm_trains_on_the_readme_mesh_compiles_once_and_resumes_anywhere():
     assert int(stats["tokens"]) == int(data["n"].sum())
     assert int(stats["sequences"]) == len(data["n"])
     assert int(jb.operation_stats(states)["applied_count"]) == len(data["n"])
+    assert int(jnp.sum(states.lost)) == 0
     # The epoch split into two calls (a checkpoint) trains on the same global batches.
     first, rest = streams_of(data, mesh, 0, 3), streams_of(data, mesh, 3)
     half, held = jb.scan_per_device(PACK, lm_step, init_params(), first, mesh, flush=False)
@@ -136,7 +137,7 @@ def whole_run(name):
     return jax.tree.map(np.asarray, carry)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(name=st.sampled_from(sorted(SPLIT_BATCHERS)), split=st.sampled_from([0, 5]))
 def test_global_batches_do_not_depend_on_where_the_stream_is_split(name, split):
     batcher, make = SPLIT_BATCHERS[name]
@@ -172,8 +173,6 @@ def test_too_little_room_raises_eagerly_and_is_counted_under_your_own_jit():
     with jax.set_mesh(mesh):
         _, states = run(streams)
     assert int(jnp.sum(states.lost)) > 0  # dropped batches are counted, not silent
-    _, states = jb.scan_per_device(PACK, count, jnp.int32(0), streams, mesh)
-    assert int(jnp.sum(states.lost)) == 0
     # A stream far ahead of the others between calls needs room to hold its batches back.
     with pytest.raises(ValueError, match="`max_pending`"):
         jb.scan_per_device(PACK, count, jnp.int32(0), streams, mesh, flush=False, max_pending=0)
