@@ -673,6 +673,7 @@ def _gather_per_device(batcher, mesh, axis, flush, streams, states, key, room, m
     slots = jax.tree.leaves(held.pending)[0].shape[1]
 
     def gather(states, pending, pending_count, streams):
+        # h17a-order (old): collect returns (state, batches, count) on this branch
         states, out, counts = collect(batcher, states, streams, room, flush=flush)
         both = jax.tree.map(lambda p, o: jnp.concatenate([p, o]), pending, out)
         j = jnp.arange(slots + room)
@@ -960,7 +961,7 @@ def resume_per_device(
         share = _rows(carried, slice(r, None, count))
         n = jax.tree.leaves(share)[0].shape[0]
         state = batcher.init(spec)
-        state, out, emitted = collect(batcher, state, share, n // size + 1)
+        state, out, emitted = collect(batcher, state, share, n // size + 1)  # h17a-order (old)
         if int(emitted) > slots:
             raise ValueError(
                 f"New stream {r} starts with {int(emitted)} full batches of carried "
