@@ -188,22 +188,26 @@ def seen_ids(carry, batch):
     return jax.lax.dynamic_update_slice_in_dim(out, ids, k * ids.shape[0], 0), k + 1
 
 
-@pytest.mark.parametrize("before, after", [(4, 2), (2, 4)])
-def test_elastic_resume_batches_every_element_exactly_once(before, after):
+@pytest.mark.parametrize(
+    "before, after, batcher",
+    [(4, 2, jb.fixed_size(3)), (2, 4, jb.fixed_size(3)), (4, 2, jb.shuffle(3, 4))],
+    ids=["fixed_size-4-2", "fixed_size-2-4", "shuffle-4-2"],
+)
+def test_elastic_resume_batches_every_element_exactly_once(before, after, batcher):
     """Read part of the stream on `before` devices, save, continue on `after` devices:
     the buffered rows are carried over and every element is batched exactly once."""
     old = jax.make_mesh((before,), ("data",), devices=jax.devices()[:before])
     new = jax.make_mesh((after,), ("data",), devices=jax.devices()[:after])
     ids = np.arange(42, dtype=np.int32)
-    read = 5 * before  # 5 elements per old device: 1 batch of 3 out, 2 rows buffered
-    batcher = jb.fixed_size(3)
+    read = 5 * before  # 5 elements per old device: fixed_size: 1 batch out, 2 rows buffered
+    key = jax.random.key(7)
     empty = (jnp.full(128, -1, jnp.int32), jnp.int32(0))
     idx = jb.stream_indices(read, old)
     (first, _), saved = jb.scan_per_device(
-        batcher, seen_ids, empty, jb.device_streams({"i": ids[idx]}, old), old, flush=False
+        batcher, seen_ids, empty, jb.device_streams({"i": ids[idx]}, old), old, flush=False, key=key
     )
     saved = jax.device_get(saved)  # e.g. through `save_distributed` / `load_distributed`
-    states = jb.resume_per_device(batcher, saved, new)
+    states = jb.resume_per_device(batcher, saved, new, key=key)
     assert states.count.shape == (after,)
     idx = jb.stream_indices(len(ids) - read, new, start=read)
     (second, _), _ = jb.scan_per_device(

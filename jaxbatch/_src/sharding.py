@@ -874,16 +874,23 @@ def _rows(tree: Any, index: Any) -> Any:
 
 
 def _carried_elements(states: DeviceStates) -> Element:
-    """Every element a `fixed_size` `DeviceStates` holds (host arrays), stream by stream:
-    its held-back batches' valid rows, then its buffered rows."""
+    """Every element a `fixed_size` or `shuffle` `DeviceStates` holds (host arrays), stream
+    by stream: its held-back batches' valid rows, then the rows of its batch being built,
+    then (`shuffle`) its shuffle buffer."""
     inner, pending = states.states, states.pending
     held = Element(data=pending.data, state=pending.states, metadata=pending.metadata)
+    held, pending_count = jax.device_get((held, states.pending_count))
+    valid = np.asarray(jax.device_get(pending.valid_mask))
+    if hasattr(inner, "filled"):  # shuffle
+        rows = [(inner.batch, inner.count), (inner.buffer, inner.filled)]
+    else:
+        rows = [(inner.buffer, inner.count)]
+    rows = jax.device_get(rows)
     parts = []
-    for s in range(np.shape(states.pending_count)[0]):
-        for j in range(int(states.pending_count[s])):
-            rows = np.flatnonzero(np.asarray(pending.valid_mask[s, j]))
-            parts.append(_rows(held, (s, j, rows)))
-        parts.append(_rows(inner.buffer, (s, slice(0, int(inner.count[s])))))
+    for s in range(np.shape(pending_count)[0]):
+        for j in range(int(pending_count[s])):
+            parts.append(_rows(held, (s, j, np.flatnonzero(valid[s, j]))))
+        parts.extend(_rows(buf, (s, slice(0, int(n[s])))) for buf, n in rows)
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
@@ -893,6 +900,7 @@ def resume_per_device(
     mesh: Mesh,
     axis: str = "data",
     *,
+    key: Any = None,
     max_pending: int | None = None,
 ) -> DeviceStates:
     """Per-device states saved on `D` devices, continued on the `D'` of `mesh`'s `axis`.
@@ -903,23 +911,26 @@ def resume_per_device(
     `(D, D', split point)`. The stream's unread elements, from global position
     `start = columns consumed * D`, are then dealt to the new devices with
     `jb.stream_indices(n, mesh, start=start)`. The new states' `Stats` count the carried
-    elements again (they restart at the resume). One process, `fixed_size` states (other
-    batchers buffer rows that are no longer elements).
+    elements again (they restart at the resume). One process; `fixed_size` and `shuffle`
+    states (the carried elements of `shuffle` are shuffled again, with `key`); `pack`
+    buffers rows that are no longer elements, so it is not supported yet.
 
     Args:
-        batcher: the `fixed_size` batcher the states belong to.
+        batcher: the `fixed_size` or `shuffle` batcher the states belong to.
         states: the `DeviceStates` of `scan_per_device` (or `load_distributed`), on the
             devices or the host.
         mesh: the new mesh; `axis` gives `D'`.
         axis: the new mesh's data axis.
+        key: for `shuffle`, the PRNG key of the new states (split into one per stream).
         max_pending: the new states' `max_pending`; default the saved states'.
 
     Returns:
         `DeviceStates` with `D'` streams, sharded over `axis`.
 
     Raises:
-        TypeError: `states` not `DeviceStates` of `fixed_size`.
-        ValueError: a new stream would hold back more than `max_pending` batches.
+        TypeError: `states` not `DeviceStates` of `fixed_size` or `shuffle`.
+        ValueError: no `key` for `shuffle`; a new stream would hold back more than
+            `max_pending` batches.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpy as np
@@ -939,28 +950,33 @@ def resume_per_device(
         True
     """
     from .batchers.fixed_size import FixedSizeState
+    from .batchers.shuffle import ShuffleState
 
-    if not isinstance(states, DeviceStates) or not isinstance(states.states, FixedSizeState):
+    kinds = (FixedSizeState, ShuffleState)
+    if not isinstance(states, DeviceStates) or not isinstance(states.states, kinds):
         raise TypeError(
-            "`states` must be the `DeviceStates` of `fixed_size` (from `scan_per_device` or "
-            f"`init_per_device`), got {type(states).__name__}"
+            "`states` must be the `DeviceStates` of `fixed_size` or `shuffle` (from "
+            f"`scan_per_device` or `init_per_device`), got {type(states).__name__}"
             + (f" of {type(states.states).__name__}" if isinstance(states, DeviceStates) else "")
-            + "; elastic resume carries buffered elements, which only `fixed_size` keeps."
+            + "; elastic resume carries buffered elements, which only these keep as elements."
         )
     _check_mesh(mesh, axis)
-    states = jax.device_get(states)
-    slots = np.shape(states.pending_count)[0] and jax.tree.leaves(states.pending)[0].shape[1]
+    if isinstance(states.states, ShuffleState) and key is None:
+        raise ValueError("`shuffle` states need a `key` for the new streams' shuffling.")
+    slots = jax.tree.leaves(states.pending)[0].shape[1]
     slots = slots if max_pending is None else max_pending
     _check_positive(slots, "max_pending", zero=True)
     carried = _carried_elements(states)
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), carried)
-    size = jax.tree.leaves(states.states.buffer)[0].shape[1]
+    inner = states.states
+    size = jax.tree.leaves(getattr(inner, "batch", inner.buffer))[0].shape[1]
     count = _axis_size(mesh, axis)
+    keys = [None] * count if key is None else list(jax.random.split(key, count))
     news = []
     for r in range(count):
         share = _rows(carried, slice(r, None, count))
         n = jax.tree.leaves(share)[0].shape[0]
-        state = batcher.init(spec)
+        state = batcher.init(spec, key=keys[r])
         state, out, emitted = collect(batcher, state, share, n // size + 1)  # h17a-order (old)
         if int(emitted) > slots:
             raise ValueError(
@@ -970,6 +986,6 @@ def resume_per_device(
         keep = np.minimum(np.arange(slots), max(n // size, 0))
         pending = _mask_slots(_rows(out, keep), jnp.arange(slots) < emitted)
         news.append(DeviceStates(state, pending, emitted.astype(jnp.int32), jnp.int32(0)))
-    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *news)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *news)
     with _on(mesh):
         return jax.device_put(stacked, NamedSharding(mesh, P(axis)))
