@@ -215,5 +215,36 @@ def test_elastic_resume_batches_every_element_exactly_once(before, after, batche
     )
     got = np.concatenate([np.asarray(first), np.asarray(second)])
     assert sorted(got[got >= 0].tolist()) == ids.tolist()
-    with pytest.raises(TypeError, match="`fixed_size`"):
-        jb.resume_per_device(PACK, saved.states, new)
+    with pytest.raises(TypeError, match="`DeviceStates`"):
+        jb.resume_per_device(batcher, saved.states, new)
+
+
+def test_elastic_resume_of_pack_carries_half_packed_rows_exactly_once():
+    """`pack` 4 -> 2 devices: the saved rows (held back and half-packed) are flushed and
+    dealt to the new devices; every token of every document is trained on exactly once."""
+    old = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    new = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    data = documents(4, 24)
+    unique = np.arange(1, 24 * ROW + 1, dtype=np.int32).reshape(24, ROW)
+    data["tokens"] = np.where(data["tokens"] > 0, unique, 0).astype(np.int32)
+    empty = (jnp.full(256 * ROW, -1, jnp.int32), jnp.int32(0))
+
+    def seen_tokens(carry, batch):
+        out, k = carry
+        real = (batch.data["tokens_segment_ids"] > 0) & batch.valid_mask[:, None]
+        tokens = jnp.where(real, batch.data["tokens"], -1).reshape(-1)
+        return jax.lax.dynamic_update_slice_in_dim(out, tokens, k * tokens.shape[0], 0), k + 1
+
+    (first, _), saved = jb.scan_per_device(
+        PACK, seen_tokens, empty, streams_of(data, old, 0, 3), old, flush=False
+    )
+    with pytest.raises(ValueError, match="`element_spec`"):
+        jb.resume_per_device(PACK, saved, new)
+    spec = {k: v[0] for k, v in data.items()}
+    states = jb.resume_per_device(PACK, saved, new, element_spec=spec)
+    idx = jb.stream_indices(12, new, start=12)
+    rest = jb.device_streams({k: v[idx] for k, v in data.items()}, new)
+    (second, _), _ = jb.scan_per_device(PACK, seen_tokens, empty, rest, new, states=states)
+    got = np.concatenate([np.asarray(first), np.asarray(second)])
+    want = data["tokens"][data["tokens"] > 0]
+    assert sorted(got[got >= 0].tolist()) == sorted(want.tolist())

@@ -902,6 +902,7 @@ def resume_per_device(
     *,
     key: Any = None,
     max_pending: int | None = None,
+    element_spec: Any = None,
 ) -> DeviceStates:
     """Per-device states saved on `D` devices, continued on the `D'` of `mesh`'s `axis`.
 
@@ -911,9 +912,14 @@ def resume_per_device(
     `(D, D', split point)`. The stream's unread elements, from global position
     `start = columns consumed * D`, are then dealt to the new devices with
     `jb.stream_indices(n, mesh, start=start)`. The new states' `Stats` count the carried
-    elements again (they restart at the resume). One process; `fixed_size` and `shuffle`
-    states (the carried elements of `shuffle` are shuffled again, with `key`); `pack`
-    buffers rows that are no longer elements, so it is not supported yet.
+    elements again (they restart at the resume). One process.
+
+    `fixed_size` and `shuffle` keep their buffered rows as elements, which are carried as
+    above (`shuffle` shuffles them again, with `key`). Other batchers with a bulk `feed`
+    (`pack`, `concat_and_split`) buffer rows that are no longer elements: each saved state
+    is flushed, and its batches (held back, then flushed: the half-packed rows emitted as
+    they are, so less full than usual) are dealt round-robin to the new devices as
+    held-back batches, ahead of fresh states (`element_spec` gives their element).
 
     Args:
         batcher: the `fixed_size` or `shuffle` batcher the states belong to.
@@ -921,16 +927,18 @@ def resume_per_device(
             devices or the host.
         mesh: the new mesh; `axis` gives `D'`.
         axis: the new mesh's data axis.
-        key: for `shuffle`, the PRNG key of the new states (split into one per stream).
+        key: for a stochastic batcher, the PRNG key of the new states (one per stream).
         max_pending: the new states' `max_pending`; default the saved states'.
+        element_spec: one element's structure (`jax.ShapeDtypeStruct`s or arrays), for
+            batchers other than `fixed_size` and `shuffle`.
 
     Returns:
         `DeviceStates` with `D'` streams, sharded over `axis`.
 
     Raises:
-        TypeError: `states` not `DeviceStates` of `fixed_size` or `shuffle`.
-        ValueError: no `key` for `shuffle`; a new stream would hold back more than
-            `max_pending` batches.
+        TypeError: `states` not `DeviceStates`, or a batcher without a bulk `feed`.
+        ValueError: no `key` for `shuffle`; no `element_spec` where it is needed; a new
+            stream would hold back more than `max_pending` batches.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpy as np
@@ -952,13 +960,10 @@ def resume_per_device(
     from .batchers.fixed_size import FixedSizeState
     from .batchers.shuffle import ShuffleState
 
-    kinds = (FixedSizeState, ShuffleState)
-    if not isinstance(states, DeviceStates) or not isinstance(states.states, kinds):
+    if not isinstance(states, DeviceStates) or batcher.feed is None:
         raise TypeError(
-            "`states` must be the `DeviceStates` of `fixed_size` or `shuffle` (from "
-            f"`scan_per_device` or `init_per_device`), got {type(states).__name__}"
-            + (f" of {type(states.states).__name__}" if isinstance(states, DeviceStates) else "")
-            + "; elastic resume carries buffered elements, which only these keep as elements."
+            "`states` must be the `DeviceStates` that `scan_per_device` or `init_per_device` "
+            f"returned for a batcher with a bulk `feed`, got {type(states).__name__}."
         )
     _check_mesh(mesh, axis)
     if isinstance(states.states, ShuffleState) and key is None:
@@ -966,6 +971,13 @@ def resume_per_device(
     slots = jax.tree.leaves(states.pending)[0].shape[1]
     slots = slots if max_pending is None else max_pending
     _check_positive(slots, "max_pending", zero=True)
+    if not isinstance(states.states, (FixedSizeState, ShuffleState)):
+        if element_spec is None:
+            raise ValueError(
+                f"Resuming `{type(states.states).__name__}` states needs `element_spec` (one "
+                "element's `jax.ShapeDtypeStruct`s, e.g. `jb.element_spec(...)`)."
+            )
+        return _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec)
     carried = _carried_elements(states)
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), carried)
     inner = states.states
@@ -986,6 +998,50 @@ def resume_per_device(
         keep = np.minimum(np.arange(slots), max(n // size, 0))
         pending = _mask_slots(_rows(out, keep), jnp.arange(slots) < emitted)
         news.append(DeviceStates(state, pending, emitted.astype(jnp.int32), jnp.int32(0)))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *news)
+    with _on(mesh):
+        return jax.device_put(stacked, NamedSharding(mesh, P(axis)))
+
+
+def _to_host(x: Any) -> Any:
+    """A leaf off the mesh, on the default device (typed PRNG keys by their key data)."""
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = jnp.asarray(np.asarray(jax.random.key_data(x)))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jnp.asarray(np.asarray(x))
+
+
+def _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec) -> DeviceStates:
+    """`resume_per_device` for a batcher whose buffered rows are not elements: flush each
+    saved stream, deal all held-back and flushed batches to the new streams in order."""
+    states = jax.tree.map(_to_host, states)
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), element_spec)
+    empty = jax.tree.map(lambda x: jnp.zeros((0, *x.shape), x.dtype), as_element(spec))
+    batches = []
+    for s in range(np.shape(states.pending_count)[0]):
+        batches += [_rows(states.pending, (s, j)) for j in range(int(states.pending_count[s]))]
+        state = _rows(states.states, s)
+        room = 2 + max((np.shape(x)[0] for x in jax.tree.leaves(state) if np.ndim(x)), default=0)
+        # h17a-order (old): collect returns (state, batches, count) on this branch
+        _, out, n = collect(batcher, state, empty, room, flush=True)
+        _check_room(n, room, "max_batches")
+        batches += [_rows(out, k) for k in range(int(n))]
+    count = _axis_size(mesh, axis)
+    keys = [None] * count if key is None else list(jax.random.split(key, count))
+    blank = _mask_slots(_rows(states.pending, (0, np.zeros(slots, int))), jnp.zeros(slots, bool))
+    news = []
+    for r in range(count):
+        mine = batches[r::count]
+        if len(mine) > slots:
+            raise ValueError(
+                f"New stream {r} starts with {len(mine)} carried batches, more than "
+                f"`max_pending` ({slots}); pass a larger `max_pending`."
+            )
+        pending = blank
+        for j, b in enumerate(mine):
+            pending = jax.tree.map(lambda p, x, j=j: p.at[j].set(x), pending, b)
+        state = batcher.init(spec, key=keys[r])
+        news.append(DeviceStates(state, pending, jnp.int32(len(mine)), jnp.int32(0)))
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *news)
     with _on(mesh):
         return jax.device_put(stacked, NamedSharding(mesh, P(axis)))
