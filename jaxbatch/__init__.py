@@ -106,10 +106,12 @@ from ._src.pipeline import (
     without_data as without_data,
 )
 from ._src.sharding import (
+    DeviceStates as DeviceStates,
     batch_sharding as batch_sharding,
     device_streams as device_streams,
     global_batch as global_batch,
     init_per_device as init_per_device,
+    resume_per_device as resume_per_device,
     scan_per_device as scan_per_device,
     shard as shard,
     stream_indices as stream_indices,

@@ -238,16 +238,9 @@ def test_bulk_per_device_continues_a_stream_and_checks_its_room():
         PACK, collect_pack, empty_pack_record(m), first, m, flush=False
     )
     carry, _ = jb.scan_per_device(PACK, collect_pack, carry, second, m, states=states)
-    # The same batches per stream (grouped into global batches by call, so compare per stream).
-    for d in range(DEVICES):
-        mine = slice(2 * d, 2 * d + 2)
-
-        def batches(rec, mine=mine):
-            (tokens, masks), count = rec
-            return [np.asarray(tokens)[k, mine] for k in range(int(count)) if masks[k, mine].any()]
-
-        a, b = batches(whole), batches(carry)
-        assert len(a) == len(b) and all((x == y).all() for x, y in zip(a, b))
+    # The same global batches: a call without `flush` holds back the batches of streams
+    # ahead of the others (`DeviceStates.pending`), so where the call ends changes nothing.
+    jax.tree.map(np.testing.assert_array_equal, carry, whole)
     with pytest.raises(ValueError, match="`max_batches`"):
         jb.scan_per_device(PACK, collect_pack, empty_pack_record(m), streams, m, max_batches=0)
     with pytest.raises(ValueError, match=r"1 slots of room \(\d+ needed\).*`max_batches`"):

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int, PyTree, UInt32
 
 from .batch import Batch
@@ -160,6 +161,8 @@ class Counter(eqx.Module):
     with `int()` outside `jit`. A count that would pass `2**64 - 1` saturates there: it
     stays at `2**64 - 1` (`Counter.MAX`) instead of wrapping to a small number, so a
     saturated count is visibly wrong, never silently small.
+    A stack of counters (the per-device states of `jb.scan_per_device`) reads as their
+    total.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -215,7 +218,9 @@ class Counter(eqx.Module):
         return self.add(other)
 
     def __int__(self) -> int:
-        return (int(self.hi) << 32) | int(self.lo)
+        # A stack of counters (per-device states, `[S]`) reads as their total.
+        his, los = np.ravel(self.hi).tolist(), np.ravel(self.lo).tolist()
+        return sum((int(hi) << 32) | int(lo) for hi, lo in zip(his, los))
 
 
 def _words(n: Array) -> tuple[Array, Array]:

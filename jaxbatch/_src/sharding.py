@@ -34,8 +34,8 @@ from jaxtyping import PyTree
 
 from .base import Batcher, Carry, Emit, State, when_ready
 from .batch import Batch, rows_mask
-from .drivers import _check_room, collect
-from .element import as_element
+from .drivers import _check_room, _mask_slots, collect
+from .element import Element, as_element
 
 _WHOLE_BATCH_FIELDS = ("batch_state", "batch_metadata")
 
@@ -293,7 +293,9 @@ def _local_positions(mesh: Mesh, axis: str) -> list[int]:
     return here
 
 
-def stream_indices(num_elements: int, mesh: Mesh, axis: str = "data") -> np.ndarray:
+def stream_indices(
+    num_elements: int, mesh: Mesh, axis: str = "data", *, start: int = 0
+) -> np.ndarray:
     """Which stream elements this process reads: element sharding by process index.
 
     The stream is dealt out like cards: element `i` goes to stream `i % S`, one stream per
@@ -305,10 +307,12 @@ def stream_indices(num_elements: int, mesh: Mesh, axis: str = "data") -> np.ndar
         num_elements: the length of the whole stream (all processes together).
         mesh: the global mesh.
         axis: the mesh axis whose devices each batch their own stream.
+        start: the global position of the first element to deal (e.g. where a stream
+            read on another number of devices stopped: `resume_per_device`).
 
     Returns:
         int64 array `[local streams, num_elements // S]`: row `r` lists, in order, the
-        elements of this process's `r`-th stream.
+        elements of this process's `r`-th stream (offset by `start`).
 
     Raises:
         ValueError: `num_elements` not divisible by `S` (the message says which lengths
@@ -327,7 +331,9 @@ def stream_indices(num_elements: int, mesh: Mesh, axis: str = "data") -> np.ndar
     if isinstance(num_elements, bool) or not isinstance(num_elements, int) or num_elements < 0:
         raise ValueError(f"`num_elements` must be a non-negative int, got {num_elements!r}.")
     _check_divisible(num_elements, streams, "`num_elements`", axis)
-    positions = np.asarray(_local_positions(mesh, axis), dtype=np.int64)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"`start` must be a non-negative int, got {start!r}.")
+    positions = np.asarray(_local_positions(mesh, axis), dtype=np.int64) + start
     return positions[:, None] + streams * np.arange(num_elements // streams, dtype=np.int64)
 
 
@@ -402,22 +408,77 @@ def _streams_of(streams: Any, mesh: Mesh, axis: str) -> tuple[Any, int, int]:
     return streams, count, length
 
 
+class DeviceStates(eqx.Module):
+    """The per-device batcher states of `scan_per_device`, and the batches they hold back.
+
+    A global batch is every stream's `k`-th batch, counted from the start of the stream,
+    not of the call: a call without `flush` hands the consumer only the global batches that
+    every stream has completed, and keeps each stream's later batches here for the next
+    call. So where the stream is split into calls changes nothing.
+
+    Every attribute of the batcher states reads through (`states.count`, `states.stats`),
+    so `jb.operation_stats(states)` and `jb.packing_stats(states)` work on it; their
+    counters are stacked `[S]` and `int()` reads their total over the streams. A held-back
+    batch is already counted as emitted by its batcher.
+
+    Attributes:
+        states: the batcher states, stacked: leaves `[S, ...]`, sharded over the mesh axis.
+        pending: each stream's held-back batches, `Batch` leaves `[S, max_pending, b, ...]`.
+        pending_count: `[S]` int32, how many of `pending`'s slots are held.
+        lost: `[S]` int32, batches that found no room (`max_batches` or `max_pending` too
+            small) and were dropped: always 0 when `scan_per_device` returns (it raises
+            instead); under your own `jit` it cannot raise, so check this count.
+    """
+
+    states: Any
+    pending: Any
+    pending_count: Any
+    lost: Any
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("states", "pending", "pending_count", "lost"):
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "states"), name)
+
+
 def _init_states(batcher: Batcher, spec: Any, count: int, key: Any) -> State:
     if key is None:
         return jax.vmap(lambda _: batcher.init(spec))(jnp.arange(count))
     return jax.vmap(lambda k: batcher.init(spec, key=k))(jax.random.split(key, count))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _init_jit(batcher, streams, mesh, axis, key):
+def _wrap(batcher: Batcher, states: Any, spec: Any, max_pending: int) -> DeviceStates:
+    """`states` (stacked batcher states, or `DeviceStates`) as `DeviceStates`."""
+    if isinstance(states, DeviceStates):
+        return states
+    count = jax.tree.leaves(states)[0].shape[0]
+    column = jax.tree.map(lambda x: jax.ShapeDtypeStruct((count, *x.shape), x.dtype), spec)
+    batch = jax.eval_shape(lambda s, e: jax.vmap(batcher.step)(s, e)[1].batch, states, column)
+    slots = max_pending if batcher.feed is not None and isinstance(batch, Batch) else 0
+    pending = jax.tree.map(lambda x: jnp.zeros((count, slots, *x.shape[1:]), x.dtype), batch)
+    zeros = jnp.zeros(count, jnp.int32)
+    return DeviceStates(states, pending, zeros, zeros)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 5))
+def _init_jit(batcher, streams, mesh, axis, key, max_pending):
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
     states = _init_states(batcher, spec, jax.tree.leaves(streams)[0].shape[0], key)
-    return _constrain(states, NamedSharding(mesh, P(axis)))
+    return _constrain(_wrap(batcher, states, spec, max_pending), NamedSharding(mesh, P(axis)))
+
+
+MAX_PENDING = 8
 
 
 def init_per_device(
-    batcher: Batcher, streams: Any, mesh: Mesh, axis: str = "data", *, key: Any = None
-) -> State:
+    batcher: Batcher,
+    streams: Any,
+    mesh: Mesh,
+    axis: str = "data",
+    *,
+    key: Any = None,
+    max_pending: int = MAX_PENDING,
+) -> DeviceStates:
     """One batcher state per stream, stacked on a leading axis sharded over `axis`.
 
     Args:
@@ -427,9 +488,12 @@ def init_per_device(
         mesh: the mesh; `axis` must divide `S`.
         axis: the mesh axis the streams are split over.
         key: for a stochastic batcher: split into one key per stream.
+        max_pending: with a bulk `feed`, how many batches a stream may hold back between
+            calls without `flush` while the other streams catch up (`DeviceStates`).
 
     Returns:
-        The stacked states, leaves `[S, ...]`, device `d` holding its streams' states.
+        `DeviceStates`: the stacked states, leaves `[S, ...]`, device `d` holding its
+        streams' states.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -441,10 +505,17 @@ def init_per_device(
         True
     """
     _check_mesh(mesh, axis)
+    _check_positive(max_pending, "max_pending", zero=True)
     streams, _, _ = _streams_of(streams, mesh, axis)
     streams = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), streams)
     with _on(mesh):
-        return _init_jit(batcher, streams, mesh, axis, key)
+        return _init_jit(batcher, streams, mesh, axis, key, max_pending)
+
+
+def _check_positive(value: Any, name: str, zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
+        what = "a non-negative int" if zero else "a positive int or None"
+        raise ValueError(f"`{name}` must be {what}, got {value!r}.")
 
 
 def _merge(batch: Any, ready: jax.Array) -> Any:
@@ -465,28 +536,75 @@ def _merge(batch: Any, ready: jax.Array) -> Any:
     return batch.map_rows(lambda x: x.reshape((-1, *x.shape[2:])))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 9))
-def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key, room):
+def _explicit_axes(mesh: Mesh) -> tuple[str, ...]:
+    explicit = jax.sharding.AxisType.Explicit
+    return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == explicit)
+
+
+def _global_view(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` with the mesh's Explicit axes made Auto inside (`jax.sharding.auto_axes`), so an
+    ordinary train step (an embedding lookup `embed[tokens]`, a gather XLA must place) runs
+    on the mesh `jax.make_mesh` builds by default; the carry keeps its sharding."""
+    axes = _explicit_axes(mesh)
+    if not axes:
+        return fn
+
+    def wrapped(carry: Any, batch: Any) -> Any:
+        specs = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, carry)
+        return jax.sharding.auto_axes(fn, axes=axes, out_sharding=specs)(carry, batch)
+
+    return wrapped
+
+
+def _place_carry(carry: Any, mesh: Mesh) -> Any:
+    """Leaves of `carry` not yet on `mesh` replicated on it, so the returned carry (which
+    is on the mesh) has the placement of the one given: no new trace on the next call."""
+    whole = NamedSharding(mesh, P())
+
+    def place(x: Any) -> Any:
+        if isinstance(x, jax.core.Tracer):  # pyright: ignore
+            return x
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding):
+            if x.sharding.mesh == mesh:
+                return x
+        if not isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex):
+            return x
+        return jax.device_put(x, whole)
+
+    return jax.tree.map(place, carry)
+
+
+def _local(f: Callable, mesh: Mesh, axis: Any) -> Callable:
+    """`f` on every stream, each device on its own streams: no communication. Every value
+    inside is per device, so the varying-axes check has nothing to find (and it would
+    refuse batchers whose `eqx.error_if` mixes per-device and constant values)."""
+    return jax.shard_map(
+        jax.vmap(f), mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 9, 10))
+def _scan_per_device(
+    batcher, fn, mesh, axis, flush, carry, streams, states, key, room, max_pending
+):
     count, length = jax.tree.leaves(streams)[0].shape[:2]
+    fn = _global_view(fn, mesh)
     per_stream = NamedSharding(mesh, P(axis))
     streams = _constrain(streams, per_stream)
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
     if states is None:
-        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
         states = _init_states(batcher, spec, count, key)
-    states = _constrain(states, per_stream)
+    states = _constrain(_wrap(batcher, states, spec, max_pending), per_stream)
 
-    # Each device runs its own streams' states on its own elements: no communication.
-    # Every value inside is per device, so the varying-axes check has nothing to find (and
-    # it would refuse batchers whose `eqx.error_if` mixes per-device and constant values).
-    def local(f):
-        return jax.shard_map(
-            jax.vmap(f), mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False
-        )
+    local = functools.partial(_local, mesh=mesh, axis=axis)
 
-    if batcher.feed is not None:
-        return _bulk_per_device(batcher, fn, flush, carry, streams, states, room, local)
+    # Without a bulk `feed`: step every stream, one element per iteration (global batch `k`
+    # is step `k`'s batches, so it does not depend on where calls end either).
+    held, states = states, states.states
 
-    # Without a bulk `feed`: step every stream, one element per iteration.
+    def done(carry, states):
+        return carry, eqx.tree_at(lambda d: d.states, held, states), None
+
     everyone = _constrain(jnp.ones(count, bool), per_stream)
     step_all, flush_all = local(batcher.step), local(batcher.flush)
 
@@ -502,7 +620,7 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
 
     if not flush:
         if not length:
-            return carry, states, None
+            return done(carry, states)
 
         def body(c, i):
             states, carry = c
@@ -511,7 +629,7 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
             return (states, carry), None
 
         (states, carry), _ = jax.lax.scan(body, (states, carry), jnp.arange(length))
-        return carry, states, None
+        return done(carry, states)
 
     def body(c):
         i, states, carry, live = c
@@ -536,27 +654,70 @@ def _scan_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key
 
     start = (jnp.zeros((), jnp.int32), states, carry, everyone)
     _, states, carry, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]), body, start)
-    return carry, states, None
+    return done(carry, states)
 
 
-def _bulk_per_device(batcher, fn, flush, carry, streams, states, room, local):
-    """`_scan_per_device` for a batcher with a bulk `feed`: each device runs `collect` on
-    its streams (plan, then gather: no element loop; the drain folded in), the `k`-th
-    batches of all streams make global batch `k`, and one loop hands them to `fn`."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 7, 8))
+def _gather_per_device(batcher, mesh, axis, flush, streams, states, key, room, max_pending):
+    """The bulk path's first program: each device runs `collect` on its streams (plan, then
+    gather: no element loop; the drain folded in) and lines each stream's batches up, its
+    held-back ones (`DeviceStates.pending`) first. Nothing crosses devices, so a run-time
+    check of the batcher (`eqx.error_if`) raises here rather than stalling a collective."""
+    count = jax.tree.leaves(streams)[0].shape[0]
+    per_stream = NamedSharding(mesh, P(axis))
+    streams = _constrain(streams, per_stream)
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
+    if states is None:
+        states = _init_states(batcher, spec, count, key)
+    held = _constrain(_wrap(batcher, states, spec, max_pending), per_stream)
+    slots = jax.tree.leaves(held.pending)[0].shape[1]
 
-    def gather(states, streams):
-        return collect(batcher, states, streams, room, flush=flush)
+    def gather(states, pending, pending_count, streams):
+        out, counts, states = collect(batcher, states, streams, room, flush=flush)
+        both = jax.tree.map(lambda p, o: jnp.concatenate([p, o]), pending, out)
+        j = jnp.arange(slots + room)
+        source = jnp.where(j < pending_count, j, slots + j - pending_count)
+        lined = jax.tree.map(lambda x: x[jnp.minimum(source, slots + room - 1)], both)
+        return states, lined, pending_count + jnp.minimum(counts, room), counts
 
-    out, counts, states = local(gather)(states, streams)
+    local = functools.partial(_local, mesh=mesh, axis=axis)
+    states, lined, ready, counts = local(gather)(
+        held.states, held.pending, held.pending_count, streams
+    )
+    return eqx.tree_at(lambda d: d.states, held, states), lined, ready, counts
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _hand_out(fn, mesh, axis, flush, room, carry, held, lined, ready, counts):
+    """The bulk path's second program: global batch `k` is every stream's `k`-th batch;
+    without `flush` only the global batches that every stream completed go to `fn`, the
+    rest are held back for the next call, so calls may end anywhere."""
+    fn = _global_view(fn, mesh)
+    per_stream = NamedSharding(mesh, P(axis))
+    slots = jax.tree.leaves(held.pending)[0].shape[1]
+    # The only values reduced across devices: how many global batches to hand out.
+    total = jnp.max(ready) if flush else jnp.min(ready)
 
     def body(k, carry):  # global batch `k`: every stream's `k`-th batch, side by side
-        batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False), out)
-        return fn(carry, _merge(batch, k < counts))
+        batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False), lined)
+        return fn(carry, _merge(batch, k < ready))
 
+    carry = jax.lax.fori_loop(0, total, body, carry)
+
+    def keep(lined, ready, total):  # a stream's batches past `total` wait for the next call
+        left = ready - total
+        j = jnp.arange(slots)
+        pending = jax.tree.map(lambda x: x[jnp.minimum(total + j, slots + room - 1)], lined)
+        pending = _mask_slots(pending, j < left)
+        return pending, jnp.minimum(left, slots), jnp.maximum(left - slots, 0)
+
+    totals = _constrain(jnp.broadcast_to(total, ready.shape), per_stream)
+    local = functools.partial(_local, mesh=mesh, axis=axis)
+    pending, pending_count, lost = local(keep)(lined, ready, totals)
     # The batches past `room` were counted, not stored: the caller raises on `needed`.
-    needed = jnp.max(counts)
-    total = jnp.minimum(needed, room)
-    return jax.lax.fori_loop(0, total, body, carry), states, needed
+    lost = held.lost + lost + jnp.maximum(counts - room, 0)
+    needed = jnp.max(counts), jnp.max(ready - total)
+    return carry, DeviceStates(held.states, pending, pending_count, lost), needed
 
 
 def _default_room(batcher: Batcher, streams: Any, states: Any, key: Any, flush: bool) -> int:
@@ -568,6 +729,7 @@ def _default_room(batcher: Batcher, streams: Any, states: Any, key: Any, flush: 
     if states is None:
         one = jax.eval_shape(lambda: batcher.init(spec, key=key))
     else:
+        states = states.states if isinstance(states, DeviceStates) else states
         one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states)
     emitted = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, one, spec)
     size = emitted.valid_mask.shape[-1]
@@ -587,7 +749,8 @@ def scan_per_device(
     key: Any = None,
     flush: bool = True,
     max_batches: int | None = None,
-) -> tuple[Carry, State]:
+    max_pending: int = MAX_PENDING,
+) -> tuple[Carry, DeviceStates]:
     """`scan` with one batcher per device: each device batches its own stream.
 
     The `S` streams (leaves `[S, n, ...]`, `device_streams`) are split over the mesh axis;
@@ -600,13 +763,24 @@ def scan_per_device(
     The only cross-device values batching adds are the streams' batch counts (their max)
     and the `[S]` ready vector's `any` while draining.
 
+    `fn` runs with the mesh's Explicit axes made Auto (`jax.sharding.auto_axes`), so
+    ordinary code (an embedding lookup `embed[tokens]`) works on `jax.make_mesh`'s mesh;
+    the carry is placed on the mesh (replicated, unless it already is on it), so the
+    returned carry, passed back, reuses the compiled program.
+
     A batcher with a bulk `feed` (`fixed_size`, `pack`) plans and gathers each stream's
     batches at once (`jb.collect` per device: this call's batches are materialised, about
-    one more copy of the streams, and `max_batches` is their room, the drain's included);
-    one without is stepped element by element (global batch `k` is then step `k`'s
-    batches). At the end, every stream is flushed until it emits nothing (unless
-    `flush=False`; pass the returned states back to continue). Each stream's batches,
-    order and `Stats` are exactly those of `jb.scan` on that stream alone.
+    one more copy of the streams, and `max_batches` is their room, the drain's included),
+    in a program of its own that moves nothing between devices, so a run-time check of the
+    batcher raises when the call returns. Global batch `k` is every stream's `k`-th batch
+    counted from the start of the stream: without `flush`, only the global batches every
+    stream has completed go to `fn`, and a stream's further batches wait in the returned
+    `DeviceStates` (at most `max_pending`), so the global batches do not depend on where
+    the stream is split into calls. A batcher without a bulk `feed` is stepped element by
+    element (global batch `k` is then step `k`'s batches, also independent of the calls).
+    At the end, every stream is flushed until it emits nothing (unless `flush=False`;
+    pass the returned states back to continue). Each stream's batches, order and `Stats`
+    are exactly those of `jb.scan` on that stream alone.
 
     Args:
         batcher: a batcher whose `Emit.batch` is one `Batch` (static: build it once).
@@ -617,22 +791,25 @@ def scan_per_device(
         streams: per-device streams, leaves `[S, n, ...]`; `S` a multiple of the axis size.
         mesh: the mesh (static).
         axis: the mesh axis the streams and batches are split over.
-        states: stacked states to continue from (`init_per_device`, or a previous call).
+        states: the states to continue from (`init_per_device`, or a previous call's).
         key: PRNG key for a stochastic batcher, split into one per stream.
         flush: drain every stream at the end.
         max_batches: with a bulk `feed`, room for each stream's batches in this call, the
             drain's included; default `ceil(n / b) + 1`, plus `ceil(R / b) + 1` with `flush`
             for a state whose leaves hold at most `R` rows: enough for the batchers of
             jaxbatch (one batch per `b` elements; a drain of at most its buffered rows).
+        max_pending: with a bulk `feed` and no `states`: how many batches a stream may
+            hold back between calls without `flush` (see `init_per_device`).
 
     Returns:
-        `(carry, states)`.
+        `(carry, states)`, `states` a `DeviceStates`.
 
     Raises:
         ValueError: `S` not divisible by the axis size, or leaves of different `[S, n]`;
             `max_batches` not a positive int; a stream that needed more than `max_batches`
             (checked when the call returns, so the call waits for its result; under your
-            own `jit` it cannot be checked, so size `max_batches` for your batcher there).
+            own `jit` it cannot raise: the batches that found no room are counted in
+            `states.lost`); a stream more than `max_pending` batches ahead of the others.
         TypeError: a batcher that emits a tree of batches (such as `bucket_by`).
 
     Examples:
@@ -651,18 +828,218 @@ def scan_per_device(
     """
     _check_mesh(mesh, axis)
     streams, _, _ = _streams_of(streams, mesh, axis)
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
+    if max_batches is not None:
+        _check_positive(max_batches, "max_batches")
+    _check_positive(max_pending, "max_pending", zero=True)
     if max_batches is None and batcher.feed is not None:
         max_batches = _default_room(batcher, streams, states, key, flush)
+    carry = _place_carry(carry, mesh)
     with _on(mesh):
-        carry, states, needed = _scan_per_device(
-            batcher, fn, mesh, axis, flush, carry, streams, states, key, max_batches
-        )
+        if batcher.feed is None:
+            carry, states, needed = _scan_per_device(
+                batcher, fn, mesh, axis, flush, carry, streams, states, key, None, max_pending
+            )
+        else:  # two programs: the batcher's own checks raise before any collective runs
+            args = (streams, states, key, max_batches, max_pending)
+            states, *lined = _gather_per_device(batcher, mesh, axis, flush, *args)
+            if not isinstance(lined[1], jax.core.Tracer):  # pyright: ignore
+                # A failed check raises here: dispatched, the next program's collective
+                # would wait forever for the device that failed (the process aborts).
+                jax.block_until_ready(lined[1])
+            carry, states, needed = _hand_out(
+                fn, mesh, axis, flush, max_batches, carry, states, *lined
+            )
     # Checked here, not with `eqx.error_if` inside the sharded program (its callback aborts
-    # the process on a multi-device CPU mesh). Under your own `jit` it cannot be checked.
-    if needed is not None and not isinstance(needed, jax.core.Tracer):  # pyright: ignore
-        _check_room(needed, max_batches, "max_batches")
+    # the process on a multi-device CPU mesh). Under your own `jit` it cannot be checked:
+    # the batches that found no room are counted in `states.lost`.
+    if needed is not None and not isinstance(needed[0], jax.core.Tracer):  # pyright: ignore
+        _check_room(needed[0], max_batches, "max_batches")
+        slots = jax.tree.leaves(states.pending)[0].shape[1]
+        if int(needed[1]) > slots:
+            raise ValueError(
+                f"A stream got {int(needed[1])} batches ahead of the slowest stream, more "
+                f"than the {slots} it may hold back between calls without `flush`; pass a "
+                "larger `max_pending` to `init_per_device` (or `scan_per_device` without "
+                "`states`), or split the stream into longer calls."
+            )
     return carry, states
+
+
+# --------------------------------------------------------------------------- elastic resume
+
+
+def _rows(tree: Any, index: Any) -> Any:
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def _carried_elements(states: DeviceStates) -> Element:
+    """Every element a `fixed_size` or `shuffle` `DeviceStates` holds (host arrays), stream
+    by stream: its held-back batches' valid rows, then the rows of its batch being built,
+    then (`shuffle`) its shuffle buffer."""
+    inner, pending = states.states, states.pending
+    held = Element(data=pending.data, state=pending.states, metadata=pending.metadata)
+    held, pending_count = jax.device_get((held, states.pending_count))
+    valid = np.asarray(jax.device_get(pending.valid_mask))
+    if hasattr(inner, "filled"):  # shuffle
+        rows = [(inner.batch, inner.count), (inner.buffer, inner.filled)]
+    else:
+        rows = [(inner.buffer, inner.count)]
+    rows = jax.device_get(rows)
+    parts = []
+    for s in range(np.shape(pending_count)[0]):
+        for j in range(int(pending_count[s])):
+            parts.append(_rows(held, (s, j, np.flatnonzero(valid[s, j]))))
+        parts.extend(_rows(buf, (s, slice(0, int(n[s])))) for buf, n in rows)
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+
+
+def resume_per_device(
+    batcher: Batcher,
+    states: Any,
+    mesh: Mesh,
+    axis: str = "data",
+    *,
+    key: Any = None,
+    max_pending: int | None = None,
+    element_spec: Any = None,
+) -> DeviceStates:
+    """Per-device states saved on `D` devices, continued on the `D'` of `mesh`'s `axis`.
+
+    Elastic resume: every element the saved states hold (the batches a device held back,
+    then its buffered rows, device by device) is dealt round-robin to the `D'` new streams
+    and fed to fresh states, so each element is batched exactly once; the order is fixed by
+    `(D, D', split point)`. The stream's unread elements, from global position
+    `start = columns consumed * D`, are then dealt to the new devices with
+    `jb.stream_indices(n, mesh, start=start)`. The new states' `Stats` count the carried
+    elements again (they restart at the resume). One process.
+
+    `fixed_size` and `shuffle` keep their buffered rows as elements, which are carried as
+    above (`shuffle` shuffles them again, with `key`). Other batchers with a bulk `feed`
+    (`pack`, `concat_and_split`) buffer rows that are no longer elements: each saved state
+    is flushed, and its batches (held back, then flushed: the half-packed rows emitted as
+    they are, so less full than usual) are dealt round-robin to the new devices as
+    held-back batches, ahead of fresh states (`element_spec` gives their element).
+
+    Args:
+        batcher: the `fixed_size` or `shuffle` batcher the states belong to.
+        states: the `DeviceStates` of `scan_per_device` (or `load_distributed`), on the
+            devices or the host.
+        mesh: the new mesh; `axis` gives `D'`.
+        axis: the new mesh's data axis.
+        key: for a stochastic batcher, the PRNG key of the new states (one per stream).
+        max_pending: the new states' `max_pending`; default the saved states'.
+        element_spec: one element's structure (`jax.ShapeDtypeStruct`s or arrays), for
+            batchers other than `fixed_size` and `shuffle`.
+
+    Returns:
+        `DeviceStates` with `D'` streams, sharded over `axis`.
+
+    Raises:
+        TypeError: `states` not `DeviceStates`, or a batcher without a bulk `feed`.
+        ValueError: no `key` for `shuffle`; no `element_spec` where it is needed; a new
+            stream would hold back more than `max_pending` batches.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import jaxbatch as jb
+        >>> d = jax.device_count()
+        >>> old = jax.make_mesh((d,), ("data",))
+        >>> new = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+        >>> idx = jb.stream_indices(10 * d, old)[:, :5]  # 5 elements read on each device
+        >>> streams = jb.device_streams({"i": np.arange(10 * d)[idx]}, old)
+        >>> batcher = jb.fixed_size(3)
+        >>> _, saved = jb.scan_per_device(batcher, lambda c, b: c, 0, streams, old, flush=False)
+        >>> states = jb.resume_per_device(batcher, saved, new)  # 2 buffered on each device
+        >>> int(states.count[0]) + 3 * int(states.pending_count[0]) == 2 * d
+        True
+        >>> rest = jb.stream_indices(5 * d, new, start=5 * d)  # the unread half, on 1 device
+        >>> rest[0, :2].tolist() == [5 * d, 5 * d + 1]
+        True
+    """
+    from .batchers.fixed_size import FixedSizeState
+    from .batchers.shuffle import ShuffleState
+
+    if not isinstance(states, DeviceStates) or batcher.feed is None:
+        raise TypeError(
+            "`states` must be the `DeviceStates` that `scan_per_device` or `init_per_device` "
+            f"returned for a batcher with a bulk `feed`, got {type(states).__name__}."
+        )
+    _check_mesh(mesh, axis)
+    if isinstance(states.states, ShuffleState) and key is None:
+        raise ValueError("`shuffle` states need a `key` for the new streams' shuffling.")
+    slots = jax.tree.leaves(states.pending)[0].shape[1]
+    slots = slots if max_pending is None else max_pending
+    _check_positive(slots, "max_pending", zero=True)
+    if not isinstance(states.states, (FixedSizeState, ShuffleState)):
+        if element_spec is None:
+            raise ValueError(
+                f"Resuming `{type(states.states).__name__}` states needs `element_spec` (one "
+                "element's `jax.ShapeDtypeStruct`s, e.g. `jb.element_spec(...)`)."
+            )
+        return _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec)
+    carried = _carried_elements(states)
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), carried)
+    inner = states.states
+    size = jax.tree.leaves(getattr(inner, "batch", inner.buffer))[0].shape[1]
+    count = _axis_size(mesh, axis)
+    keys = [None] * count if key is None else list(jax.random.split(key, count))
+    news = []
+    for r in range(count):
+        share = _rows(carried, slice(r, None, count))
+        n = jax.tree.leaves(share)[0].shape[0]
+        state = batcher.init(spec, key=keys[r])
+        out, emitted, state = collect(batcher, state, share, n // size + 1)
+        if int(emitted) > slots:
+            raise ValueError(
+                f"New stream {r} starts with {int(emitted)} full batches of carried "
+                f"elements, more than `max_pending` ({slots}); pass a larger `max_pending`."
+            )
+        keep = np.minimum(np.arange(slots), max(n // size, 0))
+        pending = _mask_slots(_rows(out, keep), jnp.arange(slots) < emitted)
+        news.append(DeviceStates(state, pending, emitted.astype(jnp.int32), jnp.int32(0)))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *news)
+    with _on(mesh):
+        return jax.device_put(stacked, NamedSharding(mesh, P(axis)))
+
+
+def _to_host(x: Any) -> Any:
+    """A leaf off the mesh, on the default device (typed PRNG keys by their key data)."""
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = jnp.asarray(np.asarray(jax.random.key_data(x)))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jnp.asarray(np.asarray(x))
+
+
+def _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec) -> DeviceStates:
+    """`resume_per_device` for a batcher whose buffered rows are not elements: flush each
+    saved stream, deal all held-back and flushed batches to the new streams in order."""
+    states = jax.tree.map(_to_host, states)
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), element_spec)
+    empty = jax.tree.map(lambda x: jnp.zeros((0, *x.shape), x.dtype), as_element(spec))
+    batches = []
+    for s in range(np.shape(states.pending_count)[0]):
+        batches += [_rows(states.pending, (s, j)) for j in range(int(states.pending_count[s]))]
+        state = _rows(states.states, s)
+        room = 2 + max((np.shape(x)[0] for x in jax.tree.leaves(state) if np.ndim(x)), default=0)
+        out, n, _ = collect(batcher, state, empty, room, flush=True)
+        _check_room(n, room, "max_batches")
+        batches += [_rows(out, k) for k in range(int(n))]
+    count = _axis_size(mesh, axis)
+    keys = [None] * count if key is None else list(jax.random.split(key, count))
+    blank = _mask_slots(_rows(states.pending, (0, np.zeros(slots, int))), jnp.zeros(slots, bool))
+    news = []
+    for r in range(count):
+        mine = batches[r::count]
+        if len(mine) > slots:
+            raise ValueError(
+                f"New stream {r} starts with {len(mine)} carried batches, more than "
+                f"`max_pending` ({slots}); pass a larger `max_pending`."
+            )
+        pending = blank
+        for j, b in enumerate(mine):
+            pending = jax.tree.map(lambda p, x, j=j: p.at[j].set(x), pending, b)
+        state = batcher.init(spec, key=keys[r])
+        news.append(DeviceStates(state, pending, jnp.int32(len(mine)), jnp.int32(0)))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *news)
+    with _on(mesh):
+        return jax.device_put(stacked, NamedSharding(mesh, P(axis)))

@@ -111,8 +111,11 @@ class PackState(eqx.Module):
     max_lens: tuple[tuple[str, int], ...] = eqx.field(static=True)
 
 
-def packing_stats(state: PackState) -> dict[str, Counter]:
+def packing_stats(state: PackState | Any) -> dict[str, Counter]:
     """The packing counters of a `pack` state, by name; read each with `int()`.
+
+    The per-device states of `jb.scan_per_device` work too: their counters are stacked, one
+    per stream, and `int()` reads the total over the streams.
 
     Keys: `sequences` (sequences emitted in ready batches), `rows` (non-padding rows
     emitted), `tokens` (real token slots emitted, all packed features together),
