@@ -58,7 +58,7 @@ def tokens_per_source(totals, batch):
     return totals + counts
 
 
-def main(small: bool = False) -> None:
+def main(small: bool = False) -> dict:
     sources = [lines_of(m, s) for s, m in enumerate((json.decoder, random, textwrap))]
     print("rows per source:", [int(s["length"].shape[0]) for s in sources])
     chunk = 256 if small else 2048
@@ -87,7 +87,16 @@ def main(small: bool = False) -> None:
     drawn = (np.asarray(state.order.counts) - before).tolist()
     print("then 0.2/0.2/0.6 for", chunk, "positions: rows drawn per source", drawn)
     stats = {k: int(v) for k, v in jb.packing_stats(state.inner).items()}
-    print(f"packing efficiency {stats['tokens'] / (stats['tokens'] + stats['padding_tokens']):.3f}")
+    efficiency = stats["tokens"] / (stats["tokens"] + stats["padding_tokens"])
+    print(f"packing efficiency {efficiency:.3f}")
+    return {
+        "positions": 2 * chunk,
+        "counts": progress["counts"],
+        "then": chunk,
+        "drawn": drawn,
+        "tokens": totals.tolist(),
+        "efficiency": efficiency,
+    }
 
 
 if __name__ == "__main__":

@@ -92,6 +92,15 @@ def check_maxtext_packing(r: dict) -> None:
     assert r["batches"] * size >= r["rows"] > (r["batches"] - 1) * size  # full, then the last
 
 
+def check_mixture(r: dict) -> None:
+    # Grain's schedule: each source's share of the positions, to within a row.
+    for count, weight in zip(r["counts"], (0.5, 0.3, 0.2)):
+        assert abs(count - weight * r["positions"]) <= 1, r["counts"]
+    for count, weight in zip(r["drawn"], (0.2, 0.2, 0.6)):  # after the weights changed
+        assert abs(count - weight * r["then"]) <= 1, r["drawn"]
+    assert all(t > 0 for t in r["tokens"]) and r["efficiency"] > 0.5
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "quickstart": check_quickstart,
     "training_loop": check_training_loop,
@@ -100,6 +109,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "shuffling": check_shuffling,
     "streaming": check_streaming,
     "maxtext_packing": check_maxtext_packing,
+    "mixture": check_mixture,
 }
 
 
