@@ -393,7 +393,7 @@ def main(argv=None) -> None:
             tqdm.write(
                 f"  {where}  step {step:5d}  "
                 f"loss {curve[-1][1]:.3f} bits/byte  {rate:,.0f} tokens/s"
-                + ("  (includes compile)" if i == 0 else "")
+                + ("  (includes compile)" if i == 0 or i >= num_chunks else "")
             )
         clock.update(chunk=i + 1, step=step, tokens=tokens, at=time.perf_counter())
         return {"step": step, "loss": f"{curve[-1][1]:.2f}"} if curve else {"step": step}
