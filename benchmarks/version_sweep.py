@@ -7,8 +7,9 @@ limit (the same consumer over data already in the output's shape, `lax.scan`):
 * `fused scan`  - `jb.scan(jb.fixed_size(128))`, a consumer reading every byte
 * `batch_all`   - `jb.batch_all(jb.fixed_size(128))` against a plain device copy of the bytes
 * `shuffle`     - `jb.scan(jb.shuffle(128, 1024))`, same consumer
-* `pack`        - `jb.scan(jb.pack(2048, 16))` over variable-length sequences, against the
-  consumer over the rows `pack` produced (materialised beforehand)
+* `pack`        - `jb.scan(jb.pack(2048, 16))` over variable-length sequences, against a
+  plain device copy of the same (padded) token bytes: packing does real work (placing every
+  sequence), so this ratio is not near 1; it is here to show a release that changes it
 
 The parent prints a Markdown table (one column per release) and writes it into
 `benchmarks/RESULTS.md` between the `version-sweep` markers (`benchmarks/run.py` keeps that
@@ -46,7 +47,7 @@ def child(quick: bool) -> dict:
 
     import jaxbatch as jb
 
-    num, repeats = (2048, 5) if quick else (8192, 9)
+    num, repeats = (2048, 5) if quick else (8192, 15)
     rng = np.random.default_rng(0)
     stream = {
         "image": jnp.asarray(rng.standard_normal((num, *SHAPE), dtype=np.float32)),
@@ -83,26 +84,21 @@ def child(quick: bool) -> dict:
     seqs = {"tokens": jnp.asarray(tokens), "length": jnp.asarray(lengths)}
     packer = jb.pack(bp.ROW, 16, lengths=bp.LENGTHS, max_segments=bp.ROW // 16)
     pack = jax.jit(lambda s: jb.scan(packer, bp.consume, jnp.int32(0), s)[0])
-    rows, count = jb.batch_all(packer, seqs)
-    rows = jax.tree.map(lambda x: x[: int(count)], rows)
-
-    def pack_limit(batches):
-        return jax.lax.scan(lambda c, b: (bp.consume(c, b), None), jnp.int32(0), batches)[0]
-
-    t["pack"], t["pack_limit"] = run(pack, seqs), run(jax.jit(pack_limit), rows)
+    t["pack"], t["pack_copy"] = run(pack, seqs), run(copy, seqs)
     return {
         "jax": jax.__version__,
         "python": sys.version.split()[0],
         "fused scan / limit": t["fused"] / t["limit"],
         "batch_all / device copy": t["batch_all"] / t["copy"],
         "shuffle / limit": t["shuffle"] / t["limit"],
-        "pack / limit": t["pack"] / t["pack_limit"],
+        "pack / device copy": t["pack"] / t["pack_copy"],
         "limit ms": 1e3 * t["limit"],
     }
 
 
 def table(rows: list[dict], quick: bool) -> str:
-    names = ["fused scan / limit", "batch_all / device copy", "shuffle / limit", "pack / limit"]
+    names = ["fused scan / limit", "batch_all / device copy", "shuffle / limit"]
+    names.append("pack / device copy")
     head = "| ratio (lower is better; 1.0 = the limit) | " + " | ".join(
         f"JAX {r['jax']} (Py {r['python']})" for r in rows
     )

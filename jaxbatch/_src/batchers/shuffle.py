@@ -112,6 +112,14 @@ def _evict(buffer: Element, slot: Array, row: Element) -> tuple[Element, Element
 # `feed` all call these, so the three cannot drift apart (same keys, same draws).
 
 
+# The bulk path's key chain (`n` splits in a row) as a `lax.scan`, unrolled this many times.
+# Measured on CPU, 4096 splits: rolled, 0.25 ms on JAX 0.10.2 and 0.4 ms on 0.12.1 but 24 to
+# 110 ms on 0.11.1 (its XLA runs the rolled threefry loop ~100x slower, the cause of a 23x
+# shuffle); unrolled twice, 1.8 ms on 0.10.2 and 0.11.1 and 0.4 ms on 0.12.1. So: unroll on
+# 0.11 only. Either way the keys are the same (`benchmarks/version_sweep.py` watches this).
+_CHAIN_UNROLL = 2 if jax.__version_info__[:2] == (0, 11) else 1
+
+
 def _step_key(key: Key[Array, ""]) -> tuple[Key[Array, ""], Key[Array, ""]]:
     """One `step`'s keys: `(next key, the key of its draw)`."""
     key, draw = jax.random.split(key)
@@ -356,9 +364,9 @@ def shuffle(
         # numbers. The keys first (a chain of splits), every step's draw at once, then the
         # moves: `source[s]` is the source slot `s` holds, `evicted[i]` the source element
         # `i` evicts (meaningless while the buffer fills).
-        # `unroll=2`: XLA:CPU of jaxlib 0.11 runs this chain rolled ~50x slower than 0.10
-        # or 0.12 (24 ms for 4096 splits); unrolled twice it is fast on every release.
-        key, draws = jax.lax.scan(lambda key, _: _step_key(key), state.key, length=n, unroll=2)
+        key, draws = jax.lax.scan(
+            lambda key, _: _step_key(key), state.key, length=n, unroll=_CHAIN_UNROLL
+        )
         picks = jax.vmap(lambda draw: _random_slot(draw, buffer_size))(draws)
 
         def plan_step(carry, x):
