@@ -10,6 +10,12 @@ Workloads (each measured in its own subprocess, one after the other):
 * `per_device`      - `bench_sharding.py`, `jb.scan_per_device` on 4 simulated CPU devices
   (no peers: Grain and tf.data have no per-device batching)
 
+Then two benchmarks that print their own report (kept verbatim in RESULTS.md):
+* `pipeline`        - `bench_pipeline.py`, `jb.pipeline`: a shuffled epoch vs the limit,
+  shuffle -> pack vs pack over pre-shuffled data, a 3-source mixture, compile times, Grain
+* `host`            - `bench_host.py`, `jb.scan_host`: reading overlapped with training, and
+  tokens/s from memmap and ArrayRecord corpora vs in memory
+
 Each table has one row per system (`jb.scan`, `jb.iterate` where relevant, Grain and tf.data
 where installed) with elements (or sequences) per second, the time as a multiple of a plain
 numpy copy of the same bytes (measured in the same process, same run) and the speed as a
@@ -612,6 +618,33 @@ def chart(results, path):
     plt.close(fig)
 
 
+# Benchmarks with their own printed report (targets and ratios measured in one run), run as
+# they are and kept verbatim in RESULTS.md: pipelines (issue: shuffled epochs, shuffle -> pack,
+# mixtures) and the host feed (overlap, on-disk corpora).
+STANDALONE = {
+    "pipeline": ("bench_pipeline.py", "Pipelines: shuffled epochs, shuffle -> pack, mixtures"),
+    "host": ("bench_host.py", "Host feed: overlap of reading and training, on-disk corpora"),
+}
+
+
+def run_standalone(name, quick):
+    """Run one standalone benchmark; returns its printed report (or why it failed)."""
+    script, _ = STANDALONE[name]
+    cmd = [sys.executable, str(HERE / script)] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    if proc.returncode:
+        return f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
+    return proc.stdout.rstrip()
+
+
+def standalone_markdown(reports):
+    lines = []
+    for name, report in reports.items():
+        script, title = STANDALONE[name]
+        lines += [f"### {title} (`benchmarks/{script}`)", "", "```text", report, "```", ""]
+    return "\n".join(lines)
+
+
 def _version_sweep_block(text):
     """The `make bench-sweep` table of an earlier RESULTS.md (kept: this run measures one
     JAX release only)."""
@@ -635,10 +668,13 @@ def main(argv=None):
     if args.worker:
         scale = [int(k) for k in args.scale.split(",") if k]
         return worker(args.worker, args.quick, scale, args.scale_repeats, args.json)
-    names = [n for n in args.only.split(",") if n] or list(WORKLOADS)
-    unknown = [n for n in names if n not in WORKLOADS]
+    only = [n for n in args.only.split(",") if n]
+    names = [n for n in only if n in WORKLOADS] if only else list(WORKLOADS)
+    standalone = [n for n in only if n in STANDALONE] if only else list(STANDALONE)
+    unknown = [n for n in only if n not in WORKLOADS and n not in STANDALONE]
     if unknown:
-        parser.error(f"`--only` has unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+        choices = list(WORKLOADS) + list(STANDALONE)
+        parser.error(f"`--only` has unknown workloads {unknown}; choose from {choices}")
     scale = () if args.no_scaling else (SCALE_QUICK if args.quick else SCALE_FULL)
     scale_repeats = 2 if args.quick else 3
     info = machine()
@@ -655,16 +691,23 @@ def main(argv=None):
             f"{res['measure_s']:.1f} s measuring, {res['scaling_s']:.1f} s scaling)\n",
             flush=True,
         )
+    reports = {}
+    for name in standalone:
+        reports[name] = run_standalone(name, args.quick)
+        print(reports[name] + "\n", flush=True)
     wall = time.perf_counter() - start
     print("Summary\n" + summary_markdown(results) + "\n")
     print("Scaling\n" + scaling_markdown(results) + "\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = results_markdown(results, info, args.quick, wall)
+    if reports:
+        text += "\n## Standalone benchmarks\n\n" + standalone_markdown(reports)
     previous = out / "RESULTS.md"
     sweep = _version_sweep_block(previous.read_text() if previous.exists() else "")
     (out / "RESULTS.md").write_text(text + ("\n" + sweep + "\n" if sweep else ""))
-    chart(results, out / "throughput.png")
+    if results:
+        chart(results, out / "throughput.png")
     print(f"wrote {out / 'RESULTS.md'} and {out / 'throughput.png'} ({wall:.0f} s)")
 
 

@@ -35,6 +35,8 @@ def test_run_quick_writes_tables_results_and_chart(tmp_path):
         assert f"### `{name}`" in results
     assert "## Notes on `fixed_size`" in results
     assert "throughput.png" in results
+    assert "## Standalone benchmarks" in results and "failed (exit" not in results
+    assert "bench_pipeline.py" in results and "bench_host.py" in results
 
     png = (tmp_path / "throughput.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
