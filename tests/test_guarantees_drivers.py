@@ -260,7 +260,7 @@ ENDLESS = _endless()
 ENDLESS_FED = ENDLESS._replace(feed=FIXED.feed)
 
 
-@pytest.mark.parametrize("driver", ["scan", "batch_all", "iterate", "drain"])
+@pytest.mark.parametrize("driver", ["scan", "batch_all", "iterate", "drain", "scan_host"])
 def test_7_a_flush_that_never_stops_raises_naming_law_3(driver):
     xs = {"x": jnp.arange(3, dtype=jnp.int32)}
     run = {
@@ -270,10 +270,11 @@ def test_7_a_flush_that_never_stops_raises_naming_law_3(driver):
         "drain": lambda: jax.jit(lambda s: jb.drain(ENDLESS, lambda c, b: c + 1, 0, s))(
             ENDLESS.init({"x": jnp.zeros((), jnp.int32)})
         ),
+        "scan_host": lambda: jb.scan_host(ENDLESS_FED, lambda c, b: c + 1, 0, ROWS[:4]),
     }[driver]
     with pytest.raises(Exception, match="law 3") as info:
         jax.block_until_ready(run())
-    if driver != "drain":  # a jaxbatch driver: jaxbatch's sentence comes first
+    if driver not in ("drain", "scan_host"):  # jaxbatch's sentence comes first
         assert "law 3" in str(info.value).splitlines()[0]
 
 
