@@ -298,3 +298,19 @@ def test_checkpoint_without_data(tmp_path):
     like = jb.without_data(pipe.init(jnp.int32(0)))
     loaded = jb.with_data(jb.load_state(tmp_path / "s", like), pipe.init(jnp.int32(0)))
     jax.tree.map(np.testing.assert_array_equal, loaded, state)
+
+
+def test_a_state_of_another_pipeline_is_refused_naming_both():
+    """Law 8: a pipeline state carries its configuration (not the order's weights)."""
+    fixed = jb.pipeline(DATA, jb.fixed_size(2), order=jb.epochs(shuffle=False))
+    other = jb.pipeline(DATA, jb.fixed_size(2), order=jb.epochs(shuffle=False), keep=_keep_all)
+    state = fixed.init(jnp.int32(0))
+    with pytest.raises(TypeError, match=r"pipeline\(.*keep=None.*\n?.*keep=_keep_all"):
+        other.step(state, jnp.int32(0))
+    fewer = jb.pipeline({k: v[:3] for k, v in DATA.items()}, jb.fixed_size(2))
+    with pytest.raises(TypeError, match="rows="):
+        fewer.flush(fixed.init(jnp.int32(0)))
+
+
+def _keep_all(element):
+    return jnp.array(True)

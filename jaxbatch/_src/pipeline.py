@@ -31,7 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree, UInt32
 
-from .base import Batcher, Emissions, Emit, Stats, prng_key, row_spec as row_spec_of
+from .base import (
+    Batcher,
+    Emissions,
+    Emit,
+    Stats,
+    check_state,
+    describe,
+    fingerprint,
+    prng_key,
+    row_spec as row_spec_of,
+)
 from .batch import Batch
 from .combinators import _advance, _not_ready_like
 from .element import Element, as_element
@@ -393,6 +403,19 @@ def pipeline(
 
     # --------------------------------------------------------------------- init / step
 
+    # The fingerprint a state carries (law 8): the stages and the data's rows. Not the order's
+    # weights: a pipeline built with other weights continues a saved state on purpose.
+    config = describe(
+        "pipeline",
+        batcher=batcher,
+        map_fn=map_fn,
+        keep=keep,
+        then=then,
+        lengths=lengths,
+        late_gather=late_gather,
+        rows=num_rows,
+    )
+
     def init_fn(element_spec: Any, key: Any = None) -> PipelineState:
         try:
             check_against_spec(_POSITION, as_element(element_spec), what="element_spec")
@@ -414,9 +437,11 @@ def pipeline(
             first = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, inner, spec)
             first = jax.eval_shape(lambda b, d: payload(b, d), first, joined)
             then_state = then.init(first, key=then_key)
-        return PipelineState(joined, init_order(order), seed, inner, then_state, Stats.zeros())
+        stats = Stats.zeros(fingerprint(config, jax.tree.map(lambda x: x[0], joined)))
+        return PipelineState(joined, init_order(order), seed, inner, then_state, stats)
 
     def step_fn(state: PipelineState, element: Any) -> tuple[PipelineState, Emit]:
+        check_state(state, PipelineState, config)
         element = as_element(element)
         check_against_spec(_POSITION, element, what="element")
         where, order_state = locate(state.order, state.seed, element.data[None])
@@ -474,6 +499,7 @@ def pipeline(
         )
 
     def flush_fn(state: PipelineState) -> tuple[PipelineState, Emit]:
+        check_state(state, PipelineState, config)
         if then is None:
             inner, emit = batcher.flush(state.inner)
             emit = Emit(payload(emit.batch, state.data), emit.ready)
@@ -562,6 +588,7 @@ def pipeline(
     def feed_fn(
         state: PipelineState, elements: Any, flush: bool = False
     ) -> tuple[PipelineState, Emissions]:
+        check_state(state, PipelineState, config)
         elements = as_element(elements)
         positions = elements.data
         check_against_spec(_POSITION, row_spec_of(elements), what="elements[i]")
