@@ -22,7 +22,6 @@ emits and its row: an integer packed feature's proxy is the row index at every t
 packing it places each token's row beside it (other features: the per-segment row table).
 """
 
-from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
@@ -43,6 +42,7 @@ from .base import (
     row_spec as row_spec_of,
 )
 from .batch import Batch
+from .batchers._checks import lengths_mapping
 from .combinators import _advance, _not_ready_like
 from .element import Element, as_element
 from .sources import Order, OrderState, epochs, init_order, make_locate, order_seed
@@ -231,15 +231,7 @@ def pipeline(
         )
     sources = _sources(data, order)
     if lengths is not None:
-        if (
-            not isinstance(lengths, Mapping)
-            or not lengths
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in lengths.items())
-        ):
-            raise ValueError(
-                "`lengths` must be the mapping given to `jb.pack`, {feature: length key}, "
-                f"e.g. {{'tokens': 'length'}}; got {lengths!r}."
-            )
+        lengths_mapping(lengths)  # the mapping given to `jb.pack`
         if not isinstance(sources[0], dict):
             raise ValueError("`lengths` needs dict rows in `data` (as `jb.pack` does).")
         missing = [k for k in (*lengths, *lengths.values()) if k not in sources[0]]

@@ -15,6 +15,20 @@ from ..element import Element
 MAX_SIZE = 2**31 - 1
 
 
+def lengths_mapping(lengths: Any) -> None:
+    """`lengths` (`jb.pack`'s and `jb.pipeline`'s) must be a non-empty mapping
+    `{packed feature key: length key}` of str, else a `ValueError` showing what was given."""
+    if (
+        not isinstance(lengths, Mapping)
+        or not lengths
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in lengths.items())
+    ):
+        raise ValueError(
+            "`lengths` must be a non-empty dict `{packed_feature_key: length_key}` of str "
+            f"keys, e.g. {{'tokens': 'length'}}; got {lengths!r}."
+        )
+
+
 def positive_int(value: Any, name: str) -> int:
     """`value` if it is a positive int (not a bool) of at most `MAX_SIZE`, else a
     `ValueError` naming `name`. Checked on the number alone: a factory allocates nothing."""

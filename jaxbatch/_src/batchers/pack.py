@@ -54,7 +54,7 @@ from ..base import (
 from ..batch import Batch, rows_mask
 from ..element import Element, as_element
 from ..spec import check_against_spec, element_spec as spec_of
-from ._checks import pad_value_fits, positive_int, row_lengths as _row_lengths
+from ._checks import lengths_mapping, pad_value_fits, positive_int, row_lengths as _row_lengths
 
 _STRATEGIES = ("first_fit", "best_fit")
 _TOO_LONG = ("error", "truncate")
@@ -390,15 +390,7 @@ def pack(
                 "`shuffle_rows_group_by` orders the rows that `shuffle_rows=True` shuffles; "
                 "pass `shuffle_rows=True` too (Grain ignores it without `shuffle_bins`)."
             )
-    if (
-        not isinstance(lengths, Mapping)
-        or not lengths
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in lengths.items())
-    ):
-        raise ValueError(
-            "`lengths` must be a non-empty dict `{packed_feature_key: length_key}` of str "
-            f"keys, got {lengths!r}."
-        )
+    lengths_mapping(lengths)
     features = tuple(sorted(lengths))
     lengths = {k: lengths[k] for k in features}
     clash = sorted(set(features) & set(lengths.values()))
