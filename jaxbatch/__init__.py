@@ -10,8 +10,10 @@ from ._src.base import (
     InitFn as InitFn,
     Stats as Stats,
     StepFn as StepFn,
+    join_resident as join_resident,
     operation_stats as operation_stats,
     reset_operation_stats as reset_operation_stats,
+    split_resident as split_resident,
     when_ready as when_ready,
 )
 from ._src.batch import Batch as Batch, create_batch_from_arrays as create_batch_from_arrays

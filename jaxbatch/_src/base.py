@@ -401,6 +401,40 @@ def reset_operation_stats(state: State) -> State:
 # --------------------------------------------------------------------------- consuming
 
 
+def split_resident(state: State) -> tuple[State, PyTree]:
+    """`(light, resident)`: a state apart from its *resident* leaves, those no `step`,
+    `flush` or `feed` ever changes (a pipeline's dataset), or `(state, None)`.
+
+    A jitted program that returns an array it was given returns a copy of it unless the
+    argument is donated. The drivers' own programs therefore take the resident leaves as
+    a separate argument and return only `light`; `join_resident` puts the caller's arrays
+    back, so a call never copies the data. A state type opts in with two methods,
+    `resident_split()` and `resident_join(resident)`. Call it in your own driver the same
+    way: pass `light` and `resident` to the jitted program, return `light` only.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbatch as jb
+        >>> pipe = jb.pipeline({"x": jnp.arange(6)}, jb.fixed_size(2),
+        ...                    order=jb.epochs(shuffle=False))
+        >>> state = pipe.init(jnp.int32(0))
+        >>> light, data = jb.split_resident(state)
+        >>> light.data is None, data["x"].shape
+        (True, (6,))
+        >>> jb.join_resident(light, data).data is data
+        True
+        >>> jb.split_resident(jb.fixed_size(2).init(jnp.zeros(())))[1] is None
+        True
+    """
+    split = getattr(state, "resident_split", None)
+    return split() if split is not None else (state, None)
+
+
+def join_resident(light: State, resident: PyTree) -> State:
+    """The inverse of `split_resident`."""
+    return light if resident is None else light.resident_join(resident)
+
+
 def when_ready(emit: Emit, fn: Callable[[Carry, Batch], Carry], carry: Carry) -> Carry:
     """`fn(carry, emit.batch)` if `emit.ready`, else `carry`, under `lax.cond`.
 

@@ -32,7 +32,9 @@ from .base import (
     Carry,
     Counter,
     State,
+    join_resident,
     row_spec,
+    split_resident,
     stack_spec,
     stream_length,
     when_ready,
@@ -508,11 +510,16 @@ def _mask_slots(out: Any, keep: Array) -> Any:
     return jax.tree.map(mask, out, is_leaf=lambda x: isinstance(x, Batch))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 6))
-def _scan(batcher, fn, carry, elements, state, key, flush):
-    if state is None:
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def _scan(batcher, fn, carry, elements, state, resident, key, flush):
+    # `state` comes without its resident leaves (a pipeline's data), which are returned by
+    # the caller, not by this program: returning them would copy them (`split_resident`).
+    if state is None:  # built here: whole (a pipeline's data is then a constant of the program)
         state = batcher.init(row_spec(elements), key=key)
-    return consume(batcher, fn, carry, state, elements, flush=flush)
+        return consume(batcher, fn, carry, state, elements, flush=flush)
+    state = join_resident(state, resident)
+    carry, state = consume(batcher, fn, carry, state, elements, flush=flush)
+    return carry, split_resident(state)[0]
 
 
 def scan(
@@ -574,7 +581,10 @@ def scan(
     """
     elements = _stream(elements)
     try:
-        out = _scan(batcher, fn, carry, elements, state, key, flush)
+        light, resident = split_resident(state)
+        out = _scan(batcher, fn, carry, elements, light, resident, key, flush)
+        if resident is not None:  # the caller's own arrays, not a copy
+            out = (out[0], join_resident(out[1], resident))
         # Wait for the result, so that a run-time check failing on an accelerator (reported
         # when the program finishes) is explained here. Under an outer `jit` there is
         # nothing to wait for: its errors come from that `jit` (see `consume`).
@@ -678,14 +688,31 @@ class IterateCheckpoint(eqx.Module):
     skip: Int[Array, ""]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _feed_light(batcher, light, resident, elements, flush, capacity):
+    state = join_resident(light, resident)
+    out, count, state = collect(batcher, state, elements, capacity, flush=flush)
+    return out, count, split_resident(state)[0]
+
+
 def _feed_chunk(batcher, state, elements, flush, capacity):
-    return collect(batcher, state, elements, capacity, flush=flush)
+    """`collect` of one chunk, jitted; a state's resident leaves are not copied."""
+    light, resident = split_resident(state)
+    out, count, light = _feed_light(batcher, light, resident, elements, flush, capacity)
+    return out, count, join_resident(light, resident)
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _flush_light(batcher, light, resident):
+    state, emit = batcher.flush(join_resident(light, resident))
+    return split_resident(state)[0], emit
+
+
 def _flush(batcher, state):
-    return batcher.flush(state)
+    """One `flush`, jitted; a state's resident leaves are not copied."""
+    light, resident = split_resident(state)
+    light, emit = _flush_light(batcher, light, resident)
+    return join_resident(light, resident), emit
 
 
 @jax.jit

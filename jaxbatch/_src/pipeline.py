@@ -74,6 +74,17 @@ class PipelineState(eqx.Module):
     then: Any
     stats: Stats
 
+    def resident_split(self) -> "tuple[PipelineState, PyTree]":
+        """This state without its data, and the data: the drivers' programs take the data
+        as its own argument and never return it, so a call does not copy the dataset."""
+        return PipelineState(
+            None, self.order, self.seed, self.inner, self.then, self.stats
+        ), self.data
+
+    def resident_join(self, data: PyTree) -> "PipelineState":
+        """This state (from `resident_split`) with `data` put back."""
+        return PipelineState(data, self.order, self.seed, self.inner, self.then, self.stats)
+
 
 def _leaf_name(path: Any) -> str:
     return jax.tree_util.keystr(path)
