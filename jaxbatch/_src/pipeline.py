@@ -146,6 +146,26 @@ def _sources(data: Any, order: Order) -> list[Any]:
     return sources
 
 
+# The batchers of jaxbatch that never read a payload value: they move rows (fixed_size,
+# shuffle) or plan on lengths alone (pack, given the same `lengths`). Only for these does
+# `late_gather` default to True; any other batcher (a user's own may read anything) sees
+# the real rows unless `late_gather=True` is asked for.
+_PAYLOAD_BLIND = ("fixed_size", "shuffle")
+
+
+def _blind_to_payload(batcher: Batcher, row_spec: Any, lengths: Any) -> bool:
+    """Is `batcher` one of jaxbatch's batchers that read no payload (`_PAYLOAD_BLIND`, or
+    `pack` when the pipeline has its `lengths`)? Read from the configuration its state
+    records (`Stats.config`), on shapes alone."""
+    try:
+        state = jax.eval_shape(lambda: batcher.init(Element(data=row_spec), key=jax.random.key(0)))
+    except Exception:  # noqa: BLE001  (a batcher that refuses the rows: `init` will say why)
+        return False
+    stats = getattr(state, "stats", None)
+    name = getattr(stats, "config", "").split("(", 1)[0]
+    return name in _PAYLOAD_BLIND or (name == "pack" and lengths is not None)
+
+
 def _top_key(path: Any) -> Any:
     """The top-level dict key of a leaf path, or None."""
     return path[0].key if path and hasattr(path[0], "key") else None
@@ -192,8 +212,10 @@ def pipeline(
         lengths: when `batcher` is `jb.pack(..., lengths=...)`, the same mapping: the bulk
             path then packs on lengths and gathers tokens from `data` (needs dict rows).
         late_gather: plan on proxies and gather payload after batching (see the module
-            docstring). Default: True unless `map_fn` is given. Set False for a batcher
-            whose rows are not its elements or that drops element states.
+            docstring). Default: True for the batchers that never read a payload value
+            (`jb.fixed_size`, `jb.shuffle`, and `jb.pack` when `lengths` is given) and no
+            `map_fn`; False for any other batcher (yours may read anything). `True` is
+            checked at construction: a batcher that cannot plan on proxies is refused.
 
     Returns:
         A `Batcher` whose state is a `PipelineState`; it has a bulk `feed` when `batcher`
@@ -231,9 +253,7 @@ def pipeline(
     for name, fn in (("map_fn", map_fn), ("keep", keep)):
         if fn is not None and not callable(fn):
             raise ValueError(f"`{name}` must be a function of an `Element`, got {fn!r}.")
-    if late_gather is None:
-        late_gather = map_fn is None
-    if not isinstance(late_gather, bool):
+    if late_gather is not None and not isinstance(late_gather, bool):
         raise ValueError(f"`late_gather` must be a bool or None, got {late_gather!r}.")
     if late_gather and map_fn is not None:
         raise ValueError(
@@ -262,6 +282,8 @@ def pipeline(
     random_order = order.shuffle or order.schedule == "random"
     locate = make_locate(order, sizes)
     row_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), joined)
+    if late_gather is None:
+        late_gather = map_fn is None and _blind_to_payload(batcher, row_spec, lengths)
     packed = set(lengths or ())
     length_keys = set((lengths or {}).values())
 
@@ -385,7 +407,7 @@ def pipeline(
                 got[name] = jnp.where(_mask_like(present, values), values, fill)
         return eqx.tree_at(lambda b: b.data, batch, got)
 
-    def payload(batch: Batch, data: PyTree) -> Batch:
+    def payload(batch: Any, data: PyTree) -> Any:  # a `Batch`, or what the batcher emits
         if not (late_gather and any_proxied):
             return batch
         if lengths is not None:
@@ -405,6 +427,24 @@ def pipeline(
         return jnp.sum(starts & _mask_like(batch.valid_mask, starts), dtype=jnp.int32)
 
     # --------------------------------------------------------------------- init / step
+
+    if late_gather and any_proxied:  # asked for: refuse here a batcher that cannot plan on proxies
+
+        def planned():
+            spec = one(elements_of(joined, jnp.zeros((1,), jnp.int32)))
+            inner = batcher.init(spec, key=jax.random.key(0))
+            return payload(batcher.step(inner, spec)[1].batch, joined)
+
+        try:
+            jax.eval_shape(planned)
+        except Exception as e:  # noqa: BLE001  (any refusal: say which and how to avoid it)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                "`late_gather=True`: `batcher` cannot batch the pipeline's proxies (payload "
+                f"leaves as placeholders, plus a row index): {reason} Build the pipeline with "
+                "`late_gather=False` (the default for batchers other than fixed_size, shuffle "
+                "and pack with `lengths=`)."
+            ) from None
 
     # The fingerprint a state carries (law 8): the stages and the data's rows. Not the order's
     # weights: a pipeline built with other weights continues a saved state on purpose.
