@@ -78,9 +78,9 @@ def run(mesh, checkpoint_dir=None):
 def run_lm(mesh):
     """The LM of `test_scale_out.py` trained for one epoch of packed documents on `mesh`."""
     from jax.sharding import NamedSharding, PartitionSpec as P
+    from test_scale_out import PACK, documents, init_params, lm_step
 
     import jaxbatch as jb
-    from test_scale_out import PACK, documents, init_params, lm_step
 
     data = documents()
     idx = jb.stream_indices(len(data["n"]), mesh, AXIS)

@@ -203,18 +203,24 @@ def test_elastic_resume_batches_every_element_exactly_once(before, after, batche
     key = jax.random.key(7)
     empty = (jnp.full(128, -1, jnp.int32), jnp.int32(0))
     idx = jb.stream_indices(read, old)
-    (first, _), saved = jb.scan_per_device(
+    (first, k1), saved = jb.scan_per_device(
         batcher, seen_ids, empty, jb.device_streams({"i": ids[idx]}, old), old, flush=False, key=key
     )
     saved = jax.device_get(saved)  # e.g. through `save_distributed` / `load_distributed`
     states = jb.resume_per_device(batcher, saved, new, key=key)
     assert states.count.shape == (after,)
     idx = jb.stream_indices(len(ids) - read, new, start=read)
-    (second, _), _ = jb.scan_per_device(
+    (second, k2), final = jb.scan_per_device(
         batcher, seen_ids, empty, jb.device_streams({"i": ids[idx]}, new), new, states=states
     )
     got = np.concatenate([np.asarray(first), np.asarray(second)])
     assert sorted(got[got >= 0].tolist()) == ids.tolist()
+    # The counters read as the whole run's totals: every element accepted and emitted once.
+    stats = {k: int(v) for k, v in jb.operation_stats(final).items()}
+    assert stats["applied_count"] == stats["emitted_count"] == len(ids)
+    rows = [np.asarray(first)[: int(k1) * 3 * before], np.asarray(second)[: int(k2) * 3 * after]]
+    batches = np.concatenate(rows).reshape(-1, 3)  # one stream's batch: 3 rows side by side
+    assert stats["batch_count"] == np.sum(np.any(batches >= 0, axis=1))
     with pytest.raises(TypeError, match="`DeviceStates`"):
         jb.resume_per_device(batcher, saved.states, new)
 
@@ -244,7 +250,11 @@ def test_elastic_resume_of_pack_carries_half_packed_rows_exactly_once():
     states = jb.resume_per_device(PACK, saved, new, element_spec=spec)
     idx = jb.stream_indices(12, new, start=12)
     rest = jb.device_streams({k: v[idx] for k, v in data.items()}, new)
-    (second, _), _ = jb.scan_per_device(PACK, seen_tokens, empty, rest, new, states=states)
+    (second, _), final = jb.scan_per_device(PACK, seen_tokens, empty, rest, new, states=states)
     got = np.concatenate([np.asarray(first), np.asarray(second)])
     want = data["tokens"][data["tokens"] > 0]
     assert sorted(got[got >= 0].tolist()) == sorted(want.tolist())
+    # The counters read as the whole run's totals (the flushed half-packed rows once).
+    stats = {k: int(v) for k, v in jb.packing_stats(final).items()}
+    assert (stats["tokens"], stats["sequences"]) == (len(want), len(data["n"]))
+    assert int(jb.operation_stats(final)["applied_count"]) == len(data["n"])

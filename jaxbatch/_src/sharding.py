@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
-from .base import Batcher, Carry, Emit, State, when_ready
+from .base import Batcher, Carry, Counter, Emit, State, when_ready
 from .batch import Batch, rows_mask
 from .drivers import _check_room, _mask_slots, collect
 from .element import Element, as_element
@@ -893,6 +893,32 @@ def _carried_elements(states: DeviceStates) -> Element:
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
+def _is_counter(x: Any) -> bool:
+    return isinstance(x, Counter)
+
+
+def _counter_totals(state: Any) -> list[tuple[str, int]]:
+    """Every `Counter` of `state` (stacked or not): its path and total, in tree order."""
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_counter)[0]
+    return [(jax.tree_util.keystr(p), int(c)) for p, c in flat if _is_counter(c)]
+
+
+def _carry_counters(news: Any, extra: list[int]) -> Any:
+    """The stacked new states with each `Counter` on stream 0 raised by the matching entry
+    of `extra` (the saved counts), saturating like every `Counter`."""
+    leaves, treedef = jax.tree.flatten(news, is_leaf=_is_counter)
+    counters = iter(extra)
+
+    def raised(c: Any) -> Any:
+        if not _is_counter(c):
+            return c
+        first = min((int(c.hi[0]) << 32 | int(c.lo[0])) + next(counters), Counter.MAX)
+        one = Counter.of(first)
+        return Counter(c.lo.at[0].set(one.lo), c.hi.at[0].set(one.hi))
+
+    return jax.tree.unflatten(treedef, [raised(c) for c in leaves])
+
+
 def resume_per_device(
     batcher: Batcher,
     states: Any,
@@ -910,8 +936,11 @@ def resume_per_device(
     and fed to fresh states, so each element is batched exactly once; the order is fixed by
     `(D, D', split point)`. The stream's unread elements, from global position
     `start = columns consumed * D`, are then dealt to the new devices with
-    `jb.stream_indices(n, mesh, start=start)`. The new states' `Stats` count the carried
-    elements again (they restart at the resume). One process.
+    `jb.stream_indices(n, mesh, start=start)`. The new states carry the saved counters
+    (`Stats`, `jb.packing_stats`; on new stream 0), so the states at the end of the run read
+    the whole run's totals, every element accepted once, as after a resume on the same
+    devices. One process (load the states of several processes with
+    `load_distributed` first).
 
     `fixed_size` and `shuffle` keep their buffered rows as elements, which are carried as
     above (`shuffle` shuffles them again, with `key`). Other batchers with a bulk `feed`
@@ -978,6 +1007,17 @@ def resume_per_device(
             )
         return _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec)
     carried = _carried_elements(states)
+    # The carried elements are fed again, so the new states count them (and re-form the
+    # held-back batches) again: take that off the saved totals.
+    valid = np.asarray(jax.device_get(states.pending.valid_mask))
+    held = np.arange(valid.shape[1]) < np.asarray(jax.device_get(states.pending_count))[:, None]
+    refed = {
+        ".stats.accepted": len(jax.tree.leaves(carried)[0]),
+        ".stats.emitted": int(np.sum(valid & held[..., None])),
+        ".stats.batches": int(np.sum(held)),
+        ".stats.padded": int(np.sum(~valid & held[..., None])),
+    }
+    totals = [t - refed.get(n, 0) for n, t in _counter_totals(states.states)]
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), carried)
     inner = states.states
     size = jax.tree.leaves(getattr(inner, "batch", inner.buffer))[0].shape[1]
@@ -998,6 +1038,7 @@ def resume_per_device(
         pending = _mask_slots(_rows(out, keep), jnp.arange(slots) < emitted)
         news.append(DeviceStates(state, pending, emitted.astype(jnp.int32), jnp.int32(0)))
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *news)
+    stacked = eqx.tree_at(lambda d: d.states, stacked, _carry_counters(stacked.states, totals))
     with _on(mesh):
         return jax.device_put(stacked, NamedSharding(mesh, P(axis)))
 
@@ -1016,14 +1057,17 @@ def _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec) ->
     states = jax.tree.map(_to_host, states)
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), element_spec)
     empty = jax.tree.map(lambda x: jnp.zeros((0, *x.shape), x.dtype), as_element(spec))
-    batches = []
+    batches, totals = [], None
     for s in range(np.shape(states.pending_count)[0]):
         batches += [_rows(states.pending, (s, j)) for j in range(int(states.pending_count[s]))]
         state = _rows(states.states, s)
         room = 2 + max((np.shape(x)[0] for x in jax.tree.leaves(state) if np.ndim(x)), default=0)
-        out, n, _ = collect(batcher, state, empty, room, flush=True)
+        out, n, flushed = collect(batcher, state, empty, room, flush=True)
         _check_room(n, room, "max_batches")
         batches += [_rows(out, k) for k in range(int(n))]
+        # The flushed batches are counted as emitted by the flushed state: carry its totals.
+        mine = [t for _, t in _counter_totals(flushed)]
+        totals = mine if totals is None else [a + b for a, b in zip(totals, mine)]
     count = _axis_size(mesh, axis)
     keys = [None] * count if key is None else list(jax.random.split(key, count))
     blank = _mask_slots(_rows(states.pending, (0, np.zeros(slots, int))), jnp.zeros(slots, bool))
@@ -1041,5 +1085,6 @@ def _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec) ->
         state = batcher.init(spec, key=keys[r])
         news.append(DeviceStates(state, pending, jnp.int32(len(mine)), jnp.int32(0)))
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *news)
+    stacked = eqx.tree_at(lambda d: d.states, stacked, _carry_counters(stacked.states, totals))
     with _on(mesh):
         return jax.device_put(stacked, NamedSharding(mesh, P(axis)))
