@@ -225,21 +225,29 @@ def test_elastic_resume_batches_every_element_exactly_once(before, after, batche
         jb.resume_per_device(batcher, saved.states, new)
 
 
+def seen_tokens(carry, batch):
+    """Consumer: every real token of the packed rows, in slot order (`-1` elsewhere)."""
+    out, k = carry
+    real = (batch.data["tokens_segment_ids"] > 0) & batch.valid_mask[:, None]
+    tokens = jnp.where(real, batch.data["tokens"], -1).reshape(-1)
+    return jax.lax.dynamic_update_slice_in_dim(out, tokens, k * tokens.shape[0], 0), k + 1
+
+
+def unique_documents(num: int) -> dict[str, np.ndarray]:
+    """`documents` whose tokens are all different (1, 2, ...): each one's identity."""
+    data = documents(4, num)
+    unique = np.arange(1, num * ROW + 1, dtype=np.int32).reshape(num, ROW)
+    data["tokens"] = np.where(data["tokens"] > 0, unique, 0).astype(np.int32)
+    return data
+
+
 def test_elastic_resume_of_pack_carries_half_packed_rows_exactly_once():
     """`pack` 4 -> 2 devices: the saved rows (held back and half-packed) are flushed and
     dealt to the new devices; every token of every document is trained on exactly once."""
     old = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
     new = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
-    data = documents(4, 24)
-    unique = np.arange(1, 24 * ROW + 1, dtype=np.int32).reshape(24, ROW)
-    data["tokens"] = np.where(data["tokens"] > 0, unique, 0).astype(np.int32)
+    data = unique_documents(24)
     empty = (jnp.full(256 * ROW, -1, jnp.int32), jnp.int32(0))
-
-    def seen_tokens(carry, batch):
-        out, k = carry
-        real = (batch.data["tokens_segment_ids"] > 0) & batch.valid_mask[:, None]
-        tokens = jnp.where(real, batch.data["tokens"], -1).reshape(-1)
-        return jax.lax.dynamic_update_slice_in_dim(out, tokens, k * tokens.shape[0], 0), k + 1
 
     (first, _), saved = jb.scan_per_device(
         PACK, seen_tokens, empty, streams_of(data, old, 0, 3), old, flush=False
@@ -258,3 +266,30 @@ def test_elastic_resume_of_pack_carries_half_packed_rows_exactly_once():
     stats = {k: int(v) for k, v in jb.packing_stats(final).items()}
     assert (stats["tokens"], stats["sequences"]) == (len(want), len(data["n"]))
     assert int(jb.operation_stats(final)["applied_count"]) == len(data["n"])
+
+
+CONCAT = jb.concat_and_split(ROW, 2, lengths={"tokens": "n"})
+
+
+@pytest.mark.parametrize("before, after", [(4, 2), (2, 4)], ids=["4-2", "2-4"])
+def test_elastic_resume_of_concat_and_split_carries_every_token_once(before, after):
+    """`concat_and_split` (a stepped batcher) `before` -> `after` devices: the saved rows are
+    flushed and handed out first on the new devices; every token exactly once."""
+    old = jax.make_mesh((before,), ("data",), devices=jax.devices()[:before])
+    new = jax.make_mesh((after,), ("data",), devices=jax.devices()[:after])
+    data, read = unique_documents(32), 4 * before  # 4 documents read on each old device
+    empty = (jnp.full(128 * ROW, -1, jnp.int32), jnp.int32(0))
+    idx = jb.stream_indices(read, old)
+    first_part = jb.device_streams({k: v[idx] for k, v in data.items()}, old)
+    (first, _), saved = jb.scan_per_device(CONCAT, seen_tokens, empty, first_part, old, flush=False)
+    spec = {k: v[0] for k, v in data.items()}
+    states = jb.resume_per_device(CONCAT, saved, new, element_spec=spec)
+    idx = jb.stream_indices(32 - read, new, start=read)
+    rest = jb.device_streams({k: v[idx] for k, v in data.items()}, new)
+    (second, _), final = jb.scan_per_device(CONCAT, seen_tokens, empty, rest, new, states=states)
+    got = np.concatenate([np.asarray(first), np.asarray(second)])
+    want = data["tokens"][data["tokens"] > 0]
+    assert sorted(got[got >= 0].tolist()) == sorted(want.tolist())
+    # The counters read as the whole run's totals.
+    assert int(jb.operation_stats(final)["applied_count"]) == len(data["n"])
+    assert int(final.states.tokens["tokens"]) == len(want)
