@@ -44,6 +44,7 @@ def streams_of(data, mesh, start=0, stop=None) -> dict[str, jax.Array]:
 
 
 PACK = jb.pack(ROW, 2, lengths={"tokens": "n"})
+CONCAT = jb.concat_and_split(ROW, 2, lengths={"tokens": "n"})  # no bulk `feed`: stepped
 TRACES: list[int] = []
 
 
@@ -178,6 +179,24 @@ def test_too_little_room_raises_eagerly_and_is_counted_under_your_own_jit():
         jb.scan_per_device(PACK, count, jnp.int32(0), streams, mesh, flush=False, max_pending=0)
 
 
+def test_a_stepped_batchers_check_and_runaway_drain_raise_batcher_runtime_errors():
+    """A batcher without a bulk `feed`: its run-time check raises (naming the stream and
+    the element) instead of aborting, and a `flush` that never stops is bounded (law 3)."""
+    mesh, data = readme_mesh(), documents(1, 16)
+    data["n"][5] = -1  # element 1 of stream 1
+    with pytest.raises(jb.BatcherRuntimeError, match=r"element 1 of stream 1 \(`data\['n'\]`=-1\)"):
+        jb.scan_per_device(CONCAT, lambda c, b: c, jnp.int32(0), streams_of(data, mesh), mesh)
+    inner = jb.fixed_size(2)
+    endless = jb.Batcher(
+        init=inner.init,
+        step=inner.step,
+        flush=lambda s: (s, jb.Emit(inner.flush(s)[1].batch, jnp.array(True))),
+    )
+    streams = jb.device_streams({"i": jnp.arange(8).reshape(4, 2)}, mesh)
+    with pytest.raises(jb.BatcherRuntimeError, match="law 3"):
+        jb.scan_per_device(endless, lambda c, b: c, jnp.int32(0), streams, mesh)
+
+
 # --------------------------------------------------------------------------- elastic resume
 
 
@@ -266,9 +285,6 @@ def test_elastic_resume_of_pack_carries_half_packed_rows_exactly_once():
     stats = {k: int(v) for k, v in jb.packing_stats(final).items()}
     assert (stats["tokens"], stats["sequences"]) == (len(want), len(data["n"]))
     assert int(jb.operation_stats(final)["applied_count"]) == len(data["n"])
-
-
-CONCAT = jb.concat_and_split(ROW, 2, lengths={"tokens": "n"})
 
 
 @pytest.mark.parametrize("before, after", [(4, 2), (2, 4)], ids=["4-2", "2-4"])

@@ -936,7 +936,7 @@ def _check_stepped(batcher, mesh, axis, flush, streams, states, key):
 def _run_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key, room, pending):
     """`scan_per_device`'s programs, waited for (outside your own `jit`), so that a failed
     run-time check of the batcher raises here."""
-    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((carry, streams)))  # pyright: ignore
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((carry, streams, states)))  # pyright: ignore
     with _on(mesh):
         if batcher.feed is None:
             if not traced:  # under your own `jit` the checks share its program
