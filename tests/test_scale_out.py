@@ -287,7 +287,9 @@ def test_elastic_resume_of_pack_carries_half_packed_rows_exactly_once():
     assert int(jb.operation_stats(final)["applied_count"]) == len(data["n"])
 
 
-@pytest.mark.parametrize("before, after", [(4, 2), (2, 4)], ids=["4-2", "2-4"])
+@pytest.mark.parametrize(
+    "before, after", [(4, 2), pytest.param(2, 4, marks=pytest.mark.slow)], ids=["4-2", "2-4"]
+)
 def test_elastic_resume_of_concat_and_split_carries_every_token_once(before, after):
     """`concat_and_split` (a stepped batcher) `before` -> `after` devices: the saved rows are
     flushed and handed out first on the new devices; every token exactly once."""

@@ -986,6 +986,11 @@ def _rows(tree: Any, index: Any) -> Any:
     return jax.tree.map(lambda x: x[index], tree)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _collect(batcher, state, elements, capacity, flush):
+    return collect(batcher, state, elements, capacity, flush=flush)
+
+
 def _carried_elements(states: DeviceStates) -> Element:
     """Every element a `fixed_size` or `shuffle` `DeviceStates` holds (host arrays), stream
     by stream: its held-back batches' valid rows, then the rows of its batch being built,
@@ -1144,7 +1149,7 @@ def resume_per_device(
         share = _rows(carried, slice(r, None, count))
         n = jax.tree.leaves(share)[0].shape[0]
         state = batcher.init(spec, key=keys[r])
-        out, emitted, state = collect(batcher, state, share, n // size + 1)
+        out, emitted, state = _collect(batcher, state, share, n // size + 1, False)
         if int(emitted) > slots:
             raise ValueError(
                 f"New stream {r} starts with {int(emitted)} full batches of carried "
@@ -1178,7 +1183,7 @@ def _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec) ->
         batches += [_rows(states.pending, (s, j)) for j in range(int(states.pending_count[s]))]
         state = _rows(states.states, s)
         room = 2 + max((np.shape(x)[0] for x in jax.tree.leaves(state) if np.ndim(x)), default=0)
-        out, n, flushed = collect(batcher, state, empty, room, flush=True)
+        out, n, flushed = _collect(batcher, state, empty, room, True)
         _check_room(n, room, "max_batches")
         batches += [_rows(out, k) for k in range(int(n))]
         # The flushed batches are counted as emitted by the flushed state: carry its totals.
