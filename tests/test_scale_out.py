@@ -85,8 +85,9 @@ def test_an_lm_trains_on_the_readme_mesh_compiles_once_and_resumes_anywhere():
     streams = streams_of(data, mesh)
     TRACES.clear()
     params, states = jb.scan_per_device(PACK, lm_step, init_params(), streams, mesh)
+    traced = len(TRACES)  # 1, or 0 if another test already compiled this program
     again, _ = jb.scan_per_device(PACK, lm_step, params, streams, mesh)  # epoch 2
-    assert len(TRACES) == 1  # no new trace in epoch 2: the carry kept its placement
+    assert len(TRACES) == traced <= 1  # no new trace in epoch 2: the carry kept its placement
     assert not np.allclose(np.asarray(again["out"]), np.asarray(params["out"]))
     # The counters of the per-device states read as totals over the devices.
     stats = jb.packing_stats(states)
