@@ -821,11 +821,16 @@ def scan_per_device(
     counted from the start of the stream: without `flush`, only the global batches every
     stream has completed go to `fn`, and a stream's further batches wait in the returned
     `DeviceStates` (at most `max_pending`), so the global batches do not depend on where
-    the stream is split into calls. A batcher without a bulk `feed` is stepped element by
-    element (global batch `k` is then step `k`'s batches, also independent of the calls).
+    the stream is split into calls. A batcher without a bulk `feed` (`concat_and_split`)
+    is stepped element by element (global batch `k` is then step `k`'s batches, also
+    independent of the calls; batches `resume_per_device` carried over go first); its
+    run-time checks run first in a program of their own that moves nothing between devices
+    (the streams are stepped twice: once to check, once to batch and consume), so a failed
+    check raises instead of leaving the other devices waiting in a collective.
     At the end, every stream is flushed until it emits nothing (unless `flush=False`;
-    pass the returned states back to continue). Each stream's batches, order and `Stats`
-    are exactly those of `jb.scan` on that stream alone.
+    pass the returned states back to continue); the drain is bounded like `jb.drain`'s.
+    Each stream's batches, order and `Stats` are exactly those of `jb.scan` on that stream
+    alone.
 
     Args:
         batcher: a batcher whose `Emit.batch` is one `Batch` (static: build it once).
@@ -856,6 +861,12 @@ def scan_per_device(
             own `jit` it cannot raise: the batches that found no room are counted in
             `states.lost`); a stream more than `max_pending` batches ahead of the others.
         TypeError: a batcher that emits a tree of batches (such as `bucket_by`).
+        BatcherRuntimeError: a run-time check of the batcher refused an element (the first
+            line names the stream and the element's position in it, and its scalar leaves;
+            in several processes only the check's message), or a stream's end-of-stream
+            drain did not end (law 3). Under your own `jit` these are JAX run-time errors
+            of that `jit` (see `jb.consume`), and on a multi-device mesh a failed check
+            there can stall the other devices' collectives.
 
     Examples:
         Count the valid rows of every global batch:
@@ -1062,20 +1073,23 @@ def resume_per_device(
     `load_distributed` first).
 
     `fixed_size` and `shuffle` keep their buffered rows as elements, which are carried as
-    above (`shuffle` shuffles them again, with `key`). Other batchers with a bulk `feed`
-    (`pack`, `concat_and_split`) buffer rows that are no longer elements: each saved state
-    is flushed, and its batches (held back, then flushed: the half-packed rows emitted as
+    above (`shuffle` shuffles them again, with `key`). Other batchers (`pack`,
+    `concat_and_split`) buffer rows that are no longer elements: each saved state is
+    flushed, and its batches (held back, then flushed: the half-packed rows emitted as
     they are, so less full than usual) are dealt round-robin to the new devices as
-    held-back batches, ahead of fresh states (`element_spec` gives their element).
+    held-back batches, which the next `scan_per_device` hands out first, ahead of fresh
+    states (`element_spec` gives their element). A batcher without a bulk `feed`
+    (`concat_and_split`) gets room for exactly those batches (`max_pending` default).
 
     Args:
-        batcher: the `fixed_size` or `shuffle` batcher the states belong to.
+        batcher: the batcher the states belong to.
         states: the `DeviceStates` of `scan_per_device` (or `load_distributed`), on the
             devices or the host.
         mesh: the new mesh; `axis` gives `D'`.
         axis: the new mesh's data axis.
         key: for a stochastic batcher, the PRNG key of the new states (one per stream).
-        max_pending: the new states' `max_pending`; default the saved states'.
+        max_pending: the new states' `max_pending`; default the saved states' (a batcher
+            without a bulk `feed`: as many as the most carried batches of a new stream).
         element_spec: one element's structure (`jax.ShapeDtypeStruct`s or arrays), for
             batchers other than `fixed_size` and `shuffle`.
 
@@ -1083,7 +1097,7 @@ def resume_per_device(
         `DeviceStates` with `D'` streams, sharded over `axis`.
 
     Raises:
-        TypeError: `states` not `DeviceStates`, or a batcher without a bulk `feed`.
+        TypeError: `states` not `DeviceStates`.
         ValueError: no `key` for `shuffle`; no `element_spec` where it is needed; a new
             stream would hold back more than `max_pending` batches.
 
