@@ -161,7 +161,7 @@ def test_global_batches_do_not_depend_on_where_the_stream_is_split(name, split):
 def test_a_run_time_check_of_the_batcher_raises_instead_of_aborting():
     mesh, data = readme_mesh(), documents(1)
     data["n"][5] = -1  # a negative length: `pack` checks it inside the sharded program
-    with pytest.raises(Exception, match="sequence length is negative"):
+    with pytest.raises(jb.BatcherRuntimeError, match="element 1 of stream 1 .*is negative"):
         jb.scan_per_device(PACK, lambda c, b: c, jnp.int32(0), streams_of(data, mesh), mesh)
 
 
