@@ -661,13 +661,13 @@ def _scan_per_device(
         if not length and not slots:
             return done(carry, states)
 
-        def body(i, c):
+        def step_body(i, c):
             states, carry = c
             states, emit = advance(states, i)
             carry, _ = consume(carry, emit, everyone)
             return states, carry
 
-        states, carry = jax.lax.fori_loop(0, steps, body, (states, carry))
+        states, carry = jax.lax.fori_loop(0, steps, step_body, (states, carry))
         return done(carry, states)
 
     # The drain is bounded (law 3, as `jb.drain`): a stream whose `flush` still emits after
@@ -909,6 +909,7 @@ def scan_per_device(
     # the process on a multi-device CPU mesh). Under your own `jit` it cannot be checked:
     # the batches that found no room are counted in `states.lost`.
     if needed is not None and not isinstance(needed[0], jax.core.Tracer):  # pyright: ignore
+        assert max_batches is not None  # set above for a bulk `feed`
         _check_room(needed[0], max_batches, "max_batches")
         slots = jax.tree.leaves(states.pending)[0].shape[1]
         if int(needed[1]) > slots:
@@ -1158,6 +1159,8 @@ def resume_per_device(
     size = jax.tree.leaves(getattr(inner, "batch", inner.buffer))[0].shape[1]
     count = _axis_size(mesh, axis)
     keys = [None] * count if key is None else list(jax.random.split(key, count))
+    if slots is None:  # stepped: room for the full batches of the largest share
+        slots = -(-len(jax.tree.leaves(carried)[0]) // count) // size
     news = []
     for r in range(count):
         share = _rows(carried, slice(r, None, count))
@@ -1192,7 +1195,7 @@ def _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec) ->
     states = jax.tree.map(_to_host, states)
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), element_spec)
     empty = jax.tree.map(lambda x: jnp.zeros((0, *x.shape), x.dtype), as_element(spec))
-    batches, totals = [], None
+    batches, totals = [], []
     for s in range(np.shape(states.pending_count)[0]):
         batches += [_rows(states.pending, (s, j)) for j in range(int(states.pending_count[s]))]
         state = _rows(states.states, s)
@@ -1202,7 +1205,7 @@ def _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec) ->
         batches += [_rows(out, k) for k in range(int(n))]
         # The flushed batches are counted as emitted by the flushed state: carry its totals.
         mine = [t for _, t in _counter_totals(flushed)]
-        totals = mine if totals is None else [a + b for a, b in zip(totals, mine)]
+        totals = [a + b for a, b in zip(totals, mine)] if totals else mine
     count = _axis_size(mesh, axis)
     keys = [None] * count if key is None else list(jax.random.split(key, count))
     if slots is None:
