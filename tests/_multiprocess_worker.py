@@ -5,9 +5,14 @@ simulates 2 CPU devices, joins the others through `jax.distributed.initialize` (
 collectives through gloo), reads only its own elements of the stream (`stream_indices`),
 assembles the global per-device streams (`device_streams`), trains data-parallel on the
 global 4-device mesh with a checkpoint/restore (orbax) halfway, and process 0 writes the
-final parameters to `OUT_DIR/params.npz`.
+final parameters to `OUT_DIR/params.npz`. It also trains the small LM of
+`test_scale_out.py` (embedding, segment-masked attention over `pack`ed rows) on the mesh
+exactly as the README builds it (`OUT_DIR/lm.npz`), and reads the first part of two streams
+(`fixed_size`, `pack`), saving the per-device batcher states mid-stream through orbax
+(`OUT_DIR/elastic_<name>`) for the test process to continue on another number of devices.
 
-`run` is imported by the test to compute the same thing in one process on 4 devices.
+`run`, `run_lm` and `read_first_part` are imported by the test to compute the same things
+in one process on 4 devices.
 """
 
 import os
@@ -70,8 +75,76 @@ def run(mesh, checkpoint_dir=None):
     )
 
 
+def run_lm(mesh):
+    """The LM of `test_scale_out.py` trained for one epoch of packed documents on `mesh`."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from test_scale_out import PACK, documents, init_params, lm_step
+
+    import jaxbatch as jb
+
+    data = documents()
+    idx = jb.stream_indices(len(data["n"]), mesh, AXIS)
+    streams = jb.device_streams({k: v[idx] for k, v in data.items()}, mesh, AXIS)
+    params = jax.device_put(init_params(), NamedSharding(mesh, P()))
+    return jb.scan_per_device(PACK, lm_step, params, streams, mesh, AXIS)[0]
+
+
+# --------------------------------------------------------------------------- elastic resume
+# Two streams whose elements carry their identity (an id, or unique token values), read in
+# part on 4 devices (of 2 processes, or of one), then continued on 2 devices of one process.
+ELASTIC_ROW, ELASTIC_SEEN = 8, 512
+
+
+def elastic_case(name):
+    """`(batcher, stream, elements read per old device)` of the elastic test `name`."""
+    import numpy as np
+
+    import jaxbatch as jb
+
+    if name == "fixed_size":
+        batcher = BATCHERS.setdefault(name, jb.fixed_size(3))
+        return batcher, {"i": np.arange(44, dtype=np.int32)}, 5  # 2 rows stay buffered
+    batcher = BATCHERS.setdefault(name, jb.pack(ELASTIC_ROW, 2, lengths={"tokens": "n"}))
+    rng = np.random.default_rng(4)
+    n = rng.integers(1, ELASTIC_ROW + 1, 24).astype(np.int32)
+    unique = np.arange(1, 24 * ELASTIC_ROW + 1, dtype=np.int32).reshape(24, ELASTIC_ROW)
+    tokens = np.where(np.arange(ELASTIC_ROW) < n[:, None], unique, 0).astype(np.int32)
+    return batcher, {"tokens": tokens, "n": n}, 3  # half-packed rows stay buffered
+
+
+def seen(carry, batch):
+    """Consumer: every valid row's element id (`pack`: real tokens), in order; -1 else."""
+    import jax.numpy as jnp
+
+    out, k = carry
+    if "i" in batch.data:
+        ids = jnp.where(batch.valid_mask, batch.data["i"], -1)
+    else:
+        real = (batch.data["tokens_segment_ids"] > 0) & batch.valid_mask[:, None]
+        ids = jnp.where(real, batch.data["tokens"], -1).reshape(-1)
+    return jax.lax.dynamic_update_slice_in_dim(out, ids, k * ids.shape[0], 0), k + 1
+
+
+def read_first_part(mesh, name):
+    """Read the first part of stream `name` on `mesh` without `flush`: `(seen, states)`."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import jaxbatch as jb
+
+    batcher, data, read = elastic_case(name)
+    length = len(next(iter(data.values())))
+    idx = jb.stream_indices(length, mesh, AXIS)[:, :read]
+    streams = jb.device_streams({k: v[idx] for k, v in data.items()}, mesh, AXIS)
+    empty = (jnp.full(ELASTIC_SEEN, -1, jnp.int32), jnp.int32(0))
+    empty = jax.device_put(empty, NamedSharding(mesh, P()))
+    return jb.scan_per_device(batcher, seen, empty, streams, mesh, AXIS, flush=False)
+
+
 def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     import numpy as np
+
+    import jaxbatch as jb
 
     jax.distributed.initialize(
         f"127.0.0.1:{port}",
@@ -89,8 +162,14 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
         params, states = run(mesh, os.path.join(out_dir, "checkpoint"))
         local = {k: np.asarray(v.addressable_data(0)) for k, v in params.items()}
         counts = np.asarray(states.stats.accepted.lo.addressable_data(0))
+        lm = {k: np.asarray(v.addressable_data(0)) for k, v in run_lm(mesh).items()}
         if process_id == 0:
             np.savez(os.path.join(out_dir, "params.npz"), **local)
+            np.savez(os.path.join(out_dir, "lm.npz"), **lm)
+        for name in ("fixed_size", "pack"):
+            carry, states = read_first_part(mesh, name)
+            tree = {"batcher": states, "seen": carry}
+            jb.save_distributed(os.path.join(out_dir, f"elastic_{name}"), tree)
         print(f"process {process_id}: done, local accepted {counts.tolist()}", flush=True)
     finally:
         jax.distributed.shutdown()

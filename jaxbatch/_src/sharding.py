@@ -32,9 +32,20 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
-from .base import Batcher, Carry, Emit, State, when_ready
+from .base import Batcher, Carry, Counter, Emit, State, when_ready
 from .batch import Batch, rows_mask
-from .drivers import _check_room, _mask_slots, collect
+from .drivers import (
+    BatcherRuntimeError,
+    _check_room,
+    _explain,
+    _locate,
+    _mask_slots,
+    _max_flushes,
+    _runaway_message,
+    _runtime_reason,
+    collect,
+    drain,
+)
 from .element import Element, as_element
 
 _WHOLE_BATCH_FIELDS = ("batch_state", "batch_metadata")
@@ -583,6 +594,11 @@ def _local(f: Callable, mesh: Mesh, axis: Any) -> Callable:
     )
 
 
+def _flush_bound(states: Any) -> int:
+    """`jb.drain`'s bound on the `flush` calls of one stream's drain (stacked states)."""
+    return _max_flushes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 9, 10))
 def _scan_per_device(
     batcher, fn, mesh, axis, flush, carry, streams, states, key, room, max_pending
@@ -599,17 +615,39 @@ def _scan_per_device(
     local = functools.partial(_local, mesh=mesh, axis=axis)
 
     # Without a bulk `feed`: step every stream, one element per iteration (global batch `k`
-    # is step `k`'s batches, so it does not depend on where calls end either).
+    # is step `k`'s batches, so it does not depend on where calls end either). Batches that
+    # `resume_per_device` carried over (`pending`) go first, one per iteration.
     held, states = states, states.states
+    slots = jax.tree.leaves(held.pending)[0].shape[1]
+    carried = jnp.max(held.pending_count) if slots else jnp.zeros((), jnp.int32)
 
-    def done(carry, states):
-        return carry, eqx.tree_at(lambda d: d.states, held, states), None
+    def done(carry, states, runaway=None):
+        zeros = jnp.zeros_like(held.pending_count)
+        out = eqx.tree_at(lambda d: (d.states, d.pending_count), held, (states, zeros))
+        return carry, out, runaway
 
     everyone = _constrain(jnp.ones(count, bool), per_stream)
     step_all, flush_all = local(batcher.step), local(batcher.flush)
 
     def column(i):
         return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, False), streams)
+
+    def advance(states, i):
+        """Step `i`: a carried batch while `i < carried`, else stream column `i - carried`."""
+
+        def stepped(states):
+            return step_all(states, column(jnp.clip(i - carried, 0, max(length - 1, 0))))
+
+        if not slots:
+            return stepped(states)
+
+        def held_back(states):
+            pick = lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, False)  # noqa: E731
+            return states, Emit(jax.tree.map(pick, held.pending), i < held.pending_count)
+
+        if not length:
+            return held_back(states)
+        return jax.lax.cond(i < carried, held_back, stepped, states)
 
     def consume(carry, emit, live):
         ready = emit.ready & live
@@ -618,43 +656,50 @@ def _scan_per_device(
         go = jnp.any(ready)
         return when_ready(Emit(batch, go), fn, carry), ready
 
+    steps = carried + length
     if not flush:
-        if not length:
+        if not length and not slots:
             return done(carry, states)
 
-        def body(c, i):
+        def step_body(i, c):
             states, carry = c
-            states, emit = step_all(states, column(i))
+            states, emit = advance(states, i)
             carry, _ = consume(carry, emit, everyone)
-            return (states, carry), None
+            return states, carry
 
-        (states, carry), _ = jax.lax.scan(body, (states, carry), jnp.arange(length))
+        states, carry = jax.lax.fori_loop(0, steps, step_body, (states, carry))
         return done(carry, states)
 
-    def body(c):
-        i, states, carry, live = c
+    # The drain is bounded (law 3, as `jb.drain`): a stream whose `flush` still emits after
+    # as many calls as its state holds rows (and two more) is a runaway, reported by the
+    # caller (no `eqx.error_if` inside the sharded program: it would stall a collective).
+    bound = _flush_bound(states)
 
-        def stepped(states, live):
-            states, emit = step_all(states, column(jnp.minimum(i, max(length - 1, 0))))
-            return states, emit, live
+    def body(c):
+        i, states, carry, live, flushes = c
 
         def flushed(states, live):
             new, emit = flush_all(states)
             # A stream is drained once its flush emits nothing; its state then stays put.
             new = jax.tree.map(lambda a, b: jnp.where(rows_mask(live, a), a, b), new, states)
-            return new, emit, live
+            return new, emit
 
-        if length:
-            states, emit, live = jax.lax.cond(i < length, stepped, flushed, states, live)
+        if length or slots:
+            states, emit = jax.lax.cond(
+                i < steps, lambda s, _: advance(s, i), flushed, states, live
+            )
         else:
-            states, emit, live = flushed(states, live)
+            states, emit = flushed(states, live)
         carry, ready = consume(carry, emit, live)
-        live = jnp.where(i < length, live, ready)
-        return i + 1, states, carry, live
+        live = jnp.where(i < steps, live, ready)
+        flushes = flushes + (i >= steps).astype(jnp.int32)
+        return i + 1, states, carry, live, flushes
 
-    start = (jnp.zeros((), jnp.int32), states, carry, everyone)
-    _, states, carry, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]), body, start)
-    return done(carry, states)
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, states, carry, everyone, zero)
+    going = lambda c: jnp.any(c[3]) & (c[4] < bound)  # noqa: E731
+    _, states, carry, live, _ = jax.lax.while_loop(going, body, start)
+    return done(carry, states, jnp.any(live))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 7, 8))
@@ -776,11 +821,16 @@ def scan_per_device(
     counted from the start of the stream: without `flush`, only the global batches every
     stream has completed go to `fn`, and a stream's further batches wait in the returned
     `DeviceStates` (at most `max_pending`), so the global batches do not depend on where
-    the stream is split into calls. A batcher without a bulk `feed` is stepped element by
-    element (global batch `k` is then step `k`'s batches, also independent of the calls).
+    the stream is split into calls. A batcher without a bulk `feed` (`concat_and_split`)
+    is stepped element by element (global batch `k` is then step `k`'s batches, also
+    independent of the calls; batches `resume_per_device` carried over go first); its
+    run-time checks run first in a program of their own that moves nothing between devices
+    (the streams are stepped twice: once to check, once to batch and consume), so a failed
+    check raises instead of leaving the other devices waiting in a collective.
     At the end, every stream is flushed until it emits nothing (unless `flush=False`;
-    pass the returned states back to continue). Each stream's batches, order and `Stats`
-    are exactly those of `jb.scan` on that stream alone.
+    pass the returned states back to continue); the drain is bounded like `jb.drain`'s.
+    Each stream's batches, order and `Stats` are exactly those of `jb.scan` on that stream
+    alone.
 
     Args:
         batcher: a batcher whose `Emit.batch` is one `Batch` (static: build it once).
@@ -811,6 +861,12 @@ def scan_per_device(
             own `jit` it cannot raise: the batches that found no room are counted in
             `states.lost`); a stream more than `max_pending` batches ahead of the others.
         TypeError: a batcher that emits a tree of batches (such as `bucket_by`).
+        BatcherRuntimeError: a run-time check of the batcher refused an element (the first
+            line names the stream and the element's position in it, and its scalar leaves;
+            in several processes only the check's message), or a stream's end-of-stream
+            drain did not end (law 3). Under your own `jit` these are JAX run-time errors
+            of that `jit` (see `jb.consume`), and on a multi-device mesh a failed check
+            there can stall the other devices' collectives.
 
     Examples:
         Count the valid rows of every global batch:
@@ -834,25 +890,26 @@ def scan_per_device(
     if max_batches is None and batcher.feed is not None:
         max_batches = _default_room(batcher, streams, states, key, flush)
     carry = _place_carry(carry, mesh)
-    with _on(mesh):
-        if batcher.feed is None:
-            carry, states, needed = _scan_per_device(
-                batcher, fn, mesh, axis, flush, carry, streams, states, key, None, max_pending
-            )
-        else:  # two programs: the batcher's own checks raise before any collective runs
-            args = (streams, states, key, max_batches, max_pending)
-            states, *lined = _gather_per_device(batcher, mesh, axis, flush, *args)
-            if not isinstance(lined[1], jax.core.Tracer):  # pyright: ignore
-                # A failed check raises here: dispatched, the next program's collective
-                # would wait forever for the device that failed (the process aborts).
-                jax.block_until_ready(lined[1])
-            carry, states, needed = _hand_out(
-                fn, mesh, axis, flush, max_batches, carry, states, *lined
-            )
+    try:
+        carry, states, needed = _run_per_device(
+            batcher, fn, mesh, axis, flush, carry, streams, states, key, max_batches, max_pending
+        )
+    except Exception as e:
+        if _runtime_reason(e) is None:
+            raise
+        raise _explain_streams(e, batcher, streams, states, key, flush) from e
+    if batcher.feed is None:
+        if needed is not None and not isinstance(needed, jax.core.Tracer):  # pyright: ignore
+            if bool(needed):
+                bound = _flush_bound(states.states)
+                message = _runaway_message(bound)
+                raise BatcherRuntimeError(f"`jb.scan_per_device`: {message}", None, message)
+        return carry, states
     # Checked here, not with `eqx.error_if` inside the sharded program (its callback aborts
     # the process on a multi-device CPU mesh). Under your own `jit` it cannot be checked:
     # the batches that found no room are counted in `states.lost`.
     if needed is not None and not isinstance(needed[0], jax.core.Tracer):  # pyright: ignore
+        assert max_batches is not None  # set above for a bulk `feed`
         _check_room(needed[0], max_batches, "max_batches")
         slots = jax.tree.leaves(states.pending)[0].shape[1]
         if int(needed[1]) > slots:
@@ -865,11 +922,85 @@ def scan_per_device(
     return carry, states
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _check_stepped(batcher, mesh, axis, flush, streams, states, key):
+    """A stepped batcher's run-time checks, in a program of their own that moves nothing
+    between devices: every stream is stepped (and drained, bounded) and the result dropped,
+    so a failed check raises before the sharded program, whose collectives would wait
+    forever for the device that failed (the process aborts)."""
+    count = jax.tree.leaves(streams)[0].shape[0]
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
+    if states is None:
+        states = _init_states(batcher, spec, count, key)
+    states = states.states if isinstance(states, DeviceStates) else states
+    per_stream = NamedSharding(mesh, P(axis))
+    states, streams = _constrain((states, streams), per_stream)
+
+    def run(state, stream):
+        state = jax.lax.scan(lambda s, e: (batcher.step(s, e)[0], None), state, stream)[0]
+        if flush:
+            return drain(batcher, lambda c, b: c + 1, jnp.zeros((), jnp.int32), state)[0]
+        return jnp.zeros((), jnp.int32)
+
+    return _local(run, mesh, axis)(states, streams)
+
+
+def _run_per_device(batcher, fn, mesh, axis, flush, carry, streams, states, key, room, pending):
+    """`scan_per_device`'s programs, waited for (outside your own `jit`), so that a failed
+    run-time check of the batcher raises here."""
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((carry, streams, states)))  # pyright: ignore
+    with _on(mesh):
+        if batcher.feed is None:
+            if not traced:  # under your own `jit` the checks share its program
+                checked = _check_stepped(batcher, mesh, axis, flush, streams, states, key)
+                jax.block_until_ready(checked)
+            out = _scan_per_device(
+                batcher, fn, mesh, axis, flush, carry, streams, states, key, None, pending
+            )
+            return out if traced else jax.block_until_ready(out)
+        # Two programs: the batcher's own checks raise before any collective runs.
+        args = (streams, states, key, room, pending)
+        states, *lined = _gather_per_device(batcher, mesh, axis, flush, *args)
+        if not isinstance(lined[1], jax.core.Tracer):  # pyright: ignore
+            # A failed check raises here: dispatched, the next program's collective
+            # would wait forever for the device that failed (the process aborts).
+            jax.block_until_ready(lined[1])
+        return _hand_out(fn, mesh, axis, flush, room, carry, states, *lined)
+
+
+def _explain_streams(error, batcher, streams, states, key, flush) -> BatcherRuntimeError:
+    """`jb.BatcherRuntimeError` for a run-time check that failed in `scan_per_device`: each
+    stream is stepped again from its state (`jb.scan`'s search) to name the stream and the
+    element. In several processes the streams are not all here: the check's message only."""
+    reason = _runtime_reason(error) or ""
+    who = "jb.scan_per_device"
+    if jax.process_count() > 1:
+        return BatcherRuntimeError(f"`{who}`: a run-time check failed: {reason}", None, reason)
+    streams = jax.tree.map(_to_host, streams)
+    count = jax.tree.leaves(streams)[0].shape[0]
+    if states is None:
+        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), streams)
+        states = _init_states(batcher, spec, count, key)
+    inner = states.states if isinstance(states, DeviceStates) else states
+    inner = jax.tree.map(_to_host, inner)
+    for s in range(count):
+        state, elements = _rows(inner, s), _rows(streams, s)
+        if _locate(batcher, state, elements, flush)[0] is not None or s == count - 1:
+            found = _explain(error, who, batcher, state, elements, flush, stream=f"stream {s}")
+            return found or BatcherRuntimeError(f"`{who}`: {reason}", None, reason)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 # --------------------------------------------------------------------------- elastic resume
 
 
 def _rows(tree: Any, index: Any) -> Any:
     return jax.tree.map(lambda x: x[index], tree)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _collect(batcher, state, elements, capacity, flush):
+    return collect(batcher, state, elements, capacity, flush=flush)
 
 
 def _carried_elements(states: DeviceStates) -> Element:
@@ -893,6 +1024,32 @@ def _carried_elements(states: DeviceStates) -> Element:
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
+def _is_counter(x: Any) -> bool:
+    return isinstance(x, Counter)
+
+
+def _counter_totals(state: Any) -> list[tuple[str, int]]:
+    """Every `Counter` of `state` (stacked or not): its path and total, in tree order."""
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_counter)[0]
+    return [(jax.tree_util.keystr(p), int(c)) for p, c in flat if _is_counter(c)]
+
+
+def _carry_counters(news: Any, extra: list[int]) -> Any:
+    """The stacked new states with each `Counter` on stream 0 raised by the matching entry
+    of `extra` (the saved counts), saturating like every `Counter`."""
+    leaves, treedef = jax.tree.flatten(news, is_leaf=_is_counter)
+    counters = iter(extra)
+
+    def raised(c: Any) -> Any:
+        if not _is_counter(c):
+            return c
+        first = min((int(c.hi[0]) << 32 | int(c.lo[0])) + next(counters), Counter.MAX)
+        one = Counter.of(first)
+        return Counter(c.lo.at[0].set(one.lo), c.hi.at[0].set(one.hi))
+
+    return jax.tree.unflatten(treedef, [raised(c) for c in leaves])
+
+
 def resume_per_device(
     batcher: Batcher,
     states: Any,
@@ -910,24 +1067,30 @@ def resume_per_device(
     and fed to fresh states, so each element is batched exactly once; the order is fixed by
     `(D, D', split point)`. The stream's unread elements, from global position
     `start = columns consumed * D`, are then dealt to the new devices with
-    `jb.stream_indices(n, mesh, start=start)`. The new states' `Stats` count the carried
-    elements again (they restart at the resume). One process.
+    `jb.stream_indices(n, mesh, start=start)`. The new states carry the saved counters
+    (`Stats`, `jb.packing_stats`; on new stream 0), so the states at the end of the run read
+    the whole run's totals, every element accepted once, as after a resume on the same
+    devices. One process (load the states of several processes with
+    `load_distributed` first).
 
     `fixed_size` and `shuffle` keep their buffered rows as elements, which are carried as
-    above (`shuffle` shuffles them again, with `key`). Other batchers with a bulk `feed`
-    (`pack`, `concat_and_split`) buffer rows that are no longer elements: each saved state
-    is flushed, and its batches (held back, then flushed: the half-packed rows emitted as
+    above (`shuffle` shuffles them again, with `key`). Other batchers (`pack`,
+    `concat_and_split`) buffer rows that are no longer elements: each saved state is
+    flushed, and its batches (held back, then flushed: the half-packed rows emitted as
     they are, so less full than usual) are dealt round-robin to the new devices as
-    held-back batches, ahead of fresh states (`element_spec` gives their element).
+    held-back batches, which the next `scan_per_device` hands out first, ahead of fresh
+    states (`element_spec` gives their element). A batcher without a bulk `feed`
+    (`concat_and_split`) gets room for exactly those batches (`max_pending` default).
 
     Args:
-        batcher: the `fixed_size` or `shuffle` batcher the states belong to.
+        batcher: the batcher the states belong to.
         states: the `DeviceStates` of `scan_per_device` (or `load_distributed`), on the
             devices or the host.
         mesh: the new mesh; `axis` gives `D'`.
         axis: the new mesh's data axis.
         key: for a stochastic batcher, the PRNG key of the new states (one per stream).
-        max_pending: the new states' `max_pending`; default the saved states'.
+        max_pending: the new states' `max_pending`; default the saved states' (a batcher
+            without a bulk `feed`: as many as the most carried batches of a new stream).
         element_spec: one element's structure (`jax.ShapeDtypeStruct`s or arrays), for
             batchers other than `fixed_size` and `shuffle`.
 
@@ -935,7 +1098,7 @@ def resume_per_device(
         `DeviceStates` with `D'` streams, sharded over `axis`.
 
     Raises:
-        TypeError: `states` not `DeviceStates`, or a batcher without a bulk `feed`.
+        TypeError: `states` not `DeviceStates`.
         ValueError: no `key` for `shuffle`; no `element_spec` where it is needed; a new
             stream would hold back more than `max_pending` batches.
 
@@ -959,17 +1122,19 @@ def resume_per_device(
     from .batchers.fixed_size import FixedSizeState
     from .batchers.shuffle import ShuffleState
 
-    if not isinstance(states, DeviceStates) or batcher.feed is None:
+    if not isinstance(states, DeviceStates):
         raise TypeError(
             "`states` must be the `DeviceStates` that `scan_per_device` or `init_per_device` "
-            f"returned for a batcher with a bulk `feed`, got {type(states).__name__}."
+            f"returned, got {type(states).__name__}."
         )
     _check_mesh(mesh, axis)
     if isinstance(states.states, ShuffleState) and key is None:
         raise ValueError("`shuffle` states need a `key` for the new streams' shuffling.")
-    slots = jax.tree.leaves(states.pending)[0].shape[1]
-    slots = slots if max_pending is None else max_pending
-    _check_positive(slots, "max_pending", zero=True)
+    if max_pending is not None:
+        _check_positive(max_pending, "max_pending", zero=True)
+    # A stepped batcher holds nothing back between calls: room for what is carried.
+    saved = jax.tree.leaves(states.pending)[0].shape[1] if batcher.feed is not None else None
+    slots = saved if max_pending is None else max_pending
     if not isinstance(states.states, (FixedSizeState, ShuffleState)):
         if element_spec is None:
             raise ValueError(
@@ -978,17 +1143,30 @@ def resume_per_device(
             )
         return _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec)
     carried = _carried_elements(states)
+    # The carried elements are fed again, so the new states count them (and re-form the
+    # held-back batches) again: take that off the saved totals.
+    valid = np.asarray(jax.device_get(states.pending.valid_mask))
+    held = np.arange(valid.shape[1]) < np.asarray(jax.device_get(states.pending_count))[:, None]
+    refed = {
+        ".stats.accepted": len(jax.tree.leaves(carried)[0]),
+        ".stats.emitted": int(np.sum(valid & held[..., None])),
+        ".stats.batches": int(np.sum(held)),
+        ".stats.padded": int(np.sum(~valid & held[..., None])),
+    }
+    totals = [t - refed.get(n, 0) for n, t in _counter_totals(states.states)]
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), carried)
     inner = states.states
     size = jax.tree.leaves(getattr(inner, "batch", inner.buffer))[0].shape[1]
     count = _axis_size(mesh, axis)
     keys = [None] * count if key is None else list(jax.random.split(key, count))
+    if slots is None:  # stepped: room for the full batches of the largest share
+        slots = -(-len(jax.tree.leaves(carried)[0]) // count) // size
     news = []
     for r in range(count):
         share = _rows(carried, slice(r, None, count))
         n = jax.tree.leaves(share)[0].shape[0]
         state = batcher.init(spec, key=keys[r])
-        out, emitted, state = collect(batcher, state, share, n // size + 1)
+        out, emitted, state = _collect(batcher, state, share, n // size + 1, False)
         if int(emitted) > slots:
             raise ValueError(
                 f"New stream {r} starts with {int(emitted)} full batches of carried "
@@ -998,6 +1176,7 @@ def resume_per_device(
         pending = _mask_slots(_rows(out, keep), jnp.arange(slots) < emitted)
         news.append(DeviceStates(state, pending, emitted.astype(jnp.int32), jnp.int32(0)))
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *news)
+    stacked = eqx.tree_at(lambda d: d.states, stacked, _carry_counters(stacked.states, totals))
     with _on(mesh):
         return jax.device_put(stacked, NamedSharding(mesh, P(axis)))
 
@@ -1016,17 +1195,25 @@ def _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec) ->
     states = jax.tree.map(_to_host, states)
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), element_spec)
     empty = jax.tree.map(lambda x: jnp.zeros((0, *x.shape), x.dtype), as_element(spec))
-    batches = []
+    batches, totals = [], []
     for s in range(np.shape(states.pending_count)[0]):
         batches += [_rows(states.pending, (s, j)) for j in range(int(states.pending_count[s]))]
         state = _rows(states.states, s)
         room = 2 + max((np.shape(x)[0] for x in jax.tree.leaves(state) if np.ndim(x)), default=0)
-        out, n, _ = collect(batcher, state, empty, room, flush=True)
+        out, n, flushed = _collect(batcher, state, empty, room, True)
         _check_room(n, room, "max_batches")
         batches += [_rows(out, k) for k in range(int(n))]
+        # The flushed batches are counted as emitted by the flushed state: carry its totals.
+        mine = [t for _, t in _counter_totals(flushed)]
+        totals = [a + b for a, b in zip(totals, mine)] if totals else mine
     count = _axis_size(mesh, axis)
     keys = [None] * count if key is None else list(jax.random.split(key, count))
-    blank = _mask_slots(_rows(states.pending, (0, np.zeros(slots, int))), jnp.zeros(slots, bool))
+    if slots is None:
+        slots = -(-len(batches) // count)
+    one = jax.eval_shape(lambda: batcher.init(spec, key=keys[0]))
+    batch = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, one, spec)
+    blank = jax.tree.map(lambda x: jnp.zeros((slots, *x.shape), x.dtype), batch)
+    blank = _mask_slots(blank, jnp.zeros(slots, bool))
     news = []
     for r in range(count):
         mine = batches[r::count]
@@ -1041,5 +1228,6 @@ def _resume_by_batches(batcher, states, mesh, axis, key, slots, element_spec) ->
         state = batcher.init(spec, key=keys[r])
         news.append(DeviceStates(state, pending, jnp.int32(len(mine)), jnp.int32(0)))
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *news)
+    stacked = eqx.tree_at(lambda d: d.states, stacked, _carry_counters(stacked.states, totals))
     with _on(mesh):
         return jax.device_put(stacked, NamedSharding(mesh, P(axis)))
