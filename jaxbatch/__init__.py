@@ -107,6 +107,7 @@ from ._src.pipeline import (
     with_data as with_data,
     without_data as without_data,
 )
+from ._src.reshard import reshard_pipeline as reshard_pipeline
 from ._src.sharding import (
     DeviceStates as DeviceStates,
     batch_sharding as batch_sharding,

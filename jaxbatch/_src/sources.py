@@ -357,6 +357,8 @@ class OrderState(eqx.Module):
         base: `[sources]` int32, each source's count at `origin`.
         weights: `[sources]` float32, the weights in use (a pipeline built with other
             weights re-anchors `origin` and `base` at the state's position).
+        start: the global position of local position 0: 0, or where `jb.reshard_pipeline`
+            cut the stream to continue it on another number of shards.
     """
 
     position: Int[Array, ""]
@@ -365,6 +367,7 @@ class OrderState(eqx.Module):
     origin: Int[Array, ""]
     base: Int[Array, " sources"]
     weights: Float[Array, " sources"]
+    start: Int[Array, ""]
 
 
 def init_order(order: Order) -> OrderState:
@@ -372,7 +375,8 @@ def init_order(order: Order) -> OrderState:
     s = len(order.weights)
     zero = jnp.zeros((), jnp.int32)
     zeros = jnp.zeros((s,), jnp.int32)
-    return OrderState(zero, zero, zeros, zero, zeros, jnp.asarray(order.weights, jnp.float32))
+    weights = jnp.asarray(order.weights, jnp.float32)
+    return OrderState(zero, zero, zeros, zero, zeros, weights, jnp.zeros((), jnp.int32))
 
 
 class Located(NamedTuple):
@@ -415,9 +419,9 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
         # Weights other than the state's: re-anchor the schedule at the state's position,
         # each source continuing from its count there.
         changed = jnp.any(state.weights != weights)
-        origin = jnp.where(changed, state.position * h, state.origin)
+        origin = jnp.where(changed, state.start + state.position * h, state.origin)
         base = jnp.where(changed, state.counts, state.base)
-        g = positions * h + s_index  # global positions
+        g = state.start + positions * h + s_index  # global positions
         # Positions are >= 0 (a negative one reads as position 0). Only a bounded order
         # has positions to skip: those past its last epoch.
         valid = jnp.ones(positions.shape, bool) if total is None else g < total
@@ -428,7 +432,7 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
             q, r = k // sched.period, k % sched.period
             source = jnp.asarray(sched.source)[r]
             j = base[source] + q * props[source] + jnp.asarray(sched.index)[r]
-            kk = jnp.maximum(nxt * h - origin, 0)
+            kk = jnp.maximum(state.start + nxt * h - origin, 0)
             before = jnp.asarray(sched.before)[kk % sched.period]
             counts = base + (kk // sched.period) * props + before
         else:
@@ -450,6 +454,7 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
             origin=origin.astype(jnp.int32),
             base=base.astype(jnp.int32),
             weights=weights,
+            start=state.start,
         )
         return Located(row, source, epoch, valid), new
 

@@ -1,0 +1,139 @@
+"""`jb.reshard_pipeline`: a pipeline saved on D shards continues on D' shards, every
+element of the stream exactly once over the whole run (the saved buffers carried as
+batches, the rest of the stream read from the cut in the same global order)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbatch as jb
+
+N, WIDTH, EPOCHS, CHUNK = 23, 6, 2, 5
+LEN = {"tokens": "length"}
+
+
+def _data():
+    rng = np.random.default_rng(1)
+    length = rng.integers(1, WIDTH + 1, N).astype(np.int32)
+    pos = np.arange(WIDTH)[None]
+    tokens = np.where(pos < length[:, None], np.arange(N)[:, None] * WIDTH + pos + 1, 0)
+    return {
+        "tokens": jnp.asarray(tokens, jnp.int32),
+        "length": jnp.asarray(length),
+        "label": jnp.arange(N, dtype=jnp.int32),
+    }
+
+
+DATA = _data()
+MAKERS = {
+    "fixed_size": (lambda: jb.fixed_size(3), {}),
+    "pack": (lambda: jb.pack(8, 2, lengths=LEN), {"lengths": LEN}),
+    "fixed_size then rebatch": (lambda: jb.fixed_size(2), {"then": jb.rebatch(3)}),
+}
+
+
+@functools.cache
+def _pipe(kind, shards, index):
+    make, kwargs = MAKERS[kind]
+    order = jb.epochs(num_epochs=EPOCHS, num_shards=shards, shard_index=index)
+    return jb.pipeline(DATA, make(), order=order, **kwargs), order
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _chunk(pipe, state, flush):
+    return jb.collect(pipe, state, jb.next_positions(state, CHUNK), 8, flush=flush)
+
+
+def _units(kind, batch, count=None):
+    """What a batch (or the first `count` of a stack) holds: labels, or packed tokens."""
+    if count is not None:
+        batch = jax.tree.map(lambda x: x[:count], batch)
+    if kind == "pack":
+        tokens, ids = np.asarray(batch.data["tokens"]), np.asarray(batch.data["tokens_segment_ids"])
+        return tokens[ids > 0].tolist()
+    return np.asarray(batch.data["label"])[np.asarray(batch.valid_mask)].tolist()
+
+
+def _expected(kind):
+    if kind == "pack":
+        tokens, ids = np.asarray(DATA["tokens"]), np.asarray(DATA["tokens"])
+        return sorted(tokens[ids > 0].tolist() * EPOCHS)
+    return sorted(list(range(N)) * EPOCHS)
+
+
+def _run(kind, before, after, calls):
+    """`calls` chunks on `before` shards in lockstep, reshard, the rest on `after` shards."""
+    seen, saved = [], []
+    for d in range(before):
+        pipe, _ = _pipe(kind, before, d)
+        state = pipe.init(jnp.int32(0), key=jax.random.key(7))
+        for _ in range(calls):
+            out, count, state = _chunk(pipe, state, False)
+            seen += _units(kind, out, int(count))
+        saved.append(jb.without_data(state))
+    finals, order_seen = [], []
+    for e in range(after):
+        pipe, order = _pipe(kind, after, e)
+        carried, state = jb.reshard_pipeline(
+            pipe, order, saved, pipe.init(jnp.int32(0), key=jax.random.key(99))
+        )
+        for batch in carried:
+            seen += _units(kind, batch)
+            order_seen.append(_units(kind, batch))
+        while True:  # to the end of the bounded stream, then the drain
+            done = int(state.order.start) + int(state.order.position) * after >= N * EPOCHS
+            out, count, state = _chunk(pipe, state, done)
+            got = _units(kind, out, int(count))
+            seen += got
+            order_seen.append(got)
+            if done:
+                break
+        finals.append(state)
+    return seen, order_seen, saved, finals
+
+
+@pytest.mark.parametrize(
+    ("kind", "before", "after", "calls"),
+    [
+        ("fixed_size", 4, 2, 1),
+        pytest.param("pack", 2, 4, 2, marks=pytest.mark.slow),
+        pytest.param("fixed_size then rebatch", 2, 3, 2, marks=pytest.mark.slow),
+        pytest.param("pack", 3, 1, 1, marks=pytest.mark.slow),
+        pytest.param("fixed_size", 1, 2, 3, marks=pytest.mark.slow),
+    ],
+)
+def test_every_element_exactly_once_over_the_resize(kind, before, after, calls):
+    seen, order_seen, saved, finals = _run(kind, before, after, calls)
+    assert sorted(seen) == _expected(kind)
+    # Deterministic given (D, D', cut): a second run gives the same batches in order.
+    assert _run(kind, before, after, calls)[1] == order_seen
+    # The counters: the new states sum to the whole run (each element accepted once).
+    accepted = sum(int(s.stats.accepted) for s in finals)
+    assert accepted == N * EPOCHS
+    assert max(int(s.order.epoch) for s in finals) == EPOCHS - 1
+
+
+def test_refuses_shards_at_different_positions_and_other_pipelines():
+    pipe0, _ = _pipe("fixed_size", 2, 0)
+    pipe1, _ = _pipe("fixed_size", 2, 1)
+    s0 = pipe0.init(jnp.int32(0), key=jax.random.key(7))
+    s1 = _chunk(pipe1, pipe1.init(jnp.int32(0), key=jax.random.key(7)), False)[2]
+    new, order = _pipe("fixed_size", 1, 0)
+    fresh = new.init(jnp.int32(0), key=jax.random.key(7))
+    with pytest.raises(ValueError, match=r"different local positions \[0, 5\]"):
+        jb.reshard_pipeline(new, order, [s0, s1], fresh)
+    other, other_order = _pipe("pack", 1, 0)
+    with pytest.raises(ValueError, match=r"`saved\[0\]` is a state of another pipeline"):
+        jb.reshard_pipeline(
+            other, other_order, [s0, s0], other.init(jnp.int32(0), key=jax.random.key(7))
+        )
+    s_other_key = pipe1.init(jnp.int32(0), key=jax.random.key(8))
+    with pytest.raises(ValueError, match=r"disagree on their order's `seed`"):
+        jb.reshard_pipeline(new, order, [s0, s_other_key], fresh)
+    with pytest.raises(ValueError, match=r"`saved` is empty"):
+        jb.reshard_pipeline(new, order, [], fresh)
+    with pytest.raises(ValueError, match=r"`order` must be"):
+        jb.reshard_pipeline(new, None, [s0], fresh)
