@@ -48,6 +48,7 @@ from .element import Element, as_element
 from .sources import Order, OrderState, epochs, init_order, make_locate, order_seed
 from .spec import check_against_spec
 
+_INT32_MAX = 2**31 - 1
 _POSITION = Element(data=jax.ShapeDtypeStruct((), jnp.int32))
 _ROW = "__row"
 _SMALL_BYTES = 16  # per-row leaves up to this size travel with the proxy (a batcher may read them)
@@ -193,6 +194,10 @@ def pipeline(
             leaf), `batcher` or `then` not a `Batcher`, a bad `order`, `lengths` or
             `late_gather`; at `init`, an element spec that is not an int32 position, or no
             key for a shuffled order.
+        BatcherRuntimeError: (from the drivers; an `eqx.error_if` under your own `jit`) a
+            position outside `[0, (2**31 - 1) // num_shards)`: positions are int32, so one
+            stream holds at most that many (thousands of epochs of a million rows); start
+            a new stream, a fresh `init` with another key, before it.
 
     Examples:
         Three epochs of 5 rows, each in a new order, in batches of 4:
@@ -641,6 +646,10 @@ def next_positions(state: PipelineState, n: int) -> Array:
     Pass the same `n` on every call (the last chunk too: positions past the last epoch are
     skipped) and the program compiles once.
 
+    Raises:
+        ValueError: `n` not a non-negative int, or the positions would pass 2**31 - 1
+            (positions are int32: start a new stream with a fresh `init`).
+
     Examples:
         >>> import jax.numpy as jnp
         >>> import jaxbatch as jb
@@ -651,7 +660,14 @@ def next_positions(state: PipelineState, n: int) -> Array:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"`n` must be a non-negative int, got {n!r}.")
-    return state.order.position + jnp.arange(n, dtype=jnp.int32)
+    position = state.order.position
+    if not isinstance(position, jax.core.Tracer) and int(position) + n > _INT32_MAX:  # pyright: ignore
+        raise ValueError(
+            f"`n`={n} positions from position {int(position)} pass 2**31 - 1: positions are "
+            "int32 (see `jb.pipeline`, Raises). Start a new stream: a fresh `pipe.init` with "
+            "another key."
+        )
+    return position + jnp.arange(n, dtype=jnp.int32)
 
 
 def progress(state: PipelineState) -> dict[str, Any]:

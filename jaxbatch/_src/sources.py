@@ -370,9 +370,14 @@ class OrderState(eqx.Module):
 def init_order(order: Order) -> OrderState:
     """The order state at the start of the stream."""
     s = len(order.weights)
-    zero = jnp.zeros((), jnp.int32)
-    zeros = jnp.zeros((s,), jnp.int32)
-    return OrderState(zero, zero, zeros, zero, zeros, jnp.asarray(order.weights, jnp.float32))
+
+    def zero():  # a buffer per field: a state donated to a jitted call shares none
+        return jnp.zeros((), jnp.int32)
+
+    def zeros():
+        return jnp.zeros((s,), jnp.int32)
+
+    return OrderState(zero(), zero(), zeros(), zero(), zeros(), jnp.asarray(order.weights, jnp.float32))
 
 
 class Located(NamedTuple):
@@ -394,7 +399,18 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
     weights = jnp.asarray(order.weights, jnp.float32)
     logits = jnp.log(weights)
     num_sources = len(sizes)
-    total = None if order.num_epochs is None else order.num_epochs * sizes[0]
+    # Positions are int32: position `p` needs `(p + 1) * num_shards` to fit (the global
+    # position and the next one), so the stream holds `limit` positions; past it, an error.
+    limit = _INT32_MAX // h
+    total = None if order.num_epochs is None else min(order.num_epochs * sizes[0], _INT32_MAX)
+
+    past_int32 = (
+        f"A stream position outside [0, {limit}): positions are int32, so a pipeline's stream "
+        f"holds at most {limit} of them" + (f" per shard (`num_shards`={h})" if h > 1 else "")
+        + " (a position past the end wraps to a negative one). Start a new stream before the "
+        "limit: a fresh `pipe.init(jnp.int32(0), key=...)` with another key (its epochs count "
+        "from 0 again, in new orders)."
+    )
 
     def rows_of(source, j, seed):
         """Row of the `j`-th draw from `source` (its epoch `j // size`, in that epoch's order)."""
@@ -412,14 +428,14 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
 
     def locate(state: OrderState, seed: Array, positions: Array) -> tuple[Located, OrderState]:
         positions = positions.astype(jnp.int32)
+        positions = eqx.error_if(positions, (positions < 0) | (positions >= limit), past_int32)
         # Weights other than the state's: re-anchor the schedule at the state's position,
         # each source continuing from its count there.
         changed = jnp.any(state.weights != weights)
         origin = jnp.where(changed, state.position * h, state.origin)
         base = jnp.where(changed, state.counts, state.base)
         g = positions * h + s_index  # global positions
-        # Positions are >= 0 (a negative one reads as position 0). Only a bounded order
-        # has positions to skip: those past its last epoch.
+        # Only a bounded order has positions to skip: those past its last epoch.
         valid = jnp.ones(positions.shape, bool) if total is None else g < total
         nxt = jnp.maximum(state.position, jnp.max(positions + 1, initial=0))
         if deterministic:
