@@ -32,7 +32,8 @@ from jaxtyping import Array, PyTree, UInt8
 from .base import Batcher, Carry, Counter, State, row_spec, stack_spec
 from .batch import Batch
 from .checkpoint import load_state, save_state
-from .drivers import BatchIterator, _check_room, _num_rows, drain
+from .drivers import BatchIterator, _check_room, _explain, _num_rows, _rows, _runtime_reason, drain
+from .pipeline import PipelineState, with_data, without_data
 from .spec import batch_spec
 
 # Room for a stateful source's `get_state()` as JSON in a checkpoint (a fixed shape, so
@@ -383,7 +384,19 @@ def _run_chunk(batcher, fn, capacity, carry, state, chunk, rows):
             return jax.lax.cond(full, emissions.batch, functools.partial(_slot, out), k)
 
     carry = jax.lax.fori_loop(0, count, lambda k, c: fn(c, batch(k)), carry)
-    return carry, state, count
+    return carry, _light(state), count
+
+
+def _light(state: Any) -> Any:
+    """What a chunk's program returns of `state`: a pipeline's data is read, never written,
+    so it stays out of the outputs (returning it would write the dataset out again per
+    chunk); `_heavy` puts the caller's arrays back. Nothing is donated: the caller's state
+    stays valid, and a failing chunk can be re-run from it to name the element."""
+    return without_data(state) if isinstance(state, PipelineState) else state
+
+
+def _heavy(light: Any, before: Any) -> Any:
+    return with_data(light, before) if isinstance(before, PipelineState) else light
 
 
 def _slot(out: Any, k: Array) -> Any:
@@ -400,7 +413,7 @@ def _drain(batcher, fn, carry, state):
         return fn(carry, batch), n + 1
 
     (carry, count), state = drain(batcher, counted, (carry, jnp.zeros((), jnp.int32)), state)
-    return carry, state, count
+    return carry, _light(state), count
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -630,19 +643,38 @@ def scan_host(
             checkpoint = HostCheckpoint(carry, state, Counter.of(position), _encode(source_state))
             save_state(checkpoint_path, checkpoint)
 
+    # Chunks dispatched but not yet known to have run (the program runs one chunk behind
+    # the host): (state before, chunk, rows, source position of its first row). A run-time
+    # check failing in one of them is re-run from there to name the element.
+    pending: list[tuple[Any, Any, int, int]] = []
+
     def account(last: Any) -> None:
         count, rows, tokens = last
         if rows < chunk_size or batcher.feed is None:  # the batches went through slots
             _check_room(count, capacity, "max_batches_per_chunk")
         bar.update(rows, tokens, int(count))
+        pending.pop(0)  # `int(count)` waited for it: it ran
 
+    def explain(error: BaseException, before_drain: Any) -> BaseException | None:
+        if _runtime_reason(error) is None or empty is None:  # not a run-time check
+            return None
+        flush = before_drain is not None
+        start, _, _, first = pending[0] if pending else (before_drain, None, 0, position)
+        parts = [_rows(data, 0, rows) for _, data, rows, _ in pending] or [_rows(empty, 0, 0)]
+        elements = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+        return _explain(error, "jb.scan_host", batcher, start, elements, flush, first, "the source")
+
+    empty, before_drain = None, None
     try:
         for done, chunk in enumerate(chunks, 1):
             if chunk.rows:
                 rows = np.int32(chunk.rows)
-                carry, state, count = _run_chunk(
+                empty = chunk.data
+                pending.append((state, chunk.data, chunk.rows, chunk.position - chunk.rows))
+                carry, light, count = _run_chunk(
                     batcher, fn, capacity, carry, state, chunk.data, rows
                 )
+                state = _heavy(light, state)
                 if on_chunk is not None:
                     bar.show(on_chunk(carry))
                 if last is not None:
@@ -659,11 +691,18 @@ def scan_host(
                 break
             if due:
                 save(chunk.position, chunk.source_state)
-        carry, state, count = _drain(batcher, fn, carry, state)
+        before_drain = state
+        carry, light, count = _drain(batcher, fn, carry, state)
+        state = _heavy(light, state)
         if on_chunk is not None:
             bar.show(on_chunk(carry))
         bar.update(0, 0, int(count))
         save(chunk.position, chunk.source_state)
+    except Exception as e:
+        error = explain(e, before_drain)
+        if error is None:
+            raise
+        raise error from e
     finally:
         chunks.close()
         bar.close()

@@ -107,6 +107,12 @@ def _sources(data: Any, order: Order) -> list[Any]:
                     f"Leaf `{where}{_leaf_name(path)}` is 0-d; every leaf needs a leading axis "
                     "of rows."
                 )
+            if np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype)).kind not in "biuf":
+                raise ValueError(
+                    f"Leaf `{where}{_leaf_name(path)}` has dtype "
+                    f"{np.dtype(getattr(leaf, 'dtype', np.asarray(leaf).dtype))}; a pipeline "
+                    "reads numeric or bool arrays (encode text as integers first)."
+                )
             sizes.add(shape[0])
         if len(sizes) != 1:
             raise ValueError(
@@ -134,6 +140,11 @@ def _sources(data: Any, order: Order) -> list[Any]:
                     "mixed sources need one element spec (pad or cast them first)."
                 )
     return sources
+
+
+def _deleted(x: Any) -> bool:
+    """A concrete array whose buffer is gone (donated)."""
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()  # pyright: ignore
 
 
 def _top_key(path: Any) -> Any:
@@ -168,7 +179,9 @@ def pipeline(
 
     Build the state once outside `jit` (`state = pipe.init(jnp.int32(0), key=key)`) and pass
     it to the drivers (`jb.scan(..., state=state)`): the data then enters the program as an
-    argument, not as a constant.
+    argument, not as a constant. The state shares the data's buffers (device arrays given
+    as `data` are not copied): donating it to a jitted call (`donate_argnums`) hands them to
+    that call, so carry on from the state it returns, not from `data` or a new `init`.
 
     Args:
         data: a PyTree of arrays with a leading axis of rows (one source), or for
@@ -413,6 +426,30 @@ def pipeline(
         rows=num_rows,
     )
 
+    def read_one(spec: Any) -> Any:
+        """The full element `keep` sees, from the spec of what the batcher sees."""
+        if late_gather and any_proxied:
+            full = jax.eval_shape(lambda d: one(read(d, jnp.zeros((1,), jnp.int32))), joined)
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), full)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+
+    def _stage(init: Any, name: str, hint_pack: bool = False) -> Any:
+        """`init()` of a stage; its refusal of the elements it is given, as a ValueError
+        naming the argument."""
+        try:
+            return init()
+        except (TypeError, ValueError) as e:
+            fed = "the batches of `batcher`" if name == "then" else "the pipeline's rows" + (
+                " after `map_fn`" if map_fn is not None else ""
+            )
+            hint = (
+                " (for `jb.pack`, give `jb.pipeline` the same `lengths=`, or "
+                "`late_gather=False`)"
+                if hint_pack and lengths is None and late_gather
+                else ""
+            )
+            raise ValueError(f"`{name}` cannot take {fed}{hint}: {e}") from e
+
     def init_fn(element_spec: Any, key: Any = None) -> PipelineState:
         try:
             check_against_spec(_POSITION, as_element(element_spec), what="element_spec")
@@ -421,19 +458,46 @@ def pipeline(
                 f"A pipeline's elements are stream positions, int32 scalars: `init` takes "
                 f"`jnp.int32(0)` (or its spec) as the element spec. {e}"
             ) from None
+        if any(_deleted(x) for x in jax.tree.leaves(joined)):
+            raise ValueError(
+                "The pipeline's data was donated (a jitted call with `donate_argnums` took a "
+                "state holding it), so `init` has none left: build the pipeline again, or "
+                "carry on from the state that call returned (`jb.with_data(s, returned)`)."
+            )
         if random_order or key is not None:
             key = prng_key(key, "pipeline")
             seed = order_seed(key)
             inner_key, then_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
         else:
             seed, inner_key, then_key = jnp.uint32(0), None, None
-        spec = jax.eval_shape(lambda d: one(elements_of(d, jnp.zeros((1,), jnp.int32))), joined)
-        inner = batcher.init(spec, key=inner_key)
+        try:
+            spec = jax.eval_shape(lambda d: one(elements_of(d, jnp.zeros((1,), jnp.int32))), joined)
+        except Exception as e:  # a `map_fn` that does not fit the rows: name it
+            if map_fn is None:
+                raise
+            raise ValueError(f"`map_fn` failed on the rows of `data`: {e!r}") from e
+        if keep is not None:
+            verdict = jax.eval_shape(lambda e: keep(read_one(e)), spec)
+            if verdict.shape != () or verdict.dtype != jnp.bool_:
+                raise ValueError(
+                    f"`keep` must return a scalar bool, got shape {verdict.shape} and dtype "
+                    f"{verdict.dtype}."
+                )
+        inner = _stage(lambda: batcher.init(spec, key=inner_key), "batcher", hint_pack=True)
+        if lengths is not None:
+            got = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, inner, spec).data
+            need = [f"{f}_{k}" for f in sorted(packed) for k in ("segment_ids", "positions")]
+            if not isinstance(got, dict) or any(k not in got for k in need):
+                raise ValueError(
+                    f"`lengths` is given but `batcher` does not pack those features (its "
+                    f"batches lack {need}): pass `lengths` only with `jb.pack(..., "
+                    "lengths=...)`, the same mapping."
+                )
         then_state = None
         if then is not None:
             first = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, inner, spec)
             first = jax.eval_shape(lambda b, d: payload(b, d), first, joined)
-            then_state = then.init(first, key=then_key)
+            then_state = _stage(lambda: then.init(first, key=then_key), "then")
         stats = Stats.zeros(fingerprint(config, jax.tree.map(lambda x: x[0], joined)))
         return PipelineState(joined, init_order(order), seed, inner, then_state, stats)
 
