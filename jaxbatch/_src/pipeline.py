@@ -371,7 +371,7 @@ def pipeline(
         first = sorted(packed)[0]
         seg_first = got[f"{first}_segment_ids"]
         used = jnp.max(seg_first, axis=-1)  # segments in each row
-        slots = jnp.arange(table.shape[-1])
+        slots = jnp.arange(table.shape[-1], dtype=jnp.int32)
         for (path, spec), carrier in zip(flat_spec, row_carriers):
             name = path[0].key
             if not proxied(path, spec) or name in length_keys:
@@ -439,12 +439,13 @@ def pipeline(
         try:
             return init()
         except (TypeError, ValueError) as e:
-            fed = "the batches of `batcher`" if name == "then" else "the pipeline's rows" + (
-                " after `map_fn`" if map_fn is not None else ""
+            fed = (
+                "the batches of `batcher`"
+                if name == "then"
+                else "the pipeline's rows" + (" after `map_fn`" if map_fn is not None else "")
             )
             hint = (
-                " (for `jb.pack`, give `jb.pipeline` the same `lengths=`, or "
-                "`late_gather=False`)"
+                " (for `jb.pack`, give `jb.pipeline` the same `lengths=`, or `late_gather=False`)"
                 if hint_pack and lengths is None and late_gather
                 else ""
             )
@@ -691,7 +692,7 @@ def pipeline(
                     all_valid,
                     lambda: payload(emissions.stacked(capacity), state.data),
                     lambda: jax.vmap(lambda k: stepped_batch(state, positions, flush, k))(
-                        jnp.arange(capacity)
+                        jnp.arange(capacity, dtype=jnp.int32)
                     ),
                 )
 

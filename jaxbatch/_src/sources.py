@@ -377,7 +377,9 @@ def init_order(order: Order) -> OrderState:
     def zeros():
         return jnp.zeros((s,), jnp.int32)
 
-    return OrderState(zero(), zero(), zeros(), zero(), zeros(), jnp.asarray(order.weights, jnp.float32))
+    return OrderState(
+        zero(), zero(), zeros(), zero(), zeros(), jnp.asarray(order.weights, jnp.float32)
+    )
 
 
 class Located(NamedTuple):
@@ -406,7 +408,8 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
 
     past_int32 = (
         f"A stream position outside [0, {limit}): positions are int32, so a pipeline's stream "
-        f"holds at most {limit} of them" + (f" per shard (`num_shards`={h})" if h > 1 else "")
+        f"holds at most {limit} of them"
+        + (f" per shard (`num_shards`={h})" if h > 1 else "")
         + " (a position past the end wraps to a negative one). Start a new stream before the "
         "limit: a fresh `pipe.init(jnp.int32(0), key=...)` with another key (its epochs count "
         "from 0 again, in new orders)."
@@ -453,11 +456,12 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
                 g
             ).astype(jnp.int32)
             onehot = (
-                (source[:, None] == jnp.arange(num_sources)[None, :]) & valid[:, None]
+                (source[:, None] == jnp.arange(num_sources, dtype=jnp.int32)[None, :])
+                & valid[:, None]
             ).astype(jnp.int32)
-            before = jnp.cumsum(onehot, axis=0) - onehot
+            before = jnp.cumsum(onehot, axis=0, dtype=jnp.int32) - onehot
             j = state.counts[source] + jnp.take_along_axis(before, source[:, None], 1)[:, 0]
-            counts = state.counts + jnp.sum(onehot, axis=0)
+            counts = state.counts + jnp.sum(onehot, axis=0, dtype=jnp.int32)
         row, epoch = rows_of(source, jnp.maximum(j, 0), seed)
         new = OrderState(
             position=nxt.astype(jnp.int32),
