@@ -327,3 +327,9 @@ def test_stages_that_do_not_fit_are_named_at_init(build, match):
 def test_bad_data_weights_and_epochs_are_named_at_construction(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_a_stochastic_stage_without_a_key_says_where_to_pass_it():
+    pipe = jb.pipeline(CORPUS, jb.shuffle(4, 2), order=jb.epochs(shuffle=False))
+    with pytest.raises(ValueError, match=r"^`batcher` needs a PRNG key: pass one to the pipeline"):
+        pipe.init(jnp.int32(0))

@@ -547,6 +547,8 @@ def scan_host(
         state: the batcher state to start from, instead of `batcher.init` on the first
             element: e.g. a `jb.pipeline`'s state (which holds its data), fed a source of
             stream positions (a stochastic one still takes `key`, for its batch shape).
+            Nothing is donated: a pipeline's data is read by each chunk's program, never
+            written out again, and the state returned holds your arrays.
             Ignored when resuming (the checkpoint's).
         resume: a `HostCheckpoint`, or the path of one saved by `checkpoint_path`.
         checkpoint_path: where to save a `HostCheckpoint` (with `jb.save_state`) every
@@ -569,6 +571,9 @@ def scan_host(
             `max_batches_per_chunk`.
         Exception: whatever the source raised, after every element before it was fed and
             (with `checkpoint_path`) a checkpoint saved standing right before it.
+        BatcherRuntimeError: a run-time check of the batcher refused an element (its
+            position in the source is named on the first line), failed in `fn` or in the
+            end-of-stream drain (law 3).
 
     Examples:
         >>> import jax.numpy as jnp

@@ -107,11 +107,11 @@ def _sources(data: Any, order: Order) -> list[Any]:
                     f"Leaf `{where}{_leaf_name(path)}` is 0-d; every leaf needs a leading axis "
                     "of rows."
                 )
-            if np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype)).kind not in "biuf":
+            dtype = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype)
+            if dtype.kind not in "biufc":
                 raise ValueError(
-                    f"Leaf `{where}{_leaf_name(path)}` has dtype "
-                    f"{np.dtype(getattr(leaf, 'dtype', np.asarray(leaf).dtype))}; a pipeline "
-                    "reads numeric or bool arrays (encode text as integers first)."
+                    f"Leaf `{where}{_leaf_name(path)}` has dtype {dtype}; a pipeline reads "
+                    "numeric or bool arrays (encode text as integers first)."
                 )
             sizes.add(shape[0])
         if len(sizes) != 1:
@@ -439,6 +439,11 @@ def pipeline(
         try:
             return init()
         except (TypeError, ValueError) as e:
+            if "PRNG key" in str(e):  # not about the elements: the stage is stochastic
+                raise ValueError(
+                    f"`{name}` needs a PRNG key: pass one to the pipeline's `init` "
+                    f"(`pipe.init(jnp.int32(0), key=...)`). {e}"
+                ) from e
             fed = (
                 "the batches of `batcher`"
                 if name == "then"
@@ -446,7 +451,7 @@ def pipeline(
             )
             hint = (
                 " (for `jb.pack`, give `jb.pipeline` the same `lengths=`, or `late_gather=False`)"
-                if hint_pack and lengths is None and late_gather
+                if hint_pack and lengths is None and late_gather and "state" in str(e)
                 else ""
             )
             raise ValueError(f"`{name}` cannot take {fed}{hint}: {e}") from e
