@@ -8,6 +8,7 @@ import pathlib
 import threading
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -317,3 +318,69 @@ def test_token_records_over_several_files(tmp_path):
     assert records[-1]["tokens"].tolist() == arrays[-1].tolist()
     with pytest.raises(IndexError):
         records[30]
+
+
+# ------------------------------------------------------------------ pipelines, run-time errors
+
+PIPE_DATA = {
+    "x": jnp.arange(7, dtype=jnp.int32),
+    "v": jnp.arange(56, dtype=jnp.float32).reshape(7, 8),
+}
+PIPE = jb.pipeline(PIPE_DATA, FIXED, order=jb.epochs(shuffle=False))
+POSITIONS = np.arange(10, dtype=np.int32)
+
+
+def test_a_pipeline_state_keeps_its_data_in_place_and_resumes(tmp_path):
+    state = PIPE.init(jnp.int32(0))
+    full = digest(jb.scan(PIPE, fold, ZERO, jnp.asarray(POSITIONS), state=state)[0])
+    got, after = jb.scan_host(PIPE, fold, ZERO, POSITIONS, chunk_size=4, state=state)
+    assert digest(got) == full
+    # The data is read, never written: the chunk program returns none of it (the state's
+    # resident leaves, `jb.split_resident`), and the state comes back with the caller's
+    # own arrays.
+    chunk = jb.Element(data=jnp.arange(4, dtype=jnp.int32))
+    out = host._run_chunk.trace(PIPE, fold, 4, ZERO, state, chunk, np.int32(4)).out_info
+    assert out[1].data is None
+    assert after.data["v"] is state.data["v"] and not state.data["v"].is_deleted()
+    # Checkpoints hold the data and resume mid-stream.
+    path = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        jb.scan_host(
+            PIPE,
+            fold,
+            ZERO,
+            POSITIONS,
+            chunk_size=4,
+            state=state,
+            checkpoint_path=path,
+            checkpoint_every=1,
+            on_chunk=stop_at_second_chunk(),
+        )
+    source = Recorded(POSITIONS)
+    got, after = jb.scan_host(PIPE, fold, ZERO, source, chunk_size=4, state=state, resume=path)
+    assert min(source.read) >= 4 and digest(got) == full
+    assert int(after.order.position) == len(POSITIONS)
+
+
+def lengths_with(bad):
+    return [
+        {"tokens": np.ones(6, np.int32), "length": np.int32(n)} for n in (2, 1, 3, 1, 2, bad, 1)
+    ]
+
+
+@pytest.mark.parametrize(("bad", "chunk_size"), [(7, 2), (-1, 4)])
+def test_a_refused_element_is_named_by_its_position_in_the_source(bad, chunk_size):
+    with pytest.raises(jb.BatcherRuntimeError) as info:
+        jb.scan_host(PACK, fold, ZERO, lengths_with(bad), chunk_size=chunk_size)
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(f"`jb.scan_host`: element 5 of the source (`data['length']`={bad})")
+    assert "max_len" in first and info.value.position == 5
+
+
+def test_a_check_in_the_consumer_says_so():
+    def consumer(carry, batch):
+        return eqx.error_if(carry, batch.num_valid > 2, "my consumer refuses")
+
+    with pytest.raises(jb.BatcherRuntimeError, match="in the consumer `fn`.*my consumer") as info:
+        jb.scan_host(FIXED, consumer, jnp.int32(0), ROWS, chunk_size=4)
+    assert info.value.position is None

@@ -29,10 +29,19 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree, UInt8
 
-from .base import Batcher, Carry, Counter, State, row_spec, stack_spec
+from .base import (
+    Batcher,
+    Carry,
+    Counter,
+    State,
+    join_resident,
+    row_spec,
+    split_resident,
+    stack_spec,
+)
 from .batch import Batch
 from .checkpoint import load_state, save_state
-from .drivers import BatchIterator, _check_room, _num_rows, drain
+from .drivers import BatchIterator, _check_room, _explain, _num_rows, _rows, _runtime_reason, drain
 from .spec import batch_spec
 
 # Room for a stateful source's `get_state()` as JSON in a checkpoint (a fixed shape, so
@@ -383,7 +392,20 @@ def _run_chunk(batcher, fn, capacity, carry, state, chunk, rows):
             return jax.lax.cond(full, emissions.batch, functools.partial(_slot, out), k)
 
     carry = jax.lax.fori_loop(0, count, lambda k, c: fn(c, batch(k)), carry)
-    return carry, state, count
+    return carry, _light(state), count
+
+
+def _light(state: Any) -> Any:
+    """What a chunk's program returns of `state`: its resident leaves (a pipeline's data)
+    are read, never written, so they stay out of the outputs (returning them would write
+    the dataset out again per chunk); `_heavy` puts the caller's arrays back. Nothing is
+    donated: the caller's state stays valid, and a failing chunk can be re-run from it to
+    name the element."""
+    return split_resident(state)[0]
+
+
+def _heavy(light: Any, before: Any) -> Any:
+    return join_resident(light, split_resident(before)[1])
 
 
 def _slot(out: Any, k: Array) -> Any:
@@ -400,7 +422,7 @@ def _drain(batcher, fn, carry, state):
         return fn(carry, batch), n + 1
 
     (carry, count), state = drain(batcher, counted, (carry, jnp.zeros((), jnp.int32)), state)
-    return carry, state, count
+    return carry, _light(state), count
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -534,6 +556,8 @@ def scan_host(
         state: the batcher state to start from, instead of `batcher.init` on the first
             element: e.g. a `jb.pipeline`'s state (which holds its data), fed a source of
             stream positions (a stochastic one still takes `key`, for its batch shape).
+            Nothing is donated: a pipeline's data is read by each chunk's program, never
+            written out again, and the state returned holds your arrays.
             Ignored when resuming (the checkpoint's).
         resume: a `HostCheckpoint`, or the path of one saved by `checkpoint_path`.
         checkpoint_path: where to save a `HostCheckpoint` (with `jb.save_state`) every
@@ -556,6 +580,9 @@ def scan_host(
             `max_batches_per_chunk`.
         Exception: whatever the source raised, after every element before it was fed and
             (with `checkpoint_path`) a checkpoint saved standing right before it.
+        BatcherRuntimeError: a run-time check of the batcher refused an element (its
+            position in the source is named on the first line), failed in `fn` or in the
+            end-of-stream drain (law 3).
 
     Examples:
         >>> import jax.numpy as jnp
@@ -630,19 +657,38 @@ def scan_host(
             checkpoint = HostCheckpoint(carry, state, Counter.of(position), _encode(source_state))
             save_state(checkpoint_path, checkpoint)
 
+    # Chunks dispatched but not yet known to have run (the program runs one chunk behind
+    # the host): (state before, chunk, rows, source position of its first row). A run-time
+    # check failing in one of them is re-run from there to name the element.
+    pending: list[tuple[Any, Any, int, int]] = []
+
     def account(last: Any) -> None:
         count, rows, tokens = last
         if rows < chunk_size or batcher.feed is None:  # the batches went through slots
             _check_room(count, capacity, "max_batches_per_chunk")
         bar.update(rows, tokens, int(count))
+        pending.pop(0)  # `int(count)` waited for it: it ran
 
+    def explain(error: BaseException, before_drain: Any) -> BaseException | None:
+        if _runtime_reason(error) is None or empty is None:  # not a run-time check
+            return None
+        flush = before_drain is not None
+        start, _, _, first = pending[0] if pending else (before_drain, None, 0, position)
+        parts = [_rows(data, 0, rows) for _, data, rows, _ in pending] or [_rows(empty, 0, 0)]
+        elements = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+        return _explain(error, "jb.scan_host", batcher, start, elements, flush, first, "the source")
+
+    empty, before_drain = None, None
     try:
         for done, chunk in enumerate(chunks, 1):
             if chunk.rows:
                 rows = np.int32(chunk.rows)
-                carry, state, count = _run_chunk(
+                empty = chunk.data
+                pending.append((state, chunk.data, chunk.rows, chunk.position - chunk.rows))
+                carry, light, count = _run_chunk(
                     batcher, fn, capacity, carry, state, chunk.data, rows
                 )
+                state = _heavy(light, state)
                 if on_chunk is not None:
                     bar.show(on_chunk(carry))
                 if last is not None:
@@ -659,11 +705,18 @@ def scan_host(
                 break
             if due:
                 save(chunk.position, chunk.source_state)
-        carry, state, count = _drain(batcher, fn, carry, state)
+        before_drain = state
+        carry, light, count = _drain(batcher, fn, carry, state)
+        state = _heavy(light, state)
         if on_chunk is not None:
             bar.show(on_chunk(carry))
         bar.update(0, 0, int(count))
         save(chunk.position, chunk.source_state)
+    except Exception as e:
+        error = explain(e, before_drain)
+        if error is None:
+            raise
+        raise error from e
     finally:
         chunks.close()
         bar.close()

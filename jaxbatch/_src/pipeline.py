@@ -48,6 +48,7 @@ from .element import Element, as_element
 from .sources import Order, OrderState, epochs, init_order, make_locate, order_seed
 from .spec import check_against_spec
 
+_INT32_MAX = 2**31 - 1
 _POSITION = Element(data=jax.ShapeDtypeStruct((), jnp.int32))
 _ROW = "__row"
 _SMALL_BYTES = 16  # per-row leaves up to this size travel with the proxy (a batcher may read them)
@@ -117,6 +118,12 @@ def _sources(data: Any, order: Order) -> list[Any]:
                     f"Leaf `{where}{_leaf_name(path)}` is 0-d; every leaf needs a leading axis "
                     "of rows."
                 )
+            dtype = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype)
+            if dtype.kind not in "biufc":
+                raise ValueError(
+                    f"Leaf `{where}{_leaf_name(path)}` has dtype {dtype}; a pipeline reads "
+                    "numeric or bool arrays (encode text as integers first)."
+                )
             sizes.add(shape[0])
         if len(sizes) != 1:
             raise ValueError(
@@ -163,7 +170,14 @@ def _blind_to_payload(batcher: Batcher, row_spec: Any, lengths: Any) -> bool:
         return False
     stats = getattr(state, "stats", None)
     name = getattr(stats, "config", "").split("(", 1)[0]
-    return name in _PAYLOAD_BLIND or (name == "pack" and lengths is not None)
+    if lengths is not None:  # the pipeline packs: only `pack` plans on those lengths
+        return name == "pack"
+    return name in _PAYLOAD_BLIND
+
+
+def _deleted(x: Any) -> bool:
+    """A concrete array whose buffer is gone (donated)."""
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()  # pyright: ignore
 
 
 def _top_key(path: Any) -> Any:
@@ -198,7 +212,9 @@ def pipeline(
 
     Build the state once outside `jit` (`state = pipe.init(jnp.int32(0), key=key)`) and pass
     it to the drivers (`jb.scan(..., state=state)`): the data then enters the program as an
-    argument, not as a constant.
+    argument, not as a constant. The state shares the data's buffers (device arrays given
+    as `data` are not copied): donating it to a jitted call (`donate_argnums`) hands them to
+    that call, so carry on from the state it returns, not from `data` or a new `init`.
 
     Args:
         data: a PyTree of arrays with a leading axis of rows (one source), or for
@@ -226,6 +242,10 @@ def pipeline(
             leaf), `batcher` or `then` not a `Batcher`, a bad `order`, `lengths` or
             `late_gather`; at `init`, an element spec that is not an int32 position, or no
             key for a shuffled order.
+        BatcherRuntimeError: (from the drivers; an `eqx.error_if` under your own `jit`) a
+            position outside `[0, (2**31 - 1) // num_shards)`: positions are int32, so one
+            stream holds at most that many (thousands of epochs of a million rows); start
+            a new stream, a fresh `init` with another key, before it.
 
     Examples:
         Three epochs of 5 rows, each in a new order, in batches of 4:
@@ -282,6 +302,7 @@ def pipeline(
     random_order = order.shuffle or order.schedule == "random"
     locate = make_locate(order, sizes)
     row_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), joined)
+    asked = late_gather is True  # by the caller: checked below, with the reason if refused
     if late_gather is None:
         late_gather = map_fn is None and _blind_to_payload(batcher, row_spec, lengths)
     packed = set(lengths or ())
@@ -386,7 +407,7 @@ def pipeline(
         first = sorted(packed)[0]
         seg_first = got[f"{first}_segment_ids"]
         used = jnp.max(seg_first, axis=-1)  # segments in each row
-        slots = jnp.arange(table.shape[-1])
+        slots = jnp.arange(table.shape[-1], dtype=jnp.int32)
         for (path, spec), carrier in zip(flat_spec, row_carriers):
             name = path[0].key
             if not proxied(path, spec) or name in length_keys:
@@ -428,7 +449,7 @@ def pipeline(
 
     # --------------------------------------------------------------------- init / step
 
-    if late_gather and any_proxied:  # asked for: refuse here a batcher that cannot plan on proxies
+    if asked and any_proxied:  # refuse here a batcher that cannot plan on proxies
 
         def planned():
             spec = one(elements_of(joined, jnp.zeros((1,), jnp.int32)))
@@ -459,6 +480,36 @@ def pipeline(
         rows=num_rows,
     )
 
+    def read_one(spec: Any) -> Any:
+        """The full element `keep` sees, from the spec of what the batcher sees."""
+        if late_gather and any_proxied:
+            full = jax.eval_shape(lambda d: one(read(d, jnp.zeros((1,), jnp.int32))), joined)
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), full)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+
+    def _stage(init: Any, name: str, hint_pack: bool = False) -> Any:
+        """`init()` of a stage; its refusal of the elements it is given, as a ValueError
+        naming the argument."""
+        try:
+            return init()
+        except (TypeError, ValueError) as e:
+            if "PRNG key" in str(e):  # not about the elements: the stage is stochastic
+                raise ValueError(
+                    f"`{name}` needs a PRNG key: pass one to the pipeline's `init` "
+                    f"(`pipe.init(jnp.int32(0), key=...)`). {e}"
+                ) from e
+            fed = (
+                "the batches of `batcher`"
+                if name == "then"
+                else "the pipeline's rows" + (" after `map_fn`" if map_fn is not None else "")
+            )
+            hint = (
+                " (for `jb.pack`, give `jb.pipeline` the same `lengths=`, or `late_gather=False`)"
+                if hint_pack and lengths is None and late_gather and "state" in str(e)
+                else ""
+            )
+            raise ValueError(f"`{name}` cannot take {fed}{hint}: {e}") from e
+
     def init_fn(element_spec: Any, key: Any = None) -> PipelineState:
         try:
             check_against_spec(_POSITION, as_element(element_spec), what="element_spec")
@@ -467,19 +518,46 @@ def pipeline(
                 f"A pipeline's elements are stream positions, int32 scalars: `init` takes "
                 f"`jnp.int32(0)` (or its spec) as the element spec. {e}"
             ) from None
+        if any(_deleted(x) for x in jax.tree.leaves(joined)):
+            raise ValueError(
+                "The pipeline's data was donated (a jitted call with `donate_argnums` took a "
+                "state holding it), so `init` has none left: build the pipeline again, or "
+                "carry on from the state that call returned (`jb.with_data(s, returned)`)."
+            )
         if random_order or key is not None:
             key = prng_key(key, "pipeline")
             seed = order_seed(key)
             inner_key, then_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
         else:
             seed, inner_key, then_key = jnp.uint32(0), None, None
-        spec = jax.eval_shape(lambda d: one(elements_of(d, jnp.zeros((1,), jnp.int32))), joined)
-        inner = batcher.init(spec, key=inner_key)
+        try:
+            spec = jax.eval_shape(lambda d: one(elements_of(d, jnp.zeros((1,), jnp.int32))), joined)
+        except Exception as e:  # a `map_fn` that does not fit the rows: name it
+            if map_fn is None:
+                raise
+            raise ValueError(f"`map_fn` failed on the rows of `data`: {e!r}") from e
+        if keep is not None:
+            verdict = jax.eval_shape(lambda e: keep(read_one(e)), spec)
+            if verdict.shape != () or verdict.dtype != jnp.bool_:
+                raise ValueError(
+                    f"`keep` must return a scalar bool, got shape {verdict.shape} and dtype "
+                    f"{verdict.dtype}."
+                )
+        inner = _stage(lambda: batcher.init(spec, key=inner_key), "batcher", hint_pack=True)
+        if lengths is not None:
+            got = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, inner, spec).data
+            need = [f"{f}_{k}" for f in sorted(packed) for k in ("segment_ids", "positions")]
+            if not isinstance(got, dict) or any(k not in got for k in need):
+                raise ValueError(
+                    f"`lengths` is given but `batcher` does not pack those features (its "
+                    f"batches lack {need}): pass `lengths` only with `jb.pack(..., "
+                    "lengths=...)`, the same mapping."
+                )
         then_state = None
         if then is not None:
             first = jax.eval_shape(lambda s, e: batcher.step(s, e)[1].batch, inner, spec)
             first = jax.eval_shape(lambda b, d: payload(b, d), first, joined)
-            then_state = then.init(first, key=then_key)
+            then_state = _stage(lambda: then.init(first, key=then_key), "then")
         stats = Stats.zeros(fingerprint(config, jax.tree.map(lambda x: x[0], joined)))
         return PipelineState(joined, init_order(order), seed, inner, then_state, stats)
 
@@ -673,7 +751,7 @@ def pipeline(
                     all_valid,
                     lambda: payload(emissions.stacked(capacity), state.data),
                     lambda: jax.vmap(lambda k: stepped_batch(state, positions, flush, k))(
-                        jnp.arange(capacity)
+                        jnp.arange(capacity, dtype=jnp.int32)
                     ),
                 )
 
@@ -692,6 +770,10 @@ def next_positions(state: PipelineState, n: int) -> Array:
     Pass the same `n` on every call (the last chunk too: positions past the last epoch are
     skipped) and the program compiles once.
 
+    Raises:
+        ValueError: `n` not a non-negative int, or the positions would pass 2**31 - 1
+            (positions are int32: start a new stream with a fresh `init`).
+
     Examples:
         >>> import jax.numpy as jnp
         >>> import jaxbatch as jb
@@ -702,7 +784,14 @@ def next_positions(state: PipelineState, n: int) -> Array:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"`n` must be a non-negative int, got {n!r}.")
-    return state.order.position + jnp.arange(n, dtype=jnp.int32)
+    position = state.order.position
+    if not isinstance(position, jax.core.Tracer) and int(position) + n > _INT32_MAX:  # pyright: ignore
+        raise ValueError(
+            f"`n`={n} positions from position {int(position)} pass 2**31 - 1: positions are "
+            "int32 (see `jb.pipeline`, Raises). Start a new stream: a fresh `pipe.init` with "
+            "another key."
+        )
+    return position + jnp.arange(n, dtype=jnp.int32)
 
 
 def progress(state: PipelineState) -> dict[str, Any]:

@@ -373,10 +373,15 @@ class OrderState(eqx.Module):
 def init_order(order: Order) -> OrderState:
     """The order state at the start of the stream."""
     s = len(order.weights)
-    zero = jnp.zeros((), jnp.int32)
-    zeros = jnp.zeros((s,), jnp.int32)
+
+    def zero():  # a buffer per field: a state donated to a jitted call shares none
+        return jnp.zeros((), jnp.int32)
+
+    def zeros():
+        return jnp.zeros((s,), jnp.int32)
+
     weights = jnp.asarray(order.weights, jnp.float32)
-    return OrderState(zero, zero, zeros, zero, zeros, weights, jnp.zeros((), jnp.int32))
+    return OrderState(zero(), zero(), zeros(), zero(), zeros(), weights, zero())
 
 
 class Located(NamedTuple):
@@ -398,7 +403,19 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
     weights = jnp.asarray(order.weights, jnp.float32)
     logits = jnp.log(weights)
     num_sources = len(sizes)
-    total = None if order.num_epochs is None else order.num_epochs * sizes[0]
+    # Positions are int32: position `p` needs `(p + 1) * num_shards` to fit (the global
+    # position and the next one), so the stream holds `limit` positions; past it, an error.
+    limit = _INT32_MAX // h
+    total = None if order.num_epochs is None else min(order.num_epochs * sizes[0], _INT32_MAX)
+
+    past_int32 = (
+        f"A stream position outside [0, {limit}): positions are int32, so a pipeline's stream "
+        f"holds at most {limit} of them"
+        + (f" per shard (`num_shards`={h})" if h > 1 else "")
+        + " (a position past the end wraps to a negative one). Start a new stream before the "
+        "limit: a fresh `pipe.init(jnp.int32(0), key=...)` with another key (its epochs count "
+        "from 0 again, in new orders)."
+    )
 
     def rows_of(source, j, seed):
         """Row of the `j`-th draw from `source` (its epoch `j // size`, in that epoch's order)."""
@@ -416,14 +433,15 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
 
     def locate(state: OrderState, seed: Array, positions: Array) -> tuple[Located, OrderState]:
         positions = positions.astype(jnp.int32)
+        room = (_INT32_MAX - state.start) // h  # `limit`, less the positions before a reshard's cut
+        positions = eqx.error_if(positions, (positions < 0) | (positions >= room), past_int32)
         # Weights other than the state's: re-anchor the schedule at the state's position,
         # each source continuing from its count there.
         changed = jnp.any(state.weights != weights)
         origin = jnp.where(changed, state.start + state.position * h, state.origin)
         base = jnp.where(changed, state.counts, state.base)
         g = state.start + positions * h + s_index  # global positions
-        # Positions are >= 0 (a negative one reads as position 0). Only a bounded order
-        # has positions to skip: those past its last epoch.
+        # Only a bounded order has positions to skip: those past its last epoch.
         valid = jnp.ones(positions.shape, bool) if total is None else g < total
         nxt = jnp.maximum(state.position, jnp.max(positions + 1, initial=0))
         if deterministic:
@@ -441,11 +459,12 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
                 g
             ).astype(jnp.int32)
             onehot = (
-                (source[:, None] == jnp.arange(num_sources)[None, :]) & valid[:, None]
+                (source[:, None] == jnp.arange(num_sources, dtype=jnp.int32)[None, :])
+                & valid[:, None]
             ).astype(jnp.int32)
-            before = jnp.cumsum(onehot, axis=0) - onehot
+            before = jnp.cumsum(onehot, axis=0, dtype=jnp.int32) - onehot
             j = state.counts[source] + jnp.take_along_axis(before, source[:, None], 1)[:, 0]
-            counts = state.counts + jnp.sum(onehot, axis=0)
+            counts = state.counts + jnp.sum(onehot, axis=0, dtype=jnp.int32)
         row, epoch = rows_of(source, jnp.maximum(j, 0), seed)
         new = OrderState(
             position=nxt.astype(jnp.int32),
