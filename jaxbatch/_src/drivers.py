@@ -113,8 +113,9 @@ class BatcherRuntimeError(ValueError, RuntimeError):
     """A run-time check (an `eqx.error_if`) refused an element inside a jaxbatch driver.
 
     The first line is jaxbatch's sentence: the driver, the element's position in the stream
-    and its scalar leaves, and the batcher's own message. Raised by `scan`, `batch_all` and
-    `iterate`, which re-run the stream's steps to find the element. It is both a
+    and its scalar leaves, and the batcher's own message. Raised by `scan`, `batch_all`,
+    `iterate`, `scan_host` and `scan_per_device`, which re-run the stream's steps to find
+    the element. It is both a
     `ValueError` (bad data) and a `RuntimeError` (what JAX raises for it).
 
     Attributes:
