@@ -44,9 +44,17 @@ def _hash32(x: Array) -> Array:
     return x ^ (x >> 16)
 
 
-def _moduli(n: int) -> tuple[int, int]:
-    a = max(1, math.isqrt(max(n - 1, 0)) + 1)
-    return a, max(1, -(-n // a))
+def _domain(n: int) -> tuple[int, int]:
+    """The Feistel domain `Z_a x Z_b` for `[0, n)`: `a * b == n` when `n` has a divisor
+    `a` in `[isqrt(n) / 2, isqrt(n)]` (then one pass is the bijection), else the largest
+    near-square `a * b < n` (then three overlapping passes, see `_permute`)."""
+    r = math.isqrt(n)
+    for a in range(r, max(2, (r + 1) // 2) - 1, -1):
+        if n % a == 0:
+            return a, n // a
+    if n <= 2:
+        return 1, n
+    return r, (n - 1) // r if r * (n // r) == n else n // r
 
 
 def _feistel(x: Array, keys: Array, a: int, b: int) -> Array:
@@ -54,18 +62,15 @@ def _feistel(x: Array, keys: Array, a: int, b: int) -> Array:
 
     `(left, right)` in `Z_a x Z_b` becomes `(right, (left + f(right)) mod a)`, now in
     `Z_b x Z_a`; the moduli swap each round, so after an even number of rounds the pair is
-    back in `Z_a x Z_b`. The rounds run in a `fori_loop`: one copy of the round in the
-    program, which keeps its compile time small.
+    back in `Z_a x Z_b`. The rounds are unrolled: each reduces by a constant modulus (a
+    multiply and a shift once compiled), and no loop means no loop to compile.
     """
     ua, ub = jnp.uint32(a), jnp.uint32(b)
-
-    def round_(r, lr):
-        left, right = lr
-        m = jnp.where(r % 2 == 0, ua, ub)  # the modulus of `left` in round r
-        f = _hash32(right ^ jnp.take(keys, r, axis=-1)) % m
-        return right, (left + f) % m
-
-    left, right = jax.lax.fori_loop(0, _ROUNDS, round_, (x // ub, x % ub))
+    left, right = x // ub, x % ub
+    for r in range(_ROUNDS):
+        m = ua if r % 2 == 0 else ub  # the modulus of `left` in round r
+        f = _hash32(right ^ keys[..., r]) % m
+        left, right = right, (left + f) % m
     return left * ub + right
 
 
@@ -78,19 +83,30 @@ def _round_keys(seed: Array, source: Array, epoch: Array) -> Array:
 
 
 def _permute(index: Array, keys: Array, n: int) -> Array:
-    """`index` (in `[0, n)`) through the keyed bijection of `[0, n)`: a Feistel pass on
-    `[0, a * b)`, repeated while the result falls outside `[0, n)` (cycle walking)."""
-    a, b = _moduli(n)
+    """`index` (in `[0, n)`) through the keyed bijection of `[0, n)`.
+
+    When the Feistel domain is `[0, n)` itself, one pass. Otherwise its domain is
+    `[0, m)` with `n - m < isqrt(n)`, and passes with their own keys compose the
+    bijection: on `[0, m)`, on `[n - m, n)`, on `[0, m)` again (each leaves the rest in
+    place, so each is a bijection of `[0, n)`, and every index moves in at least two);
+    nine alternating passes below 64 elements, where three mix a small set poorly.
+    A fixed number of passes, where cycle walking needs a data-dependent loop: one
+    straight-line program, cheap to compile, the same work on every call.
+    """
+    a, b = _domain(n)
+    m = a * b
     x = index.astype(jnp.uint32)
-    if a * b == n:
+    if m == n:
         return _feistel(x, keys, a, b).astype(jnp.int32)
-
-    def walk(c):  # one Feistel site in the program: the first pass is the loop's first trip
-        x, todo = c
-        x = jnp.where(todo, _feistel(x, keys, a, b), x)
-        return x, x >= n
-
-    x, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), walk, (x, jnp.ones(x.shape, bool)))
+    shift = jnp.uint32(n - m)
+    passes = 3 if n >= 64 else 9  # a small set mixes poorly in three (e.g. n = 3: 1 x 2)
+    for p in range(passes):
+        lo = 0 if p % 2 == 0 else n - m
+        pass_keys = _hash32(keys ^ jnp.uint32((0x27D4EB2F * (p + 1)) & 0xFFFFFFFF))
+        inside = x - jnp.uint32(lo) if lo else x
+        moved = _feistel(jnp.minimum(inside, jnp.uint32(m - 1)), pass_keys, a, b)
+        moved = moved + shift if lo else moved
+        x = jnp.where((x >= lo) & (x < lo + m), moved, x)
     return x.astype(jnp.int32)
 
 
