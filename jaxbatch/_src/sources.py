@@ -78,8 +78,10 @@ def _round_keys(seed: Array, source: Array, epoch: Array) -> Array:
     """Per-element round keys `[..., _ROUNDS]` from a uint32 seed, the source and the epoch."""
     base = _hash32(seed ^ _hash32(source.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
     base = _hash32(base ^ _hash32(epoch.astype(jnp.uint32) + jnp.uint32(0x632BE5AB)))
+    # The rounds' keys differ by constants: the round function hashes `right ^ key`, so
+    # they need no hash of their own (two hashes per element, not eight).
     rounds = jnp.arange(_ROUNDS, dtype=jnp.uint32) * jnp.uint32(0x85EBCA6B)
-    return _hash32(base[..., None] ^ rounds.reshape((1,) * base.ndim + (_ROUNDS,)))
+    return base[..., None] ^ rounds.reshape((1,) * base.ndim + (_ROUNDS,))
 
 
 def _permute(index: Array, keys: Array, n: int) -> Array:
@@ -102,7 +104,8 @@ def _permute(index: Array, keys: Array, n: int) -> Array:
     passes = 3 if n >= 64 else 9  # a small set mixes poorly in three (e.g. n = 3: 1 x 2)
     for p in range(passes):
         lo = 0 if p % 2 == 0 else n - m
-        pass_keys = _hash32(keys ^ jnp.uint32((0x27D4EB2F * (p + 1)) & 0xFFFFFFFF))
+        salt = jnp.uint32((0x27D4EB2F * (p + 1)) & 0xFFFFFFFF)
+        pass_keys = keys ^ _hash32(keys[..., :1] ^ salt)  # one hash per pass
         inside = x - jnp.uint32(lo) if lo else x
         moved = _feistel(jnp.minimum(inside, jnp.uint32(m - 1)), pass_keys, a, b)
         moved = moved + shift if lo else moved
@@ -414,6 +417,11 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
 
     def rows_of(source, j, seed):
         """Row of the `j`-th draw from `source` (its epoch `j // size`, in that epoch's order)."""
+        if num_sources == 1:
+            epoch, within = j // sizes[0], j % sizes[0]
+            if order.shuffle:
+                within = _permute(within, _round_keys(seed, source, epoch), sizes[0])
+            return within, epoch
         size = jnp.asarray(sizes, jnp.int32)[source]
         epoch, within = j // size, j % size
         if order.shuffle:
@@ -425,6 +433,35 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
                 within,
             )
         return jnp.asarray(offsets)[source] + within, epoch
+
+    def locate_epochs(
+        state: OrderState, seed: Array, positions: Array
+    ) -> tuple[Located, OrderState]:
+        """`locate` for one source read epoch after epoch: the draw is the global position
+        (its weights never change), and the counters need one reduction, not four."""
+        positions = positions.astype(jnp.int32)
+        g = positions * h + s_index
+        valid = jnp.ones(positions.shape, bool) if total is None else g < total
+        j = state.base[0] + jnp.maximum(g - state.origin, 0)
+        row, epoch = rows_of(jnp.zeros_like(j), j, seed)
+        # The epoch grows with the position: the last epoch reached is the last valid one's.
+        low = jnp.iinfo(jnp.int32).min
+        if total is None:
+            top = last = jnp.max(positions, initial=low)
+        else:
+            both = jnp.stack([positions, jnp.where(valid, positions, low)])
+            top, last = jnp.max(both, axis=1, initial=low)
+        reached = (state.base[0] + jnp.maximum(last * h + s_index - state.origin, 0)) // sizes[0]
+        nxt = jnp.maximum(state.position, jnp.maximum(top, -1) + 1)
+        new = OrderState(
+            position=nxt.astype(jnp.int32),
+            epoch=jnp.maximum(state.epoch, jnp.where(last > low, reached, 0)).astype(jnp.int32),
+            counts=(state.base + jnp.maximum(nxt * h - state.origin, 0)).astype(jnp.int32),
+            origin=state.origin,
+            base=state.base,
+            weights=weights,
+        )
+        return Located(row, jnp.zeros_like(row), epoch, valid), new
 
     def locate(state: OrderState, seed: Array, positions: Array) -> tuple[Located, OrderState]:
         positions = positions.astype(jnp.int32)
@@ -469,7 +506,7 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
         )
         return Located(row, source, epoch, valid), new
 
-    return locate
+    return locate_epochs if order.kind == "epochs" else locate
 
 
 def seed_key(seed: Array) -> Array:
