@@ -13,13 +13,21 @@ the same program (`jb.next_positions(state, n)`), positions past the last epoch 
 Payload moves once (the bulk path, `feed`): with `late_gather` the batcher plans on a
 *proxy* of each element, the leaves it may read (small ones: lengths, labels) real, each
 payload leaf as one scalar placeholder (its batched value is what padding rows hold; a
-packed feature keeps its shape, as zeros or row numbers), plus the row index (an element
-state, or a per-segment table `__row` for packing). The batcher's buffers then hold no
-payload. The emitted batch then gathers the
-payload straight from the data by those row indices: no permuted copy of the data, no
-intermediate batch. Packing (`lengths=`) rebuilds each token from the positions `pack`
-emits and its row: an integer packed feature's proxy is the row index at every token, so
-packing it places each token's row beside it (other features: the per-segment row table).
+packed feature keeps its shape, as zeros), plus the row index (an element state, or a
+per-segment table `__row` for packing). The batcher's buffers then hold no payload. The
+emitted batch then gathers the payload straight from the data by those row indices: no
+permuted copy of the data, no intermediate batch. Packing (`lengths=`) rebuilds each
+token from the segment ids and positions `pack` emits and the row table.
+
+Which is the default, and why (measured on CPU, `benchmarks/bench_pipeline.py`):
+* `fixed_size` and other row-wise batchers: late gather. The batch's rows are gathered
+  inside the consumer's loop, one batch at a time, as fast as gathering them by hand.
+* `pack` (`lengths=`): gather first (`late_gather=False`). The chunk's rows are read in
+  the stream's order (one gather of the chunk: a chunk-sized copy, never the dataset's)
+  and `pack` gathers each token from that copy. Late gather moves the payload once, but
+  `pack`'s own per-token gather still runs over the proxy's placeholder tokens (a
+  chunk-sized array the loop reads), so it moved as many bytes and measured 0.72-0.84x
+  the tokens/s of gathering first.
 """
 
 from typing import Any
@@ -140,6 +148,14 @@ def _top_key(path: Any) -> Any:
     return path[0].key if path and hasattr(path[0], "key") else None
 
 
+def _take_rows(x: Array, rows: Array) -> Array:
+    """`x[rows]` for rows known to be in range: a plain gather (`jnp.take` would add a
+    select for out-of-range rows, which XLA then materialises as a second copy)."""
+    if not x.shape[0]:  # no rows (a state without its data): nothing to promise
+        return jnp.take(x, rows, axis=0)
+    return x.at[rows].get(mode="promise_in_bounds")
+
+
 def _mask_like(mask: Array, leaf: Array) -> Array:
     return mask.reshape(mask.shape + (1,) * (jnp.ndim(leaf) - jnp.ndim(mask)))
 
@@ -181,7 +197,8 @@ def pipeline(
         lengths: when `batcher` is `jb.pack(..., lengths=...)`, the same mapping: the bulk
             path then packs on lengths and gathers tokens from `data` (needs dict rows).
         late_gather: plan on proxies and gather payload after batching (see the module
-            docstring). Default: True unless `map_fn` is given. Set False for a batcher
+            docstring). Default: True unless `map_fn` or `lengths` is given (for
+            `lengths`, gathering first measured faster). Set False for a batcher
             whose rows are not its elements or that drops element states.
 
     Returns:
@@ -221,7 +238,7 @@ def pipeline(
         if fn is not None and not callable(fn):
             raise ValueError(f"`{name}` must be a function of an `Element`, got {fn!r}.")
     if late_gather is None:
-        late_gather = map_fn is None
+        late_gather = map_fn is None and lengths is None
     if not isinstance(late_gather, bool):
         raise ValueError(f"`late_gather` must be a bool or None, got {late_gather!r}.")
     if late_gather and map_fn is not None:
@@ -270,22 +287,11 @@ def pipeline(
     is_proxied = [proxied(path, spec) for path, spec in flat_spec]
     any_proxied = any(is_proxied)
 
-    def carries_rows(path: Any, spec: jax.ShapeDtypeStruct) -> bool:
-        """A packed 1-d integer feature that can hold row numbers: its proxy is the row
-        index at every token, so packing it yields each token's row (no table lookup)."""
-        name = _top_key(path)
-        if lengths is None or name not in packed or len(spec.shape) != 1:
-            return False
-        dtype = np.dtype(spec.dtype)
-        return dtype.kind in "iu" and np.iinfo(dtype).max >= num_rows - 1
-
-    row_carriers = [carries_rows(path, spec) for path, spec in flat_spec]
-
     # --------------------------------------------------------------------- elements
 
     def read(data: PyTree, rows: Array) -> Element:
         """Rows `rows` of the data (leaves `[n, ...]`), the full elements."""
-        return Element(data=jax.tree.map(lambda x: jnp.take(x, rows, axis=0), data))
+        return Element(data=jax.tree.map(lambda x: _take_rows(x, rows), data))
 
     def proxy(data: PyTree, rows: Array) -> Element:
         """What the batcher sees for rows `rows`: small leaves read, payload as zeros (a
@@ -293,14 +299,12 @@ def pipeline(
         leaves = jax.tree.leaves(data)
         n = rows.shape[0]
         out = [
-            jnp.broadcast_to(rows.astype(s.dtype)[:, None], (n, *s.shape))
-            if r
-            else jnp.broadcast_to(jnp.zeros((), s.dtype), (n, *s.shape))
+            jnp.broadcast_to(jnp.zeros((), s.dtype), (n, *s.shape))
             if p and _top_key(path) in packed  # `pack` reads a packed feature's shape
             else jnp.zeros((n,), s.dtype)  # one scalar per row: what padding rows hold
             if p
-            else jnp.take(x, rows, axis=0)
-            for (path, s), p, r, x in zip(flat_spec, is_proxied, row_carriers, leaves)
+            else _take_rows(x, rows)
+            for (path, s), p, x in zip(flat_spec, is_proxied, leaves)
         ]
         tree = jax.tree.unflatten(spec_def, out)
         if lengths is not None:
@@ -336,7 +340,7 @@ def pipeline(
             if not p:
                 out.append(got)
                 continue
-            rows = jnp.take(x, index, axis=0)
+            rows = _take_rows(x, index)
             # Padding rows: the batcher's fill of the row's scalar placeholder.
             out.append(jnp.where(_mask_like(valid, rows), rows, _mask_like(got, rows)))
         data_out = jax.tree.unflatten(jax.tree.structure(batch.data), out)
@@ -354,22 +358,19 @@ def pipeline(
         seg_first = got[f"{first}_segment_ids"]
         used = jnp.max(seg_first, axis=-1)  # segments in each row
         slots = jnp.arange(table.shape[-1])
-        for (path, spec), carrier in zip(flat_spec, row_carriers):
+        for path, spec in flat_spec:
             name = path[0].key
             if not proxied(path, spec) or name in length_keys:
                 continue
             x = data[name]
             if name in packed:
                 seg, pos = got[f"{name}_segment_ids"], got[f"{name}_positions"]
-                if carrier:  # packing the proxy gave each token's row
-                    rows = jnp.clip(got[name].astype(jnp.int32), 0, num_rows - 1)
-                else:
-                    rows = jnp.take_along_axis(table, jnp.maximum(seg - 1, 0), axis=-1)
+                rows = jnp.take_along_axis(table, jnp.maximum(seg - 1, 0), axis=-1)
                 tokens = x[rows, jnp.clip(pos, 0, x.shape[1] - 1)]
                 got[name] = jnp.where(_mask_like(seg > 0, tokens), tokens, got[name])
             else:
                 present = slots[None, :] < used[:, None]
-                values = jnp.take(x, table, axis=0)
+                values = _take_rows(x, table)
                 fill = _mask_like(got[name], values)  # the table's scalar placeholder
                 got[name] = jnp.where(_mask_like(present, values), values, fill)
         return eqx.tree_at(lambda b: b.data, batch, got)
