@@ -66,6 +66,20 @@ def _without_data(out):
     return carry, jb.without_data(state)
 
 
+def _interleaved(runs, repeats):
+    """Best wall time of each of `runs` (blocking callables), the runs taken in turn: on a
+    shared machine a burst of load then hits every contender alike, not one of them."""
+    for fn in runs.values():  # warm-up
+        fn()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def _compile(fn, *args, tries=3):
     """The compiled `fn` and its best trace-and-compile time over `tries` (noise only
     ever adds time)."""
@@ -97,9 +111,9 @@ def fixed_size_rows(num, repeats):
         return jax.lax.fori_loop(0, num // BATCH, body, jnp.float32(0))
 
     limit_c, _ = _compile(limit, x)
-    out["limit"] = timeit(lambda: jax.block_until_ready(limit_c(x)), repeats)
+    runs = {"limit": lambda: jax.block_until_ready(limit_c(x))}
     copy_c, _ = _compile(lambda x: x + 0.0, x)
-    out["copy"] = timeit(lambda: jax.block_until_ready(copy_c(x)), repeats)
+    runs["copy"] = lambda: jax.block_until_ready(copy_c(x))
 
     pipe = jb.pipeline(data, jb.fixed_size(BATCH), order=jb.epochs())
     state = pipe.init(jnp.int32(0), key=key)
@@ -109,7 +123,7 @@ def fixed_size_rows(num, repeats):
         return _without_data(jb.scan(pipe, consume_rows, jnp.float32(0), positions, state=state))
 
     pipe_c, out["compile_pipeline"] = _compile(run_pipe, state, positions)
-    out["pipeline"] = timeit(lambda: jax.block_until_ready(pipe_c(state, positions)[0]), repeats)
+    runs["pipeline"] = lambda: jax.block_until_ready(pipe_c(state, positions)[0])
 
     alone = jb.fixed_size(BATCH)
 
@@ -140,17 +154,21 @@ def fixed_size_rows(num, repeats):
 
     rows = jb.order_rows(jb.epochs(), num, key, jnp.arange(num)).row
     hand_c, _ = _compile(hand_gather, data, rows)
-    out["hand_gather"] = timeit(lambda: jax.block_until_ready(hand_c(data, rows)), repeats)
+    runs["hand_gather"] = lambda: jax.block_until_ready(hand_c(data, rows))
 
     user_c, _ = _compile(user_way, data, key)
-    out["user_way"] = timeit(lambda: jax.block_until_ready(user_c(data, key)), repeats)
+    runs["user_way"] = lambda: jax.block_until_ready(user_c(data, key))
     total = float(pipe_c(state, positions)[0])
     assert np.isclose(total, float(limit_c(x)), rtol=1e-3), "the pipeline missed rows"
-    out.update(datarax_epoch(data, num, repeats, total))
+    peer = datarax_epoch(data, num, total)
+    if "datarax" in peer:
+        runs["datarax"] = peer.pop("datarax")
+    out.update(peer)
+    out.update(_interleaved(runs, repeats))
     return out
 
 
-def datarax_epoch(data, num, repeats, total):
+def datarax_epoch(data, num, total):
     """Datarax's shuffled epoch (`Pipeline.scan` over `from_arrays(..., shuffle=True)`, a
     new permutation per epoch) with the same consumer, or the reason it was not run."""
     try:
@@ -175,7 +193,7 @@ def datarax_epoch(data, num, repeats, total):
     first = time.perf_counter() - start
     assert np.isclose(got, total, rtol=1e-3), "Datarax's epoch missed rows"
     return {
-        "datarax": timeit(epoch, repeats),
+        "datarax": epoch,
         "datarax_first": first,
         "datarax_version": getattr(datarax, "__version__", "?"),
     }
@@ -206,7 +224,7 @@ def packing(num, repeats):
         return _without_data(jb.scan(pipe, consume_tokens, jnp.int32(0), positions, state=state))
 
     pipe_c, out["compile_pipeline"] = _compile(run_pipe, state, positions)
-    out["pipeline"] = timeit(lambda: jax.block_until_ready(pipe_c(state, positions)[0]), repeats)
+    runs = {"pipeline": lambda: jax.block_until_ready(pipe_c(state, positions)[0])}
     assert int(pipe_c(state, positions)[0]) == int(tokens.sum()), "the pipeline missed tokens"
 
     late = jb.pipeline(data, packer(), order=jb.epochs(), lengths=LENGTHS, late_gather=True)
@@ -216,9 +234,7 @@ def packing(num, repeats):
         return _without_data(jb.scan(late, consume_tokens, jnp.int32(0), positions, state=state))
 
     late_c, _ = _compile(run_late, late_state, positions)
-    out["pipeline_late"] = timeit(
-        lambda: jax.block_until_ready(late_c(late_state, positions)[0]), repeats
-    )
+    runs["pipeline_late"] = lambda: jax.block_until_ready(late_c(late_state, positions)[0])
 
     # The same corpus already in the pipeline's shuffled order.
     rows = np.asarray(jb.order_rows(jb.epochs(), num, key, jnp.arange(num)).row)
@@ -235,7 +251,7 @@ def packing(num, repeats):
 
     resumed = alone.init(jax.tree.map(lambda v: v[0], shuffled))
     _, out["compile_resumed"] = _compile(run_resumed, resumed, shuffled)
-    out["pack_preshuffled"] = timeit(lambda: jax.block_until_ready(alone_c(shuffled)[0]), repeats)
+    runs["pack_preshuffled"] = lambda: jax.block_until_ready(alone_c(shuffled)[0])
 
     # Three sources, weights 0.5 / 0.3 / 0.2: as many positions as the one-source epoch.
     cuts = [0, num // 2, num // 2 + num * 3 // 10, num]
@@ -247,9 +263,10 @@ def packing(num, repeats):
         return _without_data(jb.scan(mix, consume_tokens, jnp.int32(0), positions, state=state))
 
     mix_c, _ = _compile(run_mix, mix_state, positions)
-    out["mixture"] = timeit(lambda: jax.block_until_ready(mix_c(mix_state, positions)[0]), repeats)
+    runs["mixture"] = lambda: jax.block_until_ready(mix_c(mix_state, positions)[0])
     _, end = mix_c(mix_state, positions)
     out["mixture_tokens"] = int(jb.packing_stats(end.inner)["tokens"])
+    out.update(_interleaved(runs, repeats))
 
     if importlib.util.find_spec("grain") is not None:
         import grain
@@ -285,9 +302,12 @@ def _ratio(name, value, target=""):
 def main(quick: bool = False, fixed_only: bool = False) -> None:
     num = 2048 if quick else NUM
     docs = 1024 if quick else DOCS
-    repeats = 5
+    repeats = 7
     device = f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
-    print(f"jaxbatch pipeline benchmark (JAX {jax.__version__}, {device}); best of {repeats}")
+    print(
+        f"jaxbatch pipeline benchmark (JAX {jax.__version__}, {device}); best of {repeats}, "
+        "contenders timed in turn"
+    )
     f = fixed_size_rows(num, repeats)
     mib = num * ROW_FLOATS * 4 / 2**20
     print(f"\nshuffled epoch, fixed size: {num} rows of 12 KiB ({mib:.0f} MiB), batch {BATCH}")
