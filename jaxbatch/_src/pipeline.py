@@ -148,13 +148,17 @@ def _top_key(path: Any) -> Any:
     return path[0].key if path and hasattr(path[0], "key") else None
 
 
-def _materialised(rows: Array, position: Array) -> Array:
-    """`rows`, written to memory once. Left alone, XLA fuses the order's arithmetic (the
-    Feistel rounds) into every reader of the rows, and a gather of whole rows then runs it
-    once per *element* of each row read (256 times per sequence for packing). The output
-    of a `cond` on a run-time predicate (always true) is a buffer: its readers read it.
-    (`optimization_barrier` does not survive to XLA's fusion on CPU.)"""
-    return jax.lax.cond(position >= 0, lambda r: r, jnp.zeros_like, rows)
+def _materialised(rows: Array, always: Array) -> Array:
+    """`rows`, written to memory once (`always`: a run-time bool scalar that is True).
+
+    Left alone, XLA fuses the arithmetic that made `rows` (the order's Feistel rounds) into
+    every reader of them, and a gather of whole rows then recomputes it once per *element*
+    it reads (256 times per sequence for packing). The output of a `cond` on a run-time
+    predicate is a buffer: its readers read it.
+    (`optimization_barrier` does not survive to XLA's fusion on CPU; a constant predicate
+    would be folded away.)
+    """
+    return jax.lax.cond(always, lambda r: r, jnp.zeros_like, rows)
 
 
 def _take_rows(x: Array, rows: Array) -> Array:
@@ -595,7 +599,7 @@ def pipeline(
         positions = elements.data
         check_against_spec(_POSITION, row_spec_of(elements), what="elements[i]")
         where, order_state = locate(state.order, state.seed, positions)
-        where = where._replace(row=_materialised(where.row, state.order.position))
+        where = where._replace(row=_materialised(where.row, state.order.position >= 0))
         inner, emissions = batcher.feed(state.inner, elements_of(state.data, where.row), flush)
         stats = _advance(state.stats, state.inner.stats, inner.stats)
         bulk = PipelineState(state.data, order_state, state.seed, inner, None, stats)
