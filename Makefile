@@ -14,7 +14,7 @@ NEWEST := .venv-newest
 NEWEST_STAMP := $(NEWEST)/.installed
 EXTRAS := '.[test,bench,distributed,demo]'
 
-.PHONY: test test-slow test-newest demo lint typecheck bench bench-sweep clean
+.PHONY: test test-slow test-newest demo lint typecheck bench bench-sweep bench-datarax clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -75,5 +75,20 @@ bench-sweep: $(STAMP) $(NEWEST_STAMP) .venv-0.11/.installed
 	.venv-0.11/bin/python -m pip install --quiet 'jax==0.11.*' 'jaxlib==0.11.*' || true
 	touch .venv-0.11/.installed
 
+# Datarax 0.1.17, the peer of the shuffled epoch, needs JAX 0.11.1 (outside our range): its own
+# venv, jaxbatch installed over it without deps (its own deps first, at versions that keep
+# that JAX). The bench's Datarax row names the JAX it ran on.
+DATARAX := .venv-datarax
+$(DATARAX)/.installed: pyproject.toml
+	@test -n "$(PY_NEWEST)" || { echo "no python3.12+ found: set PY_NEWEST=/path/to/python"; exit 1; }
+	test -x $(DATARAX)/bin/python || $(PY_NEWEST) -m venv $(DATARAX)
+	$(DATARAX)/bin/python -m pip install --quiet --upgrade pip
+	$(DATARAX)/bin/python -m pip install --quiet datarax grain 'equinox>=0.13' 'jaxtyping>=0.3'
+	$(DATARAX)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(DATARAX)/.installed
+
+bench-datarax: $(DATARAX)/.installed
+	$(DATARAX)/bin/python benchmarks/bench_pipeline.py --fixed-only
+
 clean:
-	rm -rf $(VENV) $(NEWEST) .venv-0.11 build dist *.egg-info
+	rm -rf $(VENV) $(NEWEST) .venv-0.11 $(DATARAX) build dist *.egg-info

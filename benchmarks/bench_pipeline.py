@@ -11,15 +11,23 @@ Printed, best of `repeats` (ratios are taken within this run, on this machine):
   whole dataset, then `jb.scan(jb.fixed_size)`), and the same rows gathered by hand in the
   consumer from pre-batched indices (the cost of random row access itself).
 * **Shuffle -> pack.** A token corpus (lengths uniform in [16, 256]) packed into rows of
-  512: `jb.pipeline(corpus, jb.pack(...), lengths=...)` over one shuffled epoch, tokens/s,
-  against `jb.scan(jb.pack)` over the same corpus already in that shuffled order.
+  512: `jb.pipeline(corpus, jb.pack(...), lengths=...)` over one shuffled epoch, tokens/s
+  (its default, reading the chunk's rows first, and `late_gather=True`), against
+  `jb.scan(jb.pack)` over the same corpus already in that shuffled order.
 * **3-source mixture -> pack** (the corpus split in three, weights 0.5/0.3/0.2,
   deterministic schedule) against one source, tokens/s.
-* **Compile time** of the pipeline's program against its batcher's alone (`jb.scan`).
+* **Compile time** of the pipeline's program against its batcher's alone (`jb.scan`), the
+  batcher from a fresh state (its counters fold into constants) and resumed (its state an
+  argument, as a training loop that continues a stream passes it, and as a pipeline's
+  always is: it holds the data).
 * Grain 0.2.18's `MapDataset.source(...).shuffle(seed)` then `FirstFitPackIterDataset` on
   the same corpus, where `grain` is installed.
+* Datarax 0.1.17's `Pipeline.from_arrays(..., shuffle=True).scan(...)` on the fixed-size
+  workload, where `datarax` imports (it needs JAX 0.11, outside jaxbatch's range: `make
+  bench-datarax` builds its own venv; the row names the JAX it ran on).
 
-Run `python benchmarks/bench_pipeline.py` (or `--quick`).
+Run `python benchmarks/bench_pipeline.py` (or `--quick`; `--fixed-only` for the fixed-size
+section alone, as `make bench-datarax` does).
 """
 
 import argparse
@@ -58,10 +66,30 @@ def _without_data(out):
     return carry, jb.without_data(state)
 
 
-def _compile(fn, *args):
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - start
+def _interleaved(runs, repeats):
+    """Best wall time of each of `runs` (blocking callables), the runs taken in turn: on a
+    shared machine a burst of load then hits every contender alike, not one of them."""
+    for fn in runs.values():  # warm-up
+        fn()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def _compile(fn, *args, tries=3):
+    """The compiled `fn` and its best trace-and-compile time over `tries` (noise only
+    ever adds time)."""
+    best = float("inf")
+    for _ in range(tries):
+        jax.clear_caches()  # else the second try is a cache hit
+        start = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()
+        best = min(best, time.perf_counter() - start)
+    return compiled, best
 
 
 def fixed_size_rows(num, repeats):
@@ -83,9 +111,9 @@ def fixed_size_rows(num, repeats):
         return jax.lax.fori_loop(0, num // BATCH, body, jnp.float32(0))
 
     limit_c, _ = _compile(limit, x)
-    out["limit"] = timeit(lambda: jax.block_until_ready(limit_c(x)), repeats)
+    runs = {"limit": lambda: jax.block_until_ready(limit_c(x))}
     copy_c, _ = _compile(lambda x: x + 0.0, x)
-    out["copy"] = timeit(lambda: jax.block_until_ready(copy_c(x)), repeats)
+    runs["copy"] = lambda: jax.block_until_ready(copy_c(x))
 
     pipe = jb.pipeline(data, jb.fixed_size(BATCH), order=jb.epochs())
     state = pipe.init(jnp.int32(0), key=key)
@@ -95,14 +123,19 @@ def fixed_size_rows(num, repeats):
         return _without_data(jb.scan(pipe, consume_rows, jnp.float32(0), positions, state=state))
 
     pipe_c, out["compile_pipeline"] = _compile(run_pipe, state, positions)
-    out["pipeline"] = timeit(lambda: jax.block_until_ready(pipe_c(state, positions)[0]), repeats)
+    runs["pipeline"] = lambda: jax.block_until_ready(pipe_c(state, positions)[0])
 
     alone = jb.fixed_size(BATCH)
 
     def run_alone(data):
         return jb.scan(alone, consume_rows, jnp.float32(0), data)
 
+    def run_resumed(state, data):
+        return jb.scan(alone, consume_rows, jnp.float32(0), data, state=state)
+
     _, out["compile_batcher"] = _compile(run_alone, data)
+    resumed = alone.init(jax.tree.map(lambda v: v[0], data))
+    _, out["compile_resumed"] = _compile(run_resumed, resumed, data)
 
     def user_way(data, key):  # before pipelines: permute, gather the dataset, batch
         perm = jax.random.permutation(key, num)
@@ -121,13 +154,53 @@ def fixed_size_rows(num, repeats):
 
     rows = jb.order_rows(jb.epochs(), num, key, jnp.arange(num)).row
     hand_c, _ = _compile(hand_gather, data, rows)
-    out["hand_gather"] = timeit(lambda: jax.block_until_ready(hand_c(data, rows)), repeats)
+    runs["hand_gather"] = lambda: jax.block_until_ready(hand_c(data, rows))
 
     user_c, _ = _compile(user_way, data, key)
-    out["user_way"] = timeit(lambda: jax.block_until_ready(user_c(data, key)), repeats)
+    runs["user_way"] = lambda: jax.block_until_ready(user_c(data, key))
     total = float(pipe_c(state, positions)[0])
     assert np.isclose(total, float(limit_c(x)), rtol=1e-3), "the pipeline missed rows"
+    peer = datarax_epoch(data, num, total)
+    # The limit, the pipeline and the hand gather in turn; the others (which allocate a
+    # dataset-sized output per call, and would slow whatever runs next) each on their own.
+    alone_runs = {name: runs.pop(name) for name in ("copy", "user_way")}
+    if "datarax" in peer:
+        alone_runs["datarax"] = peer.pop("datarax")
+    out.update(peer)
+    out.update(_interleaved(runs, repeats))
+    out.update({name: timeit(fn, repeats) for name, fn in alone_runs.items()})
     return out
+
+
+def datarax_epoch(data, num, total):
+    """Datarax's shuffled epoch (`Pipeline.scan` over `from_arrays(..., shuffle=True)`, a
+    new permutation per epoch) with the same consumer, or the reason it was not run."""
+    try:
+        import datarax
+    except Exception as e:  # not installed, or not importable on this JAX
+        return {"datarax_skipped": f"{type(e).__name__}: {e}".splitlines()[0][:100]}
+
+    source = datarax.Pipeline.from_arrays(
+        {"x": data["x"]}, batch_size=BATCH, seed=0, shuffle=True, num_epochs=None
+    )
+
+    def step(carry, batch):  # every batch is full: the mask of `consume_rows` is all True
+        return carry + jnp.sum(jnp.sum(batch["x"], axis=1)), None
+
+    def epoch():  # `step` is one function object: Datarax caches its scan by identity
+        return jax.block_until_ready(
+            source.scan(step, length=num // BATCH, init_carry=jnp.float32(0))[0]
+        )
+
+    start = time.perf_counter()
+    got = float(epoch())
+    first = time.perf_counter() - start
+    assert np.isclose(got, total, rtol=1e-3), "Datarax's epoch missed rows"
+    return {
+        "datarax": epoch,
+        "datarax_first": first,
+        "datarax_version": getattr(datarax, "__version__", "?"),
+    }
 
 
 def corpus(num, seed=0):
@@ -155,19 +228,17 @@ def packing(num, repeats):
         return _without_data(jb.scan(pipe, consume_tokens, jnp.int32(0), positions, state=state))
 
     pipe_c, out["compile_pipeline"] = _compile(run_pipe, state, positions)
-    out["pipeline"] = timeit(lambda: jax.block_until_ready(pipe_c(state, positions)[0]), repeats)
+    runs = {"pipeline": lambda: jax.block_until_ready(pipe_c(state, positions)[0])}
     assert int(pipe_c(state, positions)[0]) == int(tokens.sum()), "the pipeline missed tokens"
 
-    early = jb.pipeline(data, packer(), order=jb.epochs(), lengths=LENGTHS, late_gather=False)
-    early_state = early.init(jnp.int32(0), key=key)
+    late = jb.pipeline(data, packer(), order=jb.epochs(), lengths=LENGTHS, late_gather=True)
+    late_state = late.init(jnp.int32(0), key=key)
 
-    def run_early(state, positions):
-        return _without_data(jb.scan(early, consume_tokens, jnp.int32(0), positions, state=state))
+    def run_late(state, positions):
+        return _without_data(jb.scan(late, consume_tokens, jnp.int32(0), positions, state=state))
 
-    early_c, _ = _compile(run_early, early_state, positions)
-    out["pipeline_early"] = timeit(
-        lambda: jax.block_until_ready(early_c(early_state, positions)[0]), repeats
-    )
+    late_c, _ = _compile(run_late, late_state, positions)
+    runs["pipeline_late"] = lambda: jax.block_until_ready(late_c(late_state, positions)[0])
 
     # The same corpus already in the pipeline's shuffled order.
     rows = np.asarray(jb.order_rows(jb.epochs(), num, key, jnp.arange(num)).row)
@@ -178,7 +249,13 @@ def packing(num, repeats):
         return jb.scan(alone, consume_tokens, jnp.int32(0), data)
 
     alone_c, out["compile_batcher"] = _compile(run_alone, shuffled)
-    out["pack_preshuffled"] = timeit(lambda: jax.block_until_ready(alone_c(shuffled)[0]), repeats)
+
+    def run_resumed(state, data):
+        return jb.scan(alone, consume_tokens, jnp.int32(0), data, state=state)
+
+    resumed = alone.init(jax.tree.map(lambda v: v[0], shuffled))
+    _, out["compile_resumed"] = _compile(run_resumed, resumed, shuffled)
+    runs["pack_preshuffled"] = lambda: jax.block_until_ready(alone_c(shuffled)[0])
 
     # Three sources, weights 0.5 / 0.3 / 0.2: as many positions as the one-source epoch.
     cuts = [0, num // 2, num // 2 + num * 3 // 10, num]
@@ -190,9 +267,10 @@ def packing(num, repeats):
         return _without_data(jb.scan(mix, consume_tokens, jnp.int32(0), positions, state=state))
 
     mix_c, _ = _compile(run_mix, mix_state, positions)
-    out["mixture"] = timeit(lambda: jax.block_until_ready(mix_c(mix_state, positions)[0]), repeats)
+    runs["mixture"] = lambda: jax.block_until_ready(mix_c(mix_state, positions)[0])
     _, end = mix_c(mix_state, positions)
     out["mixture_tokens"] = int(jb.packing_stats(end.inner)["tokens"])
+    out.update(_interleaved(runs, repeats))
 
     if importlib.util.find_spec("grain") is not None:
         import grain
@@ -225,37 +303,61 @@ def _ratio(name, value, target=""):
     print(f"  {name:<36} {value:9.2f}x   {('target ' + target) if target else ''}")
 
 
-def main(quick: bool = False) -> None:
+def main(quick: bool = False, fixed_only: bool = False) -> None:
     num = 2048 if quick else NUM
     docs = 1024 if quick else DOCS
-    repeats = 5
+    repeats = 7
     device = f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
-    print(f"jaxbatch pipeline benchmark (JAX {jax.__version__}, {device}); best of {repeats}")
+    print(
+        f"jaxbatch pipeline benchmark (JAX {jax.__version__}, {device}); best of {repeats}, "
+        "contenders timed in turn"
+    )
     f = fixed_size_rows(num, repeats)
     mib = num * ROW_FLOATS * 4 / 2**20
     print(f"\nshuffled epoch, fixed size: {num} rows of 12 KiB ({mib:.0f} MiB), batch {BATCH}")
     for name in ("limit", "copy", "pipeline", "hand_gather", "user_way"):
         _rate(name, f[name], num, "rows/s")
+    peer = f"Datarax {f.get('datarax_version', '')} scan(shuffle) JAX {jax.__version__}"
+    if "datarax" in f:
+        _rate(peer, f["datarax"], num, "rows/s")
     _ratio("pipeline / zero-overhead limit", f["pipeline"] / f["limit"], "<= 1.5")
     _ratio("pipeline / plain copy", f["pipeline"] / f["copy"])
     _ratio("hand gather (same rows) / limit", f["hand_gather"] / f["limit"])
     _ratio("user way (permute+gather) / limit", f["user_way"] / f["limit"])
-    compile_ratio = f["compile_pipeline"] / f["compile_batcher"]
-    _ratio("compile: pipeline / fixed_size alone", compile_ratio, "<= 1.5")
-    print(f"    ({f['compile_pipeline']:.2f} s vs {f['compile_batcher']:.2f} s)")
+    if "datarax" in f:
+        _ratio("Datarax / limit", f["datarax"] / f["limit"])
+        _ratio("speedup over Datarax", f["datarax"] / f["pipeline"], "> 1")
+        print(f"    (Datarax's first call, trace and compile: {f['datarax_first']:.2f} s)")
+    else:
+        print(f"  Datarax not run: {f['datarax_skipped']}")
+    compile_ratio = f["compile_pipeline"] / f["compile_resumed"]
+    _ratio("compile: pipeline / fixed_size resumed", compile_ratio, "<= 1.5")
+    _ratio("compile: pipeline / fixed_size fresh", f["compile_pipeline"] / f["compile_batcher"])
+    print(
+        f"    ({f['compile_pipeline']:.2f} s vs {f['compile_resumed']:.2f} s resumed, "
+        f"{f['compile_batcher']:.2f} s fresh)"
+    )
+    if fixed_only:
+        return
 
     p = packing(docs, repeats)
     tok = p["tokens"]
     print(f"\nshuffle -> pack: {docs} docs, lengths in [{MIN_LEN}, {MAX_LEN}], rows of {PACK_ROW}")
     _rate("pipeline (shuffle -> pack)", p["pipeline"], tok, "tok/s")
-    _rate("pipeline, late_gather=False", p["pipeline_early"], tok, "tok/s")
+    _rate("pipeline, late_gather=True", p["pipeline_late"], tok, "tok/s")
     _rate("pack over pre-shuffled corpus", p["pack_preshuffled"], tok, "tok/s")
     _rate("3-source mixture -> pack", p["mixture"], p["mixture_tokens"], "tok/s")
     _ratio("tok/s: pipeline / pre-shuffled", p["pack_preshuffled"] / p["pipeline"], ">= 0.8")
-    _ratio("tok/s: late_gather=False / pre-shuffled", p["pack_preshuffled"] / p["pipeline_early"])
+    _ratio("tok/s: late_gather=True / pre-shuffled", p["pack_preshuffled"] / p["pipeline_late"])
     mix_ratio = (p["mixture_tokens"] / p["mixture"]) / (tok / p["pipeline"])
     _ratio("tok/s: mixture / one source", mix_ratio, ">= 0.8")
-    _ratio("compile: pipeline / pack alone", p["compile_pipeline"] / p["compile_batcher"], "<= 1.5")
+    pack_compile = p["compile_pipeline"] / p["compile_resumed"]
+    _ratio("compile: pipeline / pack resumed", pack_compile, "<= 1.5")
+    _ratio("compile: pipeline / pack fresh", p["compile_pipeline"] / p["compile_batcher"])
+    print(
+        f"    ({p['compile_pipeline']:.2f} s vs {p['compile_resumed']:.2f} s resumed, "
+        f"{p['compile_batcher']:.2f} s fresh)"
+    )
     if "grain" in p:
         _rate("Grain shuffle -> FirstFitPack", p["grain"], tok, "tok/s")
         _ratio("speedup over Grain", p["grain"] / p["pipeline"], ">= 50")
@@ -266,4 +368,8 @@ def main(quick: bool = False) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    main(parser.parse_args().quick)
+    parser.add_argument(
+        "--fixed-only", action="store_true", help="the shuffled fixed-size epoch alone"
+    )
+    args = parser.parse_args()
+    main(args.quick, args.fixed_only)

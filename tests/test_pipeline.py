@@ -149,7 +149,7 @@ def test_custom_batcher_with_map_and_keep_passes_check_batcher():
 @pytest.fixture(scope="module")
 def pack_pipes():
     packer = jb.pack(6, 2, lengths=LENGTHS)
-    late = jb.pipeline(CORPUS, packer, lengths=LENGTHS)
+    late = jb.pipeline(CORPUS, packer, lengths=LENGTHS, late_gather=True)
     early = jb.pipeline(CORPUS, packer, lengths=LENGTHS, late_gather=False)
     return late, early
 

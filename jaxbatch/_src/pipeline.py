@@ -13,13 +13,21 @@ the same program (`jb.next_positions(state, n)`), positions past the last epoch 
 Payload moves once (the bulk path, `feed`): with `late_gather` the batcher plans on a
 *proxy* of each element, the leaves it may read (small ones: lengths, labels) real, each
 payload leaf as one scalar placeholder (its batched value is what padding rows hold; a
-packed feature keeps its shape, as zeros or row numbers), plus the row index (an element
-state, or a per-segment table `__row` for packing). The batcher's buffers then hold no
-payload. The emitted batch then gathers the
-payload straight from the data by those row indices: no permuted copy of the data, no
-intermediate batch. Packing (`lengths=`) rebuilds each token from the positions `pack`
-emits and its row: an integer packed feature's proxy is the row index at every token, so
-packing it places each token's row beside it (other features: the per-segment row table).
+packed feature keeps its shape, as zeros), plus the row index (an element state, or a
+per-segment table `__row` for packing). The batcher's buffers then hold no payload. The
+emitted batch then gathers the payload straight from the data by those row indices: no
+permuted copy of the data, no intermediate batch. Packing (`lengths=`) rebuilds each
+token from the segment ids and positions `pack` emits and the row table.
+
+Which is the default, and why (measured on CPU, `benchmarks/bench_pipeline.py`):
+* `fixed_size` and other row-wise batchers: late gather. The batch's rows are gathered
+  inside the consumer's loop, one batch at a time, as fast as gathering them by hand.
+* `pack` (`lengths=`): gather first (`late_gather=False`). The chunk's rows are read in
+  the stream's order (one gather of the chunk: a chunk-sized copy, never the dataset's)
+  and `pack` gathers each token from that copy. Late gather moves the payload once, but
+  `pack`'s own per-token gather still runs over the proxy's placeholder tokens (a
+  chunk-sized array the loop reads), so it moved as many bytes and measured 0.72-0.84x
+  the tokens/s of gathering first.
 """
 
 from typing import Any
@@ -153,25 +161,25 @@ def _sources(data: Any, order: Order) -> list[Any]:
     return sources
 
 
-# The batchers of jaxbatch that never read a payload value: they move rows (fixed_size,
-# shuffle) or plan on lengths alone (pack, given the same `lengths`). Only for these does
-# `late_gather` default to True; any other batcher (a user's own may read anything) sees
-# the real rows unless `late_gather=True` is asked for.
+# The batchers of jaxbatch that never read a payload value: they move rows. Only for these
+# does `late_gather` default to True; any other batcher (a user's own may read anything)
+# sees the real rows unless `late_gather=True` is asked for. `pack` plans on lengths alone,
+# but for it gathering the rows first measured faster (benchmarks/bench_pipeline.py).
 _PAYLOAD_BLIND = ("fixed_size", "shuffle")
 
 
 def _blind_to_payload(batcher: Batcher, row_spec: Any, lengths: Any) -> bool:
-    """Is `batcher` one of jaxbatch's batchers that read no payload (`_PAYLOAD_BLIND`, or
-    `pack` when the pipeline has its `lengths`)? Read from the configuration its state
-    records (`Stats.config`), on shapes alone."""
+    """Is `batcher` one of jaxbatch's batchers that read no payload (`_PAYLOAD_BLIND`), in
+    a pipeline that does not pack? Read from the configuration its state records
+    (`Stats.config`), on shapes alone."""
     try:
         state = jax.eval_shape(lambda: batcher.init(Element(data=row_spec), key=jax.random.key(0)))
     except Exception:  # noqa: BLE001  (a batcher that refuses the rows: `init` will say why)
         return False
     stats = getattr(state, "stats", None)
     name = getattr(stats, "config", "").split("(", 1)[0]
-    if lengths is not None:  # the pipeline packs: only `pack` plans on those lengths
-        return name == "pack"
+    if lengths is not None:  # packing: gathering the rows first measured faster
+        return False
     return name in _PAYLOAD_BLIND
 
 
@@ -183,6 +191,27 @@ def _deleted(x: Any) -> bool:
 def _top_key(path: Any) -> Any:
     """The top-level dict key of a leaf path, or None."""
     return path[0].key if path and hasattr(path[0], "key") else None
+
+
+def _materialised(rows: Array, always: Array) -> Array:
+    """`rows`, written to memory once (`always`: a run-time bool scalar that is True).
+
+    Left alone, XLA fuses the arithmetic that made `rows` (the order's Feistel rounds) into
+    every reader of them, and a gather of whole rows then recomputes it once per *element*
+    it reads (256 times per sequence for packing). The output of a `cond` on a run-time
+    predicate is a buffer: its readers read it.
+    (`optimization_barrier` does not survive to XLA's fusion on CPU; a constant predicate
+    would be folded away.)
+    """
+    return jax.lax.cond(always, lambda r: r, jnp.zeros_like, rows)
+
+
+def _take_rows(x: Array, rows: Array) -> Array:
+    """`x[rows]` for rows known to be in range: a plain gather (`jnp.take` would add a
+    select for out-of-range rows, which XLA then materialises as a second copy)."""
+    if not x.shape[0]:  # no rows (a state without its data): nothing to promise
+        return jnp.take(x, rows, axis=0)
+    return x.at[rows].get(mode="promise_in_bounds")
 
 
 def _mask_like(mask: Array, leaf: Array) -> Array:
@@ -229,9 +258,11 @@ def pipeline(
             path then packs on lengths and gathers tokens from `data` (needs dict rows).
         late_gather: plan on proxies and gather payload after batching (see the module
             docstring). Default: True for the batchers that never read a payload value
-            (`jb.fixed_size`, `jb.shuffle`, and `jb.pack` when `lengths` is given) and no
-            `map_fn`; False for any other batcher (yours may read anything). `True` is
-            checked at construction: a batcher that cannot plan on proxies is refused.
+            (`jb.fixed_size`, `jb.shuffle`) when there is no `map_fn` or `lengths`; False
+            for any other batcher (yours may read anything) and for `jb.pack` with
+            `lengths=` (gathering the rows first then packing measured faster than
+            gathering each token after packing). `True` is checked at construction: a
+            batcher that cannot plan on proxies is refused.
 
     Returns:
         A `Batcher` whose state is a `PipelineState`; it has a bulk `feed` when `batcher`
@@ -324,22 +355,11 @@ def pipeline(
     is_proxied = [proxied(path, spec) for path, spec in flat_spec]
     any_proxied = any(is_proxied)
 
-    def carries_rows(path: Any, spec: jax.ShapeDtypeStruct) -> bool:
-        """A packed 1-d integer feature that can hold row numbers: its proxy is the row
-        index at every token, so packing it yields each token's row (no table lookup)."""
-        name = _top_key(path)
-        if lengths is None or name not in packed or len(spec.shape) != 1:
-            return False
-        dtype = np.dtype(spec.dtype)
-        return dtype.kind in "iu" and np.iinfo(dtype).max >= num_rows - 1
-
-    row_carriers = [carries_rows(path, spec) for path, spec in flat_spec]
-
     # --------------------------------------------------------------------- elements
 
     def read(data: PyTree, rows: Array) -> Element:
         """Rows `rows` of the data (leaves `[n, ...]`), the full elements."""
-        return Element(data=jax.tree.map(lambda x: jnp.take(x, rows, axis=0), data))
+        return Element(data=jax.tree.map(lambda x: _take_rows(x, rows), data))
 
     def proxy(data: PyTree, rows: Array) -> Element:
         """What the batcher sees for rows `rows`: small leaves read, payload as zeros (a
@@ -347,14 +367,12 @@ def pipeline(
         leaves = jax.tree.leaves(data)
         n = rows.shape[0]
         out = [
-            jnp.broadcast_to(rows.astype(s.dtype)[:, None], (n, *s.shape))
-            if r
-            else jnp.broadcast_to(jnp.zeros((), s.dtype), (n, *s.shape))
+            jnp.broadcast_to(jnp.zeros((), s.dtype), (n, *s.shape))
             if p and _top_key(path) in packed  # `pack` reads a packed feature's shape
             else jnp.zeros((n,), s.dtype)  # one scalar per row: what padding rows hold
             if p
-            else jnp.take(x, rows, axis=0)
-            for (path, s), p, r, x in zip(flat_spec, is_proxied, row_carriers, leaves)
+            else _take_rows(x, rows)
+            for (path, s), p, x in zip(flat_spec, is_proxied, leaves)
         ]
         tree = jax.tree.unflatten(spec_def, out)
         if lengths is not None:
@@ -390,7 +408,7 @@ def pipeline(
             if not p:
                 out.append(got)
                 continue
-            rows = jnp.take(x, index, axis=0)
+            rows = _take_rows(x, index)
             # Padding rows: the batcher's fill of the row's scalar placeholder.
             out.append(jnp.where(_mask_like(valid, rows), rows, _mask_like(got, rows)))
         data_out = jax.tree.unflatten(jax.tree.structure(batch.data), out)
@@ -408,22 +426,19 @@ def pipeline(
         seg_first = got[f"{first}_segment_ids"]
         used = jnp.max(seg_first, axis=-1)  # segments in each row
         slots = jnp.arange(table.shape[-1], dtype=jnp.int32)
-        for (path, spec), carrier in zip(flat_spec, row_carriers):
+        for path, spec in flat_spec:
             name = path[0].key
             if not proxied(path, spec) or name in length_keys:
                 continue
             x = data[name]
             if name in packed:
                 seg, pos = got[f"{name}_segment_ids"], got[f"{name}_positions"]
-                if carrier:  # packing the proxy gave each token's row
-                    rows = jnp.clip(got[name].astype(jnp.int32), 0, num_rows - 1)
-                else:
-                    rows = jnp.take_along_axis(table, jnp.maximum(seg - 1, 0), axis=-1)
+                rows = jnp.take_along_axis(table, jnp.maximum(seg - 1, 0), axis=-1)
                 tokens = x[rows, jnp.clip(pos, 0, x.shape[1] - 1)]
                 got[name] = jnp.where(_mask_like(seg > 0, tokens), tokens, got[name])
             else:
                 present = slots[None, :] < used[:, None]
-                values = jnp.take(x, table, axis=0)
+                values = _take_rows(x, table)
                 fill = _mask_like(got[name], values)  # the table's scalar placeholder
                 got[name] = jnp.where(_mask_like(present, values), values, fill)
         return eqx.tree_at(lambda b: b.data, batch, got)
@@ -463,8 +478,8 @@ def pipeline(
             raise ValueError(
                 "`late_gather=True`: `batcher` cannot batch the pipeline's proxies (payload "
                 f"leaves as placeholders, plus a row index): {reason} Build the pipeline with "
-                "`late_gather=False` (the default for batchers other than fixed_size, shuffle "
-                "and pack with `lengths=`)."
+                "`late_gather=False` (the default for batchers other than fixed_size and "
+                "shuffle)."
             ) from None
 
     # The fingerprint a state carries (law 8): the stages and the data's rows. Not the order's
@@ -714,6 +729,7 @@ def pipeline(
         positions = elements.data
         check_against_spec(_POSITION, row_spec_of(elements), what="elements[i]")
         where, order_state = locate(state.order, state.seed, positions)
+        where = where._replace(row=_materialised(where.row, state.order.position >= 0))
         inner, emissions = batcher.feed(state.inner, elements_of(state.data, where.row), flush)
         stats = _advance(state.stats, state.inner.stats, inner.stats)
         bulk = PipelineState(state.data, order_state, state.seed, inner, None, stats)

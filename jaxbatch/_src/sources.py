@@ -44,9 +44,17 @@ def _hash32(x: Array) -> Array:
     return x ^ (x >> 16)
 
 
-def _moduli(n: int) -> tuple[int, int]:
-    a = max(1, math.isqrt(max(n - 1, 0)) + 1)
-    return a, max(1, -(-n // a))
+def _domain(n: int) -> tuple[int, int]:
+    """The Feistel domain `Z_a x Z_b` for `[0, n)`: `a * b == n` when `n` has a divisor
+    `a` in `[isqrt(n) / 2, isqrt(n)]` (then one pass is the bijection), else the largest
+    near-square `a * b < n` (then three overlapping passes, see `_permute`)."""
+    r = math.isqrt(n)
+    for a in range(r, max(2, (r + 1) // 2) - 1, -1):
+        if n % a == 0:
+            return a, n // a
+    if n <= 2:
+        return 1, n
+    return r, (n - 1) // r if r * (n // r) == n else n // r
 
 
 def _feistel(x: Array, keys: Array, a: int, b: int) -> Array:
@@ -54,18 +62,15 @@ def _feistel(x: Array, keys: Array, a: int, b: int) -> Array:
 
     `(left, right)` in `Z_a x Z_b` becomes `(right, (left + f(right)) mod a)`, now in
     `Z_b x Z_a`; the moduli swap each round, so after an even number of rounds the pair is
-    back in `Z_a x Z_b`. The rounds run in a `fori_loop`: one copy of the round in the
-    program, which keeps its compile time small.
+    back in `Z_a x Z_b`. The rounds are unrolled: each reduces by a constant modulus (a
+    multiply and a shift once compiled), and no loop means no loop to compile.
     """
     ua, ub = jnp.uint32(a), jnp.uint32(b)
-
-    def round_(r, lr):
-        left, right = lr
-        m = jnp.where(r % 2 == 0, ua, ub)  # the modulus of `left` in round r
-        f = _hash32(right ^ jnp.take(keys, r, axis=-1)) % m
-        return right, (left + f) % m
-
-    left, right = jax.lax.fori_loop(0, _ROUNDS, round_, (x // ub, x % ub))
+    left, right = x // ub, x % ub
+    for r in range(_ROUNDS):
+        m = ua if r % 2 == 0 else ub  # the modulus of `left` in round r
+        f = _hash32(right ^ keys[..., r]) % m
+        left, right = right, (left + f) % m
     return left * ub + right
 
 
@@ -73,24 +78,38 @@ def _round_keys(seed: Array, source: Array, epoch: Array) -> Array:
     """Per-element round keys `[..., _ROUNDS]` from a uint32 seed, the source and the epoch."""
     base = _hash32(seed ^ _hash32(source.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
     base = _hash32(base ^ _hash32(epoch.astype(jnp.uint32) + jnp.uint32(0x632BE5AB)))
+    # The rounds' keys differ by constants: the round function hashes `right ^ key`, so
+    # they need no hash of their own (two hashes per element, not eight).
     rounds = jnp.arange(_ROUNDS, dtype=jnp.uint32) * jnp.uint32(0x85EBCA6B)
-    return _hash32(base[..., None] ^ rounds.reshape((1,) * base.ndim + (_ROUNDS,)))
+    return base[..., None] ^ rounds.reshape((1,) * base.ndim + (_ROUNDS,))
 
 
 def _permute(index: Array, keys: Array, n: int) -> Array:
-    """`index` (in `[0, n)`) through the keyed bijection of `[0, n)`: a Feistel pass on
-    `[0, a * b)`, repeated while the result falls outside `[0, n)` (cycle walking)."""
-    a, b = _moduli(n)
+    """`index` (in `[0, n)`) through the keyed bijection of `[0, n)`.
+
+    When the Feistel domain is `[0, n)` itself, one pass. Otherwise its domain is
+    `[0, m)` with `n - m < isqrt(n)`, and passes with their own keys compose the
+    bijection: on `[0, m)`, on `[n - m, n)`, on `[0, m)` again (each leaves the rest in
+    place, so each is a bijection of `[0, n)`, and every index moves in at least two);
+    nine alternating passes below 64 elements, where three mix a small set poorly.
+    A fixed number of passes, where cycle walking needs a data-dependent loop: one
+    straight-line program, cheap to compile, the same work on every call.
+    """
+    a, b = _domain(n)
+    m = a * b
     x = index.astype(jnp.uint32)
-    if a * b == n:
+    if m == n:
         return _feistel(x, keys, a, b).astype(jnp.int32)
-
-    def walk(c):  # one Feistel site in the program: the first pass is the loop's first trip
-        x, todo = c
-        x = jnp.where(todo, _feistel(x, keys, a, b), x)
-        return x, x >= n
-
-    x, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), walk, (x, jnp.ones(x.shape, bool)))
+    shift = jnp.uint32(n - m)
+    passes = 3 if n >= 64 else 9  # a small set mixes poorly in three (e.g. n = 3: 1 x 2)
+    for p in range(passes):
+        lo = 0 if p % 2 == 0 else n - m
+        salt = jnp.uint32((0x27D4EB2F * (p + 1)) & 0xFFFFFFFF)
+        pass_keys = keys ^ _hash32(keys[..., :1] ^ salt)  # one hash per pass
+        inside = x - jnp.uint32(lo) if lo else x
+        moved = _feistel(jnp.minimum(inside, jnp.uint32(m - 1)), pass_keys, a, b)
+        moved = moved + shift if lo else moved
+        x = jnp.where((x >= lo) & (x < lo + m), moved, x)
     return x.astype(jnp.int32)
 
 
@@ -419,6 +438,11 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
 
     def rows_of(source, j, seed):
         """Row of the `j`-th draw from `source` (its epoch `j // size`, in that epoch's order)."""
+        if num_sources == 1:
+            epoch, within = j // sizes[0], j % sizes[0]
+            if order.shuffle:
+                within = _permute(within, _round_keys(seed, source, epoch), sizes[0])
+            return within, epoch
         size = jnp.asarray(sizes, jnp.int32)[source]
         epoch, within = j // size, j % size
         if order.shuffle:
@@ -430,6 +454,42 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
                 within,
             )
         return jnp.asarray(offsets)[source] + within, epoch
+
+    def locate_epochs(
+        state: OrderState, seed: Array, positions: Array
+    ) -> tuple[Located, OrderState]:
+        """`locate` for one source read epoch after epoch: the draw is the global position
+        (its weights never change), and the counters need one reduction, not four."""
+        positions = positions.astype(jnp.int32)
+        room = (_INT32_MAX - state.start) // h  # `limit`, less the positions before a reshard's cut
+        positions = eqx.error_if(positions, (positions < 0) | (positions >= room), past_int32)
+        g = state.start + positions * h + s_index  # global positions
+        valid = jnp.ones(positions.shape, bool) if total is None else g < total
+        j = state.base[0] + jnp.maximum(g - state.origin, 0)
+        row, epoch = rows_of(jnp.zeros_like(j), j, seed)
+        # The epoch grows with the position: the last epoch reached is the last valid one's.
+        low = jnp.iinfo(jnp.int32).min
+        if total is None:
+            top = last = jnp.max(positions, initial=low)
+        else:
+            both = jnp.stack([positions, jnp.where(valid, positions, low)])
+            top, last = jnp.max(both, axis=1, initial=low)
+        reached = (
+            state.base[0] + jnp.maximum(state.start + last * h + s_index - state.origin, 0)
+        ) // sizes[0]
+        nxt = jnp.maximum(state.position, jnp.maximum(top, -1) + 1)
+        new = OrderState(
+            position=nxt.astype(jnp.int32),
+            epoch=jnp.maximum(state.epoch, jnp.where(last > low, reached, 0)).astype(jnp.int32),
+            counts=(state.base + jnp.maximum(state.start + nxt * h - state.origin, 0)).astype(
+                jnp.int32
+            ),
+            origin=state.origin,
+            base=state.base,
+            weights=weights,
+            start=state.start,
+        )
+        return Located(row, jnp.zeros_like(row), epoch, valid), new
 
     def locate(state: OrderState, seed: Array, positions: Array) -> tuple[Located, OrderState]:
         positions = positions.astype(jnp.int32)
@@ -477,7 +537,7 @@ def make_locate(order: Order, sizes: tuple[int, ...]):
         )
         return Located(row, source, epoch, valid), new
 
-    return locate
+    return locate_epochs if order.kind == "epochs" else locate
 
 
 def seed_key(seed: Array) -> Array:
