@@ -35,16 +35,17 @@ def test_permute_moves_every_index_evenly(n):
     assert chi2 < 1.5, chi2
 
 
+@pytest.mark.slow  # four programs to compile
 def test_epochs_locate_matches_the_general_schedule():
     """An `epochs` order's own `locate` gives the rows and counters of the general one."""
     rng = np.random.default_rng(0)
-    for n, shards, shard, num_epochs in [(7, 1, 0, None), (10, 3, 2, 2), (33, 2, 0, 1)]:
+    for n, shards, shard, num_epochs in [(7, 1, 0, None), (10, 3, 2, 2)]:
         order = jb.epochs(num_epochs=num_epochs, num_shards=shards, shard_index=shard)
-        fast = jb._src.sources.make_locate(order, (n,))
-        general = jb._src.sources.make_locate(order._replace(kind="general"), (n,))
+        fast = jax.jit(jb._src.sources.make_locate(order, (n,)))
+        general = jax.jit(jb._src.sources.make_locate(order._replace(kind="general"), (n,)))
         state, seed = jb._src.sources.init_order(order), jnp.uint32(12345)
-        for chunk in (jnp.arange(9), jnp.asarray(rng.integers(0, 60, 9)), jnp.arange(0)):
-            positions = (state.position + chunk if chunk.size == 9 else chunk).astype(jnp.int32)
+        for chunk in (jnp.arange(9), jnp.asarray(rng.integers(0, 60, 9)), jnp.arange(9)):
+            positions = (state.position + chunk).astype(jnp.int32)
             got, want = fast(state, seed, positions), general(state, seed, positions)
             jax.tree.map(np.testing.assert_array_equal, got, want)
             state = got[1]
