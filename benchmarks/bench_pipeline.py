@@ -80,11 +80,14 @@ def _interleaved(runs, repeats):
     return best
 
 
-def _compile(fn, *args, tries=3):
+COMPILE_TRIES = {"tries": 3}  # one under `--quick`
+
+
+def _compile(fn, *args, tries=None):
     """The compiled `fn` and its best trace-and-compile time over `tries` (noise only
     ever adds time)."""
     best = float("inf")
-    for _ in range(tries):
+    for _ in range(tries or COMPILE_TRIES["tries"]):
         jax.clear_caches()  # else the second try is a cache hit
         start = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
@@ -307,6 +310,7 @@ def main(quick: bool = False, fixed_only: bool = False) -> None:
     num = 2048 if quick else NUM
     docs = 1024 if quick else DOCS
     repeats = 7
+    COMPILE_TRIES["tries"] = 1 if quick else 3
     device = f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
     print(
         f"jaxbatch pipeline benchmark (JAX {jax.__version__}, {device}); best of {repeats}, "

@@ -17,10 +17,38 @@ KEY = jax.random.key(3)
 
 
 @settings(max_examples=10, deadline=None)
-@given(n=st.sampled_from([1, 2, 7, 64, 300]), epoch=st.integers(0, 50))
+@given(n=st.sampled_from([1, 2, 3, 7, 64, 101, 300]), epoch=st.integers(0, 50))
 def test_permute_is_a_bijection(n, epoch):
     out = np.asarray(jb.permute(KEY, epoch, jnp.arange(n), n))
     assert sorted(out.tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("n", [10, 101])  # one Feistel pass (2 x 5); three (10 x 10 < 101)
+def test_permute_moves_every_index_evenly(n):
+    """Over many epochs each index lands in every place about equally often."""
+    epochs = 400
+    out = np.asarray(jb.permute(KEY, jnp.arange(epochs)[:, None], jnp.arange(n)[None, :], n))
+    counts = np.zeros((n, n))
+    np.add.at(counts, (np.broadcast_to(np.arange(n), out.shape), out), 1)
+    assert counts.min() > 0 or n > 50  # 400 draws over 101 places may miss one
+    chi2 = ((counts - epochs / n) ** 2 / (epochs / n)).sum() / (n * (n - 1))
+    assert chi2 < 1.5, chi2
+
+
+@pytest.mark.slow  # four programs to compile
+def test_epochs_locate_matches_the_general_schedule():
+    """An `epochs` order's own `locate` gives the rows and counters of the general one."""
+    rng = np.random.default_rng(0)
+    for n, shards, shard, num_epochs in [(7, 1, 0, None), (10, 3, 2, 2)]:
+        order = jb.epochs(num_epochs=num_epochs, num_shards=shards, shard_index=shard)
+        fast = jax.jit(jb._src.sources.make_locate(order, (n,)))
+        general = jax.jit(jb._src.sources.make_locate(order._replace(kind="general"), (n,)))
+        state, seed = jb._src.sources.init_order(order), jnp.uint32(12345)
+        for chunk in (jnp.arange(9), jnp.asarray(rng.integers(0, 60, 9)), jnp.arange(9)):
+            positions = (state.position + chunk).astype(jnp.int32)
+            got, want = fast(state, seed, positions), general(state, seed, positions)
+            jax.tree.map(np.testing.assert_array_equal, got, want)
+            state = got[1]
 
 
 def test_permute_differs_per_epoch_and_key():
