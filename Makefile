@@ -88,7 +88,7 @@ $(DATARAX)/.installed: pyproject.toml
 	touch $(DATARAX)/.installed
 
 bench-datarax: $(DATARAX)/.installed
-	$(DATARAX)/bin/python benchmarks/bench_pipeline.py --fixed-only
+	$(DATARAX)/bin/python benchmarks/bench_pipeline.py --fixed-only --results benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) $(NEWEST) .venv-0.11 $(DATARAX) build dist *.egg-info

@@ -31,8 +31,11 @@ section alone, as `make bench-datarax` does).
 """
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +47,7 @@ import jaxbatch as jb
 NUM, ROW_FLOATS, BATCH = 16384, 3072, 128
 DOCS, MIN_LEN, MAX_LEN, PACK_ROW, PACK_ROWS = 8192, 16, 256, 512, 16
 LENGTHS = {"tokens": "length"}
+DATARAX_BEGIN, DATARAX_END = "<!-- datarax -->", "<!-- /datarax -->"
 
 
 def consume_rows(carry, batch):
@@ -375,5 +379,38 @@ if __name__ == "__main__":
     parser.add_argument(
         "--fixed-only", action="store_true", help="the shuffled fixed-size epoch alone"
     )
+    parser.add_argument(
+        "--results",
+        help="also write the report into this RESULTS.md, between the `datarax` markers "
+        "(`make bench-datarax`; `benchmarks/run.py` keeps that block)",
+    )
     args = parser.parse_args()
-    main(args.quick, args.fixed_only)
+    if not args.results:
+        main(args.quick, args.fixed_only)
+    else:
+        report = io.StringIO()
+        with contextlib.redirect_stdout(report):
+            main(args.quick, args.fixed_only)
+        print(report.getvalue(), end="")
+        block = "\n".join(
+            [
+                DATARAX_BEGIN,
+                "## Beside Datarax (`make bench-datarax`)",
+                "",
+                "Datarax 0.1.17 needs JAX 0.11.1 (outside jaxbatch's range), so this runs in its"
+                " own venv, both libraries in one process on that JAX.",
+                "",
+                "```text",
+                report.getvalue().rstrip(),
+                "```",
+                DATARAX_END,
+            ]
+        )
+        path = Path(args.results)
+        text = path.read_text() if path.exists() else "# Benchmark results\n"
+        if DATARAX_BEGIN in text and DATARAX_END in text:
+            before, rest = text.split(DATARAX_BEGIN, 1)
+            text = before + block + rest.split(DATARAX_END, 1)[1]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+        path.write_text(text)

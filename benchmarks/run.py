@@ -645,13 +645,16 @@ def standalone_markdown(reports):
     return "\n".join(lines)
 
 
-def _version_sweep_block(text):
-    """The `make bench-sweep` table of an earlier RESULTS.md (kept: this run measures one
-    JAX release only)."""
-    begin, end = "<!-- version-sweep -->", "<!-- /version-sweep -->"
-    if begin in text and end in text:
-        return begin + text.split(begin, 1)[1].split(end, 1)[0] + end
-    return ""
+def _kept_blocks(text):
+    """The blocks of an earlier RESULTS.md that other commands write (kept: this run
+    measures one JAX release, without Datarax): `make bench-sweep`'s table and
+    `make bench-datarax`'s report."""
+    kept = []
+    for name in ("version-sweep", "datarax"):
+        begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+        if begin in text and end in text:
+            kept.append(begin + text.split(begin, 1)[1].split(end, 1)[0] + end)
+    return "\n\n".join(kept)
 
 
 def main(argv=None):
@@ -704,7 +707,7 @@ def main(argv=None):
     if reports:
         text += "\n## Standalone benchmarks\n\n" + standalone_markdown(reports)
     previous = out / "RESULTS.md"
-    sweep = _version_sweep_block(previous.read_text() if previous.exists() else "")
+    sweep = _kept_blocks(previous.read_text() if previous.exists() else "")
     (out / "RESULTS.md").write_text(text + ("\n" + sweep + "\n" if sweep else ""))
     if results:
         chart(results, out / "throughput.png")
