@@ -1,6 +1,7 @@
 """What every benchmark shares: the timer and the printed table of one workload."""
 
 import time
+from pathlib import Path
 
 
 def timeit(fn, repeats):
@@ -33,3 +34,16 @@ def print_rows(table, unit="el/s", width=44):
         )
     for name, value, target in table["checks"]:
         print(f"  {name:<{width}} {value:>9.3f}   {('target ' + target) if target else ''}")
+
+
+def write_block(results_md: Path, block: str, begin: str, end: str) -> None:
+    """Put `block` (which starts with `begin` and ends with `end`) into `results_md`, in
+    place of the block between those markers, or at the end: how the commands that add to
+    RESULTS.md (`make bench-sweep`, `make bench-datarax`) write it; `run.py` keeps them."""
+    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    results_md.write_text(text)

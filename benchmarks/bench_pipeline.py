@@ -40,7 +40,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import timeit
+from _common import timeit, write_block
 
 import jaxbatch as jb
 
@@ -406,11 +406,4 @@ if __name__ == "__main__":
                 DATARAX_END,
             ]
         )
-        path = Path(args.results)
-        text = path.read_text() if path.exists() else "# Benchmark results\n"
-        if DATARAX_BEGIN in text and DATARAX_END in text:
-            before, rest = text.split(DATARAX_BEGIN, 1)
-            text = before + block + rest.split(DATARAX_END, 1)[1]
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        path.write_text(text)
+        write_block(Path(args.results), block, DATARAX_BEGIN, DATARAX_END)

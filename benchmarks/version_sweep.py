@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import write_block
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BEGIN, END = "<!-- version-sweep -->", "<!-- /version-sweep -->"
@@ -123,16 +125,6 @@ def table(rows: list[dict], quick: bool) -> str:
     )
 
 
-def write_into(results_md: Path, block: str) -> None:
-    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        text = before + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    results_md.write_text(text)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", action="append", help="an interpreter (repeatable)")
@@ -156,7 +148,7 @@ def main(argv=None) -> None:
     block = table(rows, args.quick)
     print(block)
     if rows:
-        write_into(Path(args.out), block)
+        write_block(Path(args.out), block, BEGIN, END)
 
 
 if __name__ == "__main__":
