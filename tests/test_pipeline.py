@@ -62,6 +62,7 @@ def packed_sequences(batch):
     return out
 
 
+@pytest.mark.slow  # every path of the law checker: 18 s; the other pipeline laws stay fast
 def test_fixed_size_pipeline_passes_check_batcher():
     # one epoch of 5 in 7 positions: the chunk holds positions to skip. In order (the
     # shuffle's compile time is paid by the pack test): every path, vmap included.

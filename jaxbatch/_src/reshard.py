@@ -72,14 +72,15 @@ def reshard_pipeline(
         BatcherRuntimeError: a saved state's flush did not end (law 3).
 
     Examples:
-        Two shards read 6 positions each of 20 rows, then the stream goes on one shard:
+        Two shards read 6 positions each of an epoch of 20 rows, then one shard reads the
+        other 8:
 
         >>> import jax
         >>> import jax.numpy as jnp
         >>> import jaxbatch as jb
         >>> data = {"x": jnp.arange(20)}
         >>> def shard(d, n):
-        ...     order = jb.epochs(num_epochs=1, num_shards=n, shard_index=d)
+        ...     order = jb.epochs(num_shards=n, shard_index=d)
         ...     return jb.pipeline(data, jb.fixed_size(4), order=order), order
         >>> seen, saved = [], []
         >>> for d in range(2):
