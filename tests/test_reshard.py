@@ -155,3 +155,42 @@ def test_refuses_shards_at_different_positions_and_other_pipelines():
         jb.reshard_pipeline(new, order, [], fresh)
     with pytest.raises(ValueError, match=r"`order` must be"):
         jb.reshard_pipeline(new, None, [s0], fresh)
+
+
+@functools.cache
+def _mixture_pipe(shards, index):
+    order = jb.mixture([2.0, 1.0], num_shards=shards, shard_index=index)
+    sources = [jax.tree.map(lambda x: x[:12], DATA), jax.tree.map(lambda x: x[12:], DATA)]
+    return jb.pipeline(sources, jb.fixed_size(3), order=order), order
+
+
+@pytest.mark.slow
+def test_a_deterministic_mixture_reshards_to_the_unsharded_stream():
+    # An unbounded mixture: after 2 shards x 2 chunks and 3 shards x 2 chunks, the rows read
+    # are those of one shard reading the same 50 global positions (each source where its
+    # own counters stood, on both sides of the cut).
+    seen, saved = [], []
+    for d in range(2):
+        pipe, _ = _mixture_pipe(2, d)
+        state = pipe.init(jnp.int32(0), key=jax.random.key(5))
+        for _ in range(2):
+            out, count, state = _chunk(pipe, "fixed_size", state, False)
+            seen += out[: int(count)].tolist()
+        saved.append(state)
+    for e in range(3):
+        pipe, order = _mixture_pipe(3, e)
+        carried, state = jb.reshard_pipeline(
+            pipe, order, saved, pipe.init(jnp.int32(0), key=jax.random.key(5))
+        )
+        seen += [u for batch in carried for u in _units("fixed_size", batch)]
+        for last in (False, True):
+            out, count, state = _chunk(pipe, "fixed_size", state, last)
+            seen += out[: int(count)].tolist()
+    one, _ = _mixture_pipe(1, 0)
+    state = one.init(jnp.int32(0), key=jax.random.key(5))
+    want = []
+    for k in range(10):
+        out, count, state = _chunk(one, "fixed_size", state, k == 9)
+        want += out[: int(count)].tolist()
+    assert len(want) == 50
+    assert sorted(seen) == sorted(want)
