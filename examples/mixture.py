@@ -9,8 +9,8 @@ What it teaches:
 * **`jb.mixture(weights)`** mixes sources on Grain's `MapDataset.mix` schedule; each source
   runs through its own epochs, each in a new order (`jb.permute`: a keyed bijection, no
   permuted copy of the data).
-* **Payload moves once.** With `lengths=` the pipeline packs on lengths and row indices
-  alone and gathers the tokens straight from the sources into the packed rows.
+* **No permuted copy of the data.** With `lengths=` each chunk's rows are read in the
+  stream's order (a chunk-sized gather) and packed; the sources are never copied.
 * **Weights change on resume.** A pipeline built with other weights continues a saved state:
   every source goes on from the row it had reached (`jb.progress(state)["counts"]`).
 
