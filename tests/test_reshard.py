@@ -60,7 +60,7 @@ def _chunk(pipe, kind, state, flush):
     def append(c, batch):
         out, n = c
         values, real = _values(kind, batch)
-        at = jnp.where(real, n + jnp.cumsum(real) - 1, ROOM)
+        at = jnp.where(real, n + jnp.cumsum(real, dtype=jnp.int32) - 1, ROOM)
         return out.at[at].set(values, mode="drop"), n + jnp.sum(real, dtype=jnp.int32)
 
     start = (jnp.zeros((ROOM,), jnp.int32), jnp.zeros((), jnp.int32))
@@ -194,3 +194,29 @@ def test_a_deterministic_mixture_reshards_to_the_unsharded_stream():
         want += out[: int(count)].tolist()
     assert len(want) == 50
     assert sorted(seen) == sorted(want)
+
+
+def _reshard_small():
+    """Two shards of `fixed_size(3)` over 23 rows stop after 5 positions each; one shard
+    reshards them: the carried batches' labels and the new state's order."""
+    saved = []
+    for d in range(2):
+        pipe, _ = _pipe("fixed_size", 2, d)
+        state = pipe.init(jnp.int32(0), key=jax.random.key(7))
+        saved.append(_chunk(pipe, "fixed_size", state, False)[2])
+    pipe, order = _pipe("fixed_size", 1, 0)
+    carried, state = jb.reshard_pipeline(
+        pipe, order, saved, pipe.init(jnp.int32(0), key=jax.random.key(7))
+    )
+    labels = [_units("fixed_size", b) for b in carried]
+    return labels, jax.tree.map(lambda x: (np.asarray(x).tolist(), str(x.dtype)), state.order)
+
+
+@pytest.mark.slow
+def test_reshard_is_the_same_with_x64_on_and_off():
+    # The cut, the counters and the order state keep their int32 dtypes under x64.
+    with jax.enable_x64(False):
+        off = _reshard_small()
+    with jax.enable_x64(True):
+        on = _reshard_small()
+    assert off == on and off[0]
